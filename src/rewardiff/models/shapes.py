@@ -1,0 +1,111 @@
+"""The shapes world's prompt-conditioned pixel denoiser.
+
+A small diffusers ``UNet2DConditionModel`` in pixel space, conditioned by cross-attention
+on a tiny text encoder (word embeddings, positions, one transformer layer). Because the
+network is the same class as Stable Diffusion's UNet, LoRA targets and adapters serve both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rewardiff.worlds import shapes
+
+
+@dataclass
+class ShapesModelConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # UNet widths at 32x32, 16x16, 8x8
+    cross_attention_dim: int = 64  # width of the text encoder's token states
+    layers_per_block: int = 1  # resnet blocks per UNet level
+    attention_head_dim: int = 8  # channels per attention head
+    schedule: str = "cosine"  # beta schedule of the Gaussian process
+    zero_snr: bool = True  # rescale so that the last timestep is pure noise
+    prediction: str = "v_prediction"  # epsilon | v_prediction | sample
+    extra: dict = field(default_factory=dict)  # free-form notes carried into the card
+
+
+class TextEncoder(nn.Module):
+    """Token ids [B, L] -> token states [B, L, D]."""
+
+    def __init__(self, dim: int, vocab: int = len(shapes.VOCAB), length: int = shapes.MAX_TOKENS):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(length, dim))
+        self.layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        return self.norm(self.layer(h))
+
+
+class ShapesDenoiser(nn.Module):
+    """``forward(x_t [B,3,32,32], t [B], cond [B,L,D]) -> prediction [B,3,32,32]``."""
+
+    def __init__(self, config: ShapesModelConfig | None = None):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.config = config or ShapesModelConfig()
+        c = self.config
+        n = len(c.block_out_channels)
+        self.text = TextEncoder(c.cross_attention_dim)
+        self.unet = UNet2DConditionModel(
+            sample_size=shapes.SIZE,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(c.block_out_channels),
+            layers_per_block=c.layers_per_block,
+            down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+            cross_attention_dim=c.cross_attention_dim,
+            attention_head_dim=c.attention_head_dim,
+            norm_num_groups=8,
+        )
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Prompts -> token states; "" is the unconditional prompt used by guidance."""
+        device = next(self.parameters()).device
+        return self.text(shapes.tokenize(prompts).to(device))
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+
+    def process(self):
+        from rewardiff.processes.gaussian import GaussianProcess
+
+        c = self.config
+        return GaussianProcess.from_config(c.schedule, 1000, c.zero_snr, c.prediction)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = d / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(d / "model.safetensors")
+        cfg = asdict(self.config)
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ShapesDenoiser:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / "model.safetensors").exists():
+            raise FileNotFoundError(f"no model.safetensors in {d}")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+        model = cls(ShapesModelConfig(**cfg))
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        return model
