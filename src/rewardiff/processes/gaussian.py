@@ -58,9 +58,10 @@ class GaussianProcess:
         if prediction not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction type {prediction!r}")
         self.betas = betas.double()
-        # A zero-SNR schedule ends at abar = 0 exactly; keep it strictly positive (as diffusers
-        # does) so that epsilon- and sample-prediction stay finite at the last timestep.
-        self.abar = torch.cumprod(1 - self.betas, 0).clamp(min=2.0**-24)
+        self.abar = torch.cumprod(1 - self.betas, 0)
+        if prediction == "epsilon":
+            # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) needs abar > 0 on a zero-SNR schedule
+            self.abar = self.abar.clamp(min=2.0**-24)
         self.num_train_timesteps = len(betas)
         self.prediction = prediction
         self.final_abar = 1.0 if final_alpha_one else float(self.abar[0])

@@ -1,0 +1,105 @@
+"""DiffusionModel: a denoiser with its process, prompt encoder and decoder.
+
+This is what samplers, trainers and guidance methods take. The shapes world's pixel model
+and (through an adapter) Stable Diffusion's latent UNet both fit it: only ``encode``,
+``decode`` and the sample shape differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rewardiff.processes.gaussian import GaussianProcess
+from rewardiff.rollout import rollout
+from rewardiff.types import StepHook, Trajectory
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights"
+
+
+class DiffusionModel:
+    """A conditional diffusion model ready to sample.
+
+    Args:
+        net: the denoiser module, ``net(x_t, t[B], cond) -> prediction``.
+        process: its Gaussian process.
+        encode: prompts -> condition (the empty prompt "" is the unconditional one).
+        shape: the shape of one sample in the space the net denoises, e.g. (3, 32, 32).
+        decode: samples -> images in [-1, 1] [B, 3, H, W] (identity in pixel space).
+        name: a short label for reports.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: GaussianProcess,
+        encode: Callable[[list[str]], Any],
+        shape: tuple[int, ...],
+        decode: Callable[[Tensor], Tensor] | None = None,
+        name: str = "model",
+    ):
+        self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
+        self.decode = decode or (lambda x: x)
+        self.reference: nn.Module | None = None  # the frozen base model, when one is attached
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def noise(self, seeds: list[int]) -> Tensor:
+        """Initial noise, one generator per sample so that a seed names the same sample in any batch."""
+        xs = [torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(xs).to(self.device)
+
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        num_inference_steps: int = 20,
+        *,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        grad_steps: Collection[int] = (),
+        checkpoint: bool = True,
+        hook: StepHook | None = None,
+        kl: bool = False,
+        keep_states: bool = False,
+        x_T: Tensor | None = None,
+    ) -> Trajectory:
+        """Sample one output per (prompt, seed); ``Trajectory.x0`` stays in the net's space."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        cond = self.encode(prompts)
+        uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
+        gen = torch.Generator().manual_seed(int(seeds[0]) * 7919 + 17) if eta > 0 else None
+        ts = self.process.timesteps(num_inference_steps)
+        x_T = self.noise(seeds) if x_T is None else x_T
+        ref = self.reference if kl else None
+        return rollout(
+            self.net, self.process, x_T, cond, ts, eta=eta, guidance_scale=guidance_scale, uncond=uncond,
+            grad_steps=grad_steps, checkpoint=checkpoint, reference=ref, hook=hook, generator=gen,
+            keep_states=keep_states, prompts=prompts,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, **kwargs) -> Tensor:
+        """Decoded images [N, 3, H, W] in [-1, 1], sampled without gradient in batches."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            traj = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], **kwargs)
+            out.append(self.decode(traj.x0).clamp(-1, 1))
+        return torch.cat(out)
+
+
+def shapes_model(directory: str | Path | None = None) -> DiffusionModel:
+    """The shapes world's base model (shipped weights unless ``directory`` is given)."""
+    from rewardiff.models.shapes import ShapesDenoiser
+
+    d = Path(directory) if directory else WEIGHTS / "shapes-base"
+    net = ShapesDenoiser.load(d)
+    net.eval()
+    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name="shapes")
