@@ -1,0 +1,20 @@
+"""Reports of runs: image grids, metric plots, diversity measures and a self-contained HTML page."""
+
+from rewardiff.report.diversity import diversity_by_prompt, pairwise_diversity
+from rewardiff.report.grid import GUTTER, grid_image, label_height, save_grid
+from rewardiff.report.html import Section, read_metrics, write_report
+from rewardiff.report.plots import plot_curves, plot_reward_curve
+
+__all__ = [
+    "GUTTER",
+    "Section",
+    "diversity_by_prompt",
+    "grid_image",
+    "label_height",
+    "pairwise_diversity",
+    "plot_curves",
+    "plot_reward_curve",
+    "read_metrics",
+    "save_grid",
+    "write_report",
+]

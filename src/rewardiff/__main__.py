@@ -1,0 +1,3 @@
+from rewardiff.cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""Reward-backpropagation losses: DRaFT, DRaFT-K, DRaFT-LV, AlignProp and ReFL.
+
+Each method is a loss over a trajectory sampled through the one rollout loop; they differ
+only in which steps carry gradient and in where the reward is read:
+
+    draft      Clark et al. 2023 (arXiv 2309.17400): gradient through every step.
+    draft-k    the same paper: only the last K steps carry gradient.
+    draft-lv   the same paper, K = 1 with lower variance: re-noise the final sample n times
+               to the last step's noise level and denoise each copy with gradient.
+    alignprop  Prabhudesai et al. 2023 (arXiv 2310.03739): the truncation point is drawn
+               once per trajectory (uniform, or Gaussian near the end of the chain).
+    refl       Xu et al. 2023 (ImageReward): stop at a random late step and read the reward
+               on the one-step estimate x0_hat with gradient.
+
+The optional penalty ``kl_weight * ||out_theta - out_base||^2`` (DRaFT+) is computed by the
+rollout on the gradient steps against the frozen base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rewardiff.errors import UserError
+from rewardiff.finetune.config import FinetuneConfig
+from rewardiff.models.base import DiffusionModel
+from rewardiff.rollout import guided_output, last_k, rollout
+from rewardiff.types import Reward
+
+
+class LossOut(NamedTuple):
+    """One method's loss on one batch.
+
+    Fields:
+        loss: scalar to minimize.
+        reward: rewards of the samples the gradient reads [B'] (detached).
+        kl: per-sample penalty to the base model [B'] (detached; zeros without one).
+        nfe: denoiser evaluations spent, per the whole batch.
+        grad_from: index of the first step that carried gradient.
+    """
+
+    loss: Tensor
+    reward: Tensor
+    kl: Tensor
+    nfe: int
+    grad_from: int
+
+
+def _objective(reward: Tensor, kl: Tensor, cfg: FinetuneConfig) -> Tensor:
+    return -reward.mean() + cfg.kl_weight * kl.mean()
+
+
+def _window_loss(model: DiffusionModel, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig, k: int) -> LossOut:
+    """Sample with gradient through the last ``k`` steps and return -reward (+ penalty)."""
+    T = cfg.num_inference_steps
+    traj = model.sample(
+        prompts, seeds, T, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+        grad_steps=last_k(T, k), checkpoint=cfg.checkpointing, kl=cfg.kl_weight > 0,
+    )
+    r = reward_fn(model.decode(traj.x0), prompts)
+    return LossOut(_objective(r, traj.kl, cfg), r.detach(), traj.kl.detach(), traj.nfe, T - k)
+
+
+def draft(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
+    """DRaFT: backpropagate through the whole chain (K = T)."""
+    return _window_loss(model, reward_fn, prompts, seeds, cfg, cfg.num_inference_steps)
+
+
+def draft_k(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
+    """DRaFT-K: the first T - K steps run without gradient."""
+    return _window_loss(model, reward_fn, prompts, seeds, cfg, cfg.k)
+
+
+def alignprop(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
+    """AlignProp: randomized truncation, the window drawn once per trajectory batch."""
+    return _window_loss(model, reward_fn, prompts, seeds, cfg, truncation_k(cfg, gen))
+
+
+def truncation_k(cfg: FinetuneConfig, gen: torch.Generator) -> int:
+    """Number of gradient steps K in [1, T]: uniform, or T - start with start ~ N(mean T, std T)."""
+    T = cfg.num_inference_steps
+    if cfg.truncation == "uniform":
+        return int(torch.randint(1, T + 1, (1,), generator=gen))
+    if cfg.truncation == "gaussian":
+        start = cfg.truncation_mean * T + cfg.truncation_std * T * float(torch.randn(1, generator=gen))
+        return T - min(max(round(start), 1), T - 1)
+    raise UserError(f"unknown truncation {cfg.truncation!r}; choose uniform or gaussian")
+
+
+def draft_lv(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
+    """DRaFT-LV: K = 1 with ``lv_n`` re-noised copies of each final sample.
+
+    1. sample x_0 with no gradient;
+    2. n times: x_1^i = sqrt(abar_1) x_0 + sqrt(1 - abar_1) eps_i at the last step's level;
+    3. denoise each x_1^i one step with gradient and average the rewards of the results.
+    """
+    T, n = cfg.num_inference_steps, cfg.lv_n
+    with torch.no_grad():
+        base = model.sample(prompts, seeds, T, eta=cfg.eta, guidance_scale=cfg.guidance_scale)
+    t_last = model.process.timesteps(T)[-1]
+    x0 = base.x0.repeat(n, *[1] * (base.x0.dim() - 1))  # [n*B, ...]
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    x1 = model.process.add_noise(x0, eps, torch.tensor(t_last))
+    rep = prompts * n
+    cond = model.encode(rep)
+    uncond = model.encode([""] * len(rep)) if cfg.guidance_scale != 1.0 else None
+    ref = model.reference if cfg.kl_weight > 0 else None
+    traj = rollout(model.net, model.process, x1, cond, [t_last], guidance_scale=cfg.guidance_scale, uncond=uncond,
+                   grad_steps={0}, checkpoint=False, reference=ref)
+    r = reward_fn(model.decode(traj.x0), rep)
+    return LossOut(_objective(r, traj.kl, cfg), r.detach(), traj.kl.detach(), base.nfe + traj.nfe, T - 1)
+
+
+def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
+    """ReFL: run to a random late step s without gradient, then read r(x0_hat(x_s)) with gradient."""
+    T = cfg.num_inference_steps
+    ts = model.process.timesteps(T)
+    lo = min(max(int(cfg.refl_start * T), 1), T - 1)
+    s = int(torch.randint(lo, T, (1,), generator=gen))
+    with torch.no_grad():
+        cond = model.encode(prompts)
+        uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+        pre = rollout(model.net, model.process, model.noise(seeds), cond, ts[:s], eta=cfg.eta,
+                      guidance_scale=cfg.guidance_scale, uncond=uncond, t_final=ts[s], generator=gen)
+    out, n = guided_output(model.net, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
+    x0_hat, _ = model.process.split(out, pre.x0, ts[s])
+    kl = torch.zeros(len(prompts), device=x0_hat.device)
+    if cfg.kl_weight > 0 and model.reference is not None:
+        with torch.no_grad():
+            ref_out, _ = guided_output(model.reference, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
+        kl = ((out - ref_out) ** 2).flatten(1).mean(1)
+    r = reward_fn(model.decode(x0_hat), prompts)
+    return LossOut(_objective(r, kl, cfg), r.detach(), kl.detach(), pre.nfe + n * len(prompts), s)
+
+
+Method = Callable[[DiffusionModel, Reward, list[str], list[int], FinetuneConfig, torch.Generator], LossOut]
+METHODS: dict[str, Method] = {
+    "draft": draft,
+    "draft-k": draft_k,
+    "draft-lv": draft_lv,
+    "alignprop": alignprop,
+    "refl": refl,
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,70 @@
+"""Evaluation on a fixed set of prompts and seeds: reward, the judge, diversity, a grid.
+
+The judge (shapes world only) never feeds any reward, so a rising reward with a flat or
+falling judge accuracy is reward hacking, and the report shows it as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rewardiff.models.base import DiffusionModel
+from rewardiff.types import Reward
+from rewardiff.worlds import shapes
+
+EVAL_SEED = 10_000  # evaluation seeds are EVAL_SEED + i: never used by training (seeds < EVAL_SEED)
+
+
+def prompt_set(spec: str) -> list[str]:
+    """Prompts by name (train, held-out, all) or from a text file with one prompt a line."""
+    from rewardiff.errors import UserError
+
+    named = {"train": shapes.train_prompts, "held-out": shapes.held_out_prompts, "all": lambda: [s.prompt for s in shapes.all_specs()]}
+    if spec in named:
+        return named[spec]()
+    p = Path(spec)
+    if not p.is_file():
+        raise UserError(f"prompt set {spec!r} is neither train, held-out, all nor a file")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {p} holds no prompts")
+    return prompts
+
+
+def eval_set(prompts: list[str], n: int) -> tuple[list[str], list[int]]:
+    """``n`` (prompt, seed) pairs cycling through ``prompts``; the same for every run."""
+    return [prompts[i % len(prompts)] for i in range(n)], [EVAL_SEED + i for i in range(n)]
+
+
+def is_shapes_prompt(prompt: str) -> bool:
+    try:
+        shapes.parse_prompt(prompt)
+        return True
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def evaluate(model: DiffusionModel, reward: Reward | None, prompts: list[str], seeds: list[int], *,
+             num_inference_steps: int, guidance_scale: float, grid_path: Path | None = None) -> dict[str, float]:
+    """Sample the fixed set and measure it; writes a grid of the first 48 samples when asked."""
+    from rewardiff.report import diversity_by_prompt, save_grid
+    from rewardiff.worlds.judge import judge
+
+    images = model.generate(prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    out: dict[str, float] = {"diversity": diversity_by_prompt(images, prompts)}
+    labels = None
+    if reward is not None:
+        r = torch.cat([reward(images[i : i + 64], prompts[i : i + 64]) for i in range(0, len(prompts), 64)])
+        out["reward_mean"], out["reward_std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0
+    if all(is_shapes_prompt(p) for p in prompts):
+        verdict = judge(images, prompts)
+        out.update({f"judge_{k}": float(v.mean()) for k, v in verdict.items()})
+        labels = ["ok" if c else "x" for c in verdict["count"]]
+    if grid_path is not None:
+        k = min(48, len(images))
+        # one column per prompt (they cycle), so a column reads as one prompt across seeds
+        save_grid(images[:k], grid_path, nrow=min(8, len(set(prompts))), labels=labels[:k] if labels else None)
+    return out

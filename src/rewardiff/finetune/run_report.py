@@ -1,0 +1,45 @@
+"""report.html of a fine-tuning run: curves, before/after grids, the judge, diversity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rewardiff.finetune.config import FinetuneConfig
+
+_ROWS = [
+    ("eval_reward_mean", "reward (held-out set)"),
+    ("eval_judge_count", "judge: count correct"),
+    ("eval_judge_color", "judge: color correct"),
+    ("eval_judge_both", "judge: count and color"),
+    ("eval_diversity", "diversity (pairwise RMS within a prompt)"),
+]
+
+
+def comparison_table(before: dict, after: dict) -> list[list[str]]:
+    rows = [["measure", "before", "after"]]
+    for key, label in _ROWS:
+        if key in before and key in after:
+            rows.append([label, f"{before[key]:.3f}", f"{after[key]:.3f}"])
+    return rows
+
+
+def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) -> Path:
+    from rewardiff.report import Section, plot_reward_curve, read_metrics, write_report
+
+    metrics = read_metrics(out)
+    curve = out / "reward_curve.png"
+    plot_reward_curve(metrics, curve)
+    text = (
+        "The judge is a classical counter (color segmentation and connected components) that no reward uses. "
+        "A reward that rises while the judge's accuracy does not is reward hacking."
+    )
+    sections = [
+        Section("Before and after, on fixed held-out prompts and seeds", text, table=comparison_table(before, after)),
+        Section("Training reward", "Mean reward of each training batch, with held-out evaluations where run.", images=[curve]),
+        Section("Samples before fine-tuning", "One column per prompt; 'ok' where the judge reads the asked count.",
+                images=[out / "samples_before.png"]),
+        Section("Samples after fine-tuning", "Same prompts and seeds as above.", images=[out / "samples_after.png"]),
+    ]
+    head = {"method": cfg.method, "reward": cfg.reward, "steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr,
+            "lora_rank": cfg.lora_rank, "k": cfg.k, "kl_weight": cfg.kl_weight, "seed": cfg.seed}
+    return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta=head)

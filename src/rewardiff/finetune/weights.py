@@ -1,0 +1,115 @@
+"""LoRA attachment, the frozen reference model, and fine-tuned weights on disk.
+
+A fine-tuned model is stored as its trainable tensors only (``trainable.safetensors``:
+LoRA matrices, or every weight for full fine-tuning) beside the run's ``finetune.json``;
+loading rebuilds the base model, attaches the same adapters and fills them in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rewardiff.errors import UserError
+from rewardiff.finetune.config import FinetuneConfig, build_config
+from rewardiff.models.base import DiffusionModel
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
+
+
+def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
+    """Freeze the net and add LoRA adapters (peft) to its UNet; ``rank`` 0 trains every weight."""
+    net = model.net
+    if rank <= 0:
+        net.requires_grad_(True)
+        model.reference = _frozen_copy(net)
+        return
+    from peft import LoraConfig
+
+    net.requires_grad_(False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    net.unet.add_adapter(cfg)  # lora_B starts at zero: the adapted model equals the base
+    model.reference = AdapterOff(net)
+
+
+class AdapterOff:
+    """The base model seen through a LoRA-adapted net: adapters disabled for the call."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def __call__(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        self.net.unet.disable_adapters()
+        try:
+            return self.net(x, t, cond)
+        finally:
+            self.net.unet.enable_adapters()
+
+
+def _frozen_copy(net: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(net)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def trainable_state(net: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
+    """Write ``trainable.safetensors`` and ``finetune.json`` atomically into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "trainable.safetensors.tmp"
+    save_file(trainable_state(net), str(tmp))
+    tmp.replace(directory / "trainable.safetensors")
+    tmp = directory / "finetune.json.tmp"
+    tmp.write_text(json.dumps(asdict(cfg), indent=2))
+    tmp.replace(directory / "finetune.json")
+
+
+def load_trainable(directory: Path, net: nn.Module) -> None:
+    """Fill the net's trainable tensors from ``directory``; every one must be present."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "trainable.safetensors"))
+    params = dict(net.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise UserError(f"weights in {directory} do not fit the model ({len(missing)} missing, {len(unknown)} unknown tensors)")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+def base_model(name: str) -> DiffusionModel:
+    """The model a config names: ``shapes`` or a directory with a saved base model."""
+    from rewardiff.models.base import shapes_model
+
+    if name == "shapes":
+        return shapes_model()
+    if Path(name).is_dir():
+        return shapes_model(name)
+    raise UserError(f"unknown model {name!r}; use 'shapes' or a directory holding model.safetensors")
+
+
+def load_finetuned(directory: str | Path) -> DiffusionModel:
+    """A fine-tuned model from a run directory, its ``final/`` folder, or a checkpoint folder."""
+    d = Path(directory)
+    for cand in (d, d / "final"):
+        if (cand / "finetune.json").is_file() and (cand / "trainable.safetensors").is_file():
+            cfg = build_config(json.loads((cand / "finetune.json").read_text()))
+            model = base_model(cfg.model)
+            attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
+            load_trainable(cand, model.net)
+            model.net.eval()
+            return model
+    raise UserError(f"no fine-tuned weights (finetune.json + trainable.safetensors) in {d}")

@@ -1,0 +1,144 @@
+"""The reward registry: factories by name, user rewards by ``package.module:function``, sums.
+
+A spec given to :func:`get_reward` is one of
+- a registered name: ``"shapes-count"``;
+- ``"package.module:attribute"``, where the attribute is a reward object, a factory that
+  returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
+  (wrapped; non-differentiable unless ``f.differentiable`` is True);
+- a weighted sum of either: ``"0.7*shapes-count+0.3*brightness"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from rewardiff.errors import UserError
+from rewardiff.rewards.base import RewardFn, first_line
+from rewardiff.rewards.ensemble import WeightedSum, parse_weighted
+from rewardiff.types import Reward
+
+Factory = Callable[..., Reward]
+
+
+class _Entry:
+    """A registered factory and what ``list_rewards`` says about it without building it."""
+
+    def __init__(self, factory: Factory, differentiable: bool | None, description: str | None):
+        self.factory, self.differentiable = factory, differentiable
+        self.description = description or first_line(factory.__doc__)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(
+    name: str, *, differentiable: bool | None = None, description: str | None = None
+) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(**options) -> Reward`` under ``name``.
+
+    Args:
+        name: registry name; registering a name twice replaces the first factory.
+        differentiable: the flag ``list_rewards`` shows (read off a built reward when None).
+        description: one line for listings (the factory's docstring's first line when None).
+    """
+
+    def wrap(factory: Factory) -> Factory:
+        _REGISTRY[name] = _Entry(factory, differentiable, description)
+        return factory
+
+    return wrap
+
+
+def list_rewards() -> list[tuple[str, bool, str]]:
+    """(name, differentiable, one-line description) of every registered reward, sorted by name."""
+    rows = []
+    for name in sorted(_REGISTRY):
+        entry = _REGISTRY[name]
+        flag = entry.differentiable
+        if flag is None:
+            flag = bool(entry.factory().differentiable)
+        rows.append((name, flag, entry.description))
+    return rows
+
+
+def get_reward(spec: str, **options: Any) -> Reward:
+    """Build the reward named by ``spec`` (see the module docstring); ``options`` go to its factory.
+
+    Raises:
+        UserError: unknown name (the message lists the valid ones), a module that cannot be
+            imported, a missing attribute, or an attribute that is not a reward.
+    """
+    spec = spec.strip()
+    if "+" in spec or "*" in spec:
+        if options:
+            raise UserError(f"options {sorted(options)} cannot be passed to the weighted sum {spec!r}")
+        return WeightedSum([(w, _single(name, {})) for w, name in parse_weighted(spec)], name=spec)
+    return _single(spec, options)
+
+
+def _single(spec: str, options: dict[str, Any]) -> Reward:
+    """One registered name or one ``module:attribute``."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec].factory(**options)
+    if ":" in spec:
+        return _from_module(spec, options)
+    valid = ", ".join(sorted(_REGISTRY))
+    raise UserError(f"unknown reward {spec!r}; valid names: {valid} (or give package.module:function)")
+
+
+def _from_module(spec: str, options: dict[str, Any]) -> Reward:
+    """Import ``module:attribute`` and turn the attribute into a reward."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"reward spec {spec!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # ModuleNotFoundError included
+        raise UserError(f"cannot import module {module_name!r} for reward {spec!r}: {e}") from e
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise UserError(f"module {module_name!r} has no attribute {attr!r} (reward {spec!r})") from None
+    return _as_reward(obj, spec, options)
+
+
+def _is_reward(obj: Any) -> bool:
+    return callable(obj) and all(hasattr(obj, a) for a in ("name", "differentiable", "value_range"))
+
+
+def _is_factory(obj: Any) -> bool:
+    """A factory can be called with no arguments; a plain reward needs (x, prompts)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p for p in sig.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    return not required
+
+
+def _as_reward(obj: Any, spec: str, options: dict[str, Any]) -> Reward:
+    """A reward object as is; a factory called with ``options``; a plain function wrapped."""
+    if _is_reward(obj) and not options:
+        return obj
+    if not callable(obj):
+        raise UserError(f"{spec!r} is a {type(obj).__name__}, not a reward, factory or function")
+    if _is_factory(obj):
+        reward = obj(**options)
+        if not _is_reward(reward):
+            raise UserError(f"factory {spec!r} returned a {type(reward).__name__}, not a reward (needs name, differentiable, value_range)")
+        return reward
+    if options:
+        raise UserError(f"{spec!r} is a plain reward function and takes no options (got {sorted(options)})")
+    return RewardFn(
+        name=spec,
+        differentiable=bool(getattr(obj, "differentiable", False)),
+        value_range=getattr(obj, "value_range", None),
+        description=first_line(getattr(obj, "__doc__", None)) or spec,
+        fn=obj,
+    )

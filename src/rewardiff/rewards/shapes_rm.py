@@ -1,0 +1,500 @@
+"""The shapes world's learned reward model: a small CNN reading object count and color.
+
+Built to be hard to fool (see DESIGN.md, shapes-world prototype findings): replicate padding
+leaves no zero-padded border to exploit; global pooling (a summed density map for the count,
+averaged features for the color) makes every location count alike; training covers mixed-kind
+and degraded images labelled by the judge (``shapes_rm_data``); label smoothing keeps it
+calibrated; and the reward is a log-probability clamped below at log(0.02), so that hopeless
+samples cannot dominate a fine-tuning gradient (they get no gradient at all).
+
+Rewards: ``shapes-count`` (log p(asked count)) and ``shapes-color`` (log p(asked color)).
+Count classes 0..3 stand for 1..4 objects, class 4 for "other" (no object, or more than 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from rewardiff.errors import UserError
+from rewardiff.rewards.base import RewardCallable, RewardFn
+from rewardiff.rewards.registry import register
+from rewardiff.worlds import shapes
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "shapes-rm"
+LOG_FLOOR = math.log(0.02)  # the reward's lower clamp
+LABEL_SMOOTHING = 0.1
+N_COUNT, N_COLOR, OTHER = 5, len(shapes.COLORS), 4  # count classes: 1..4 objects, then "other"
+MANY = 5.0  # the smallest object count of the "other" class besides 0
+SHARPNESS_GAIN = 10.0  # the count sharpness is exp(gain * parameter): lets one scalar learn fast
+SIZE = shapes.SIZE
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def _block(c_in: int, c_out: int) -> list[nn.Module]:
+    """3x3 convolution with replicate padding (no zero border to exploit), batch norm, SiLU."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="replicate"), nn.BatchNorm2d(c_out), nn.SiLU()]
+
+
+class ShapesRM(nn.Module):
+    """CNN: image [B, 3, 32, 32] in [-1, 1] -> (count logits [B, 5], color logits [B, 4]).
+
+    Backbone: two 3x3 convolutions (replicate padding, batch norm, SiLU) at each of 32x32,
+    16x16 and 8x8 (channels ``widths``), average pooling between scales.
+
+    Count head: a non-negative density map [B, 1, 8, 8] summed into a real-valued count n,
+    turned into class log-probabilities by an ordinal model (:func:`ordinal_log_probs`) with a
+    learned sharpness. Counting by summing a density counts objects of a kind or color never
+    seen at that count (e.g. four triangles) where a plain classifier head falls back on how
+    much of the image is covered.
+
+    Color head: a linear layer on the globally averaged features.
+
+    Args:
+        widths: channels at the three scales.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 64)):
+        super().__init__()
+        self.widths = tuple(widths)
+        a, b, c = self.widths
+        self.features = nn.Sequential(
+            *_block(3, a), *_block(a, a), nn.AvgPool2d(2),  # 32 -> 16
+            *_block(a, b), *_block(b, b), nn.AvgPool2d(2),  # 16 -> 8
+            *_block(b, c), *_block(c, c),
+        )
+        self.density = nn.Conv2d(c, 1, 1)
+        nn.init.constant_(self.density.bias, -4.0)  # starts near one object per image, not 44
+        self.log_sharpness = nn.Parameter(torch.zeros(()))
+        self.color_head = nn.Linear(c, N_COLOR)
+
+    def expected_count(self, h: Tensor) -> Tensor:
+        """Features [B, C, 8, 8] -> summed density [B]."""
+        return F.softplus(self.density(h)).sum(dim=(1, 2, 3))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)  # [B, C, 8, 8]
+        n = self.expected_count(h)  # [B]
+        s = (SHARPNESS_GAIN * self.log_sharpness).exp()
+        return ordinal_log_probs(n, s), self.color_head(h.mean(dim=(2, 3)))
+
+
+def ordinal_log_probs(n: Tensor, s: Tensor) -> Tensor:
+    """Log-probabilities [B, 5] of 1, 2, 3, 4 and "other" objects given a real count ``n`` [B].
+
+    A cumulative-logit (ordinal) model: P(count >= k) = sigmoid(s (n - k + 1/2)), so
+    P(count = k) = sigmoid(a) - sigmoid(a - s) with a = s (n - k + 1/2); "other" is
+    P(0) + P(>= 5). Its tails fall linearly in |n - k|, not quadratically, so a few
+    ambiguous training images do not force the sharpness ``s`` down for all the others.
+    """
+    k = torch.arange(1, N_COUNT, device=n.device, dtype=n.dtype)  # 1..4
+    a = s * (n[:, None] - k + 0.5)  # [B, 4]
+    exact = a + torch.log(-torch.expm1(-s)) - F.softplus(a) - F.softplus(a - s)  # log(sig(a) - sig(a - s))
+    none = -F.softplus(s * (n - 0.5))  # log P(0)
+    many = -F.softplus(-s * (n - (MANY - 0.5)))  # log P(>= 5)
+    return torch.cat([exact, torch.logaddexp(none, many)[:, None]], dim=1)
+
+
+def num_params(net: nn.Module) -> int:
+    """Number of parameters of ``net``."""
+    return sum(p.numel() for p in net.parameters())
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through ``write(tmp_path)`` then rename onto ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_reward_model(net: ShapesRM, out_dir: str | Path, card: dict) -> Path:
+    """Write ``model.safetensors`` (config in its metadata) and ``card.json`` atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {"config": json.dumps({"widths": list(net.widths)})}
+    _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
+    _atomic(out / "card.json", lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
+    return out
+
+
+def _weights_file(path: str | Path | None) -> Path:
+    """The .safetensors file named by ``path`` (a directory holding ``model.safetensors`` or the file)."""
+    p = Path(path) if path is not None else WEIGHTS_DIR
+    return p / "model.safetensors" if p.is_dir() or p.suffix != ".safetensors" else p
+
+
+def _check_exists(file: Path) -> None:
+    if not file.is_file():
+        raise UserError(f"shapes reward model weights not found: {file}; run `rewardiff train-reward` to train them")
+
+
+_CACHE: dict[tuple[str, int], ShapesRM] = {}
+
+
+def load_reward_model(path: str | Path | None = None) -> ShapesRM:
+    """The reward model at ``path`` (a directory or .safetensors file; shipped weights by default).
+
+    Loaded once per file version and cached; frozen (no parameter gradients) and in eval mode.
+    """
+    file = _weights_file(path)
+    _check_exists(file)
+    key = (str(file.resolve()), file.stat().st_mtime_ns)
+    if key not in _CACHE:
+        with safe_open(str(file), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        net = ShapesRM(tuple(config.get("widths", (32, 64, 64))))
+        net.load_state_dict(state)
+        _CACHE[key] = net.eval().requires_grad_(False)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def _fit(x: Tensor) -> Tensor:
+    """Images [B, 3, H, W] -> float32 [B, 3, 32, 32] (resized when H, W differ from 32)."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise UserError(f"the shapes reward model takes RGB images [B, 3, H, W]; got shape {tuple(x.shape)}")
+    x = x.float()
+    if x.shape[-2:] != (SIZE, SIZE):
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _specs(prompts: list[str]) -> list[shapes.Spec]:
+    try:
+        return [shapes.parse_prompt(p) for p in prompts]
+    except ValueError as e:
+        raise UserError(f"shapes rewards need shapes-world prompts: {e}") from None
+
+
+def _log_probs(net: ShapesRM, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities (count [B, 5], color [B, 4]) with the net on ``x``'s device."""
+    net = net.to(x.device)
+    count_logits, color_logits = net(_fit(x))
+    return count_logits.log_softmax(-1), color_logits.log_softmax(-1)
+
+
+def count_reward(net: ShapesRM, x: Tensor, prompts: list[str]) -> Tensor:
+    """log p(count the prompt asks for), clamped below at log(0.02). x [B, 3, H, W] -> [B]"""
+    idx = torch.tensor([s.count - 1 for s in _specs(prompts)], device=x.device)
+    logp = _log_probs(net, x)[0].gather(1, idx[:, None])[:, 0]
+    return logp.clamp(min=LOG_FLOOR)
+
+
+def color_reward(net: ShapesRM, x: Tensor, prompts: list[str]) -> Tensor:
+    """log p(color the prompt asks for), clamped below at log(0.02). x [B, 3, H, W] -> [B]"""
+    idx = torch.tensor([s.color for s in _specs(prompts)], device=x.device)
+    logp = _log_probs(net, x)[1].gather(1, idx[:, None])[:, 0]
+    return logp.clamp(min=LOG_FLOOR)
+
+
+def _lazy(path: str | Path | None, reward: Callable[[ShapesRM, Tensor, list[str]], Tensor]) -> RewardCallable:
+    """``reward(net, x, prompts)`` with the net loaded at first call (the file is checked now)."""
+    _check_exists(_weights_file(path))
+    return lambda x, prompts: reward(load_reward_model(path), x, prompts)
+
+
+@register("shapes-count", differentiable=True)
+def shapes_count(path: str | Path | None = None) -> RewardFn:
+    """Shapes world: clamped log-probability of the asked object count (learned, differentiable)."""
+    return RewardFn(
+        "shapes-count", True, (LOG_FLOOR, 0.0),
+        "shapes world: clamped log p(asked object count) from the learned count/color CNN",
+        _lazy(path, count_reward),
+    )
+
+
+@register("shapes-color", differentiable=True)
+def shapes_color(path: str | Path | None = None) -> RewardFn:
+    """Shapes world: clamped log-probability of the asked color (learned, differentiable)."""
+    return RewardFn(
+        "shapes-color", True, (LOG_FLOOR, 0.0),
+        "shapes world: clamped log p(asked color) from the learned count/color CNN",
+        _lazy(path, color_reward),
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _batch_tensors(data, idx: np.ndarray, flip: np.ndarray | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(images [b, 3, 32, 32] in [-1, 1], count [b], color [b, 4]) for rows ``idx`` of ``data``."""
+    x = shapes.to_tensor(data.images[idx])
+    if flip is not None:  # horizontal flips keep count and color
+        x = torch.where(torch.from_numpy(flip)[:, None, None, None], x.flip(-1), x)
+    return x, torch.from_numpy(data.count[idx]), torch.from_numpy(data.color[idx])
+
+
+def _smoothed_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy against ``target`` (class ids [b] or distributions [b, K]) smoothed by 0.1."""
+    k = logits.shape[-1]
+    dist = F.one_hot(target, k).float() if target.dim() == 1 else target
+    dist = dist * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / k
+    return -(dist * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def _extra_data(images, rng: np.random.Generator, keep: float = 0.9):
+    """Judge-labelled extra images plus a degraded copy of each; (train, held-out) split."""
+    from rewardiff.rewards import shapes_rm_data as data
+
+    arr = data.as_uint8_images(images)
+    order = rng.permutation(len(arr))
+    cut = len(arr) if len(arr) < 20 else int(keep * len(arr))
+    train, held = arr[order[:cut]], arr[order[cut:]]
+    degraded = np.stack([data.degrade(im, rng) for im in train])
+    labelled = data.judge_labels(train).concat(data.judge_labels(degraded))
+    return labelled, order[cut:], (data.judge_labels(held) if len(held) else None)
+
+
+def train_reward_model(
+    out_dir: str | Path,
+    steps: int = 600,
+    seed: int = 0,
+    extra_images: Tensor | np.ndarray | None = None,
+    extra_prompts: list[str] | None = None,
+    *,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    pool_size: int = 24000,
+    progress: bool = False,
+    notes: dict | None = None,
+) -> dict:
+    """Train the shapes reward model and write ``model.safetensors`` + ``card.json`` to ``out_dir``.
+
+    Training images (``shapes_rm_data``): clean world images of the training prompts (2/5),
+    mixed-kind images (1/5) and degraded images of both (2/5), the last two labelled by the
+    judge; plus ``extra_images`` (e.g. base-model samples, uint8 [N, H, W, 3] or float
+    [N, 3, H, W] in [-1, 1]) labelled by the judge, each with a degraded copy. A quarter of
+    every batch comes from the extras when there are any.
+
+    Args:
+        out_dir: where the weights and card go (atomic writes).
+        steps: optimizer steps (AdamW, cosine learning-rate decay).
+        seed: seeds data and initialization; the same seed gives the same model.
+        extra_images: optional extra images, labelled by the judge.
+        extra_prompts: optional prompts of ``extra_images``; 10 % of the extras are held out
+            and the card reports how the reward separates judge-correct from judge-wrong ones.
+        batch_size: images per step.
+        lr: peak learning rate.
+        pool_size: world images generated up front (at most).
+        progress: print the loss every 50 steps.
+        notes: extra entries for the card (e.g. where the extra images came from).
+
+    Returns:
+        The card (also written to ``card.json``).
+    """
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pool = _world_pool(min(pool_size, max(steps * batch_size // 3, 160)) // 5, rng)
+    extra, held_idx, extra_held = (None, None, None)
+    if extra_images is not None and len(extra_images):
+        extra, held_idx, extra_held = _extra_data(extra_images, rng)
+    net = ShapesRM()
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+    for step in range(steps):
+        loss = _train_step(net, opt, pool, extra, rng, batch_size)
+        sched.step()
+        if progress and (step + 1) % 50 == 0:
+            print(f"step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    net.eval()
+    card = _card(net, steps, seed, batch_size, lr, len(pool), extra, time.time() - t0) | (notes or {})
+    if extra_held is not None and extra_prompts is not None:
+        held_prompts = [extra_prompts[i] for i in held_idx]
+        card["eval"]["extra_held_out"] = _extra_report(net, extra_held, held_prompts)
+    save_reward_model(net, out_dir, card)
+    return card
+
+
+BASE_SAMPLE_SEED = 50_000_000  # seeds of base-model samples used as training data
+
+
+def base_model_samples(n: int, seed: int = 0, batch_size: int = 64) -> tuple[Tensor, list[str]]:
+    """``n`` samples of the shipped shapes base model for training prompts, [n, 3, 32, 32] in [-1, 1].
+
+    Half are drawn as fine-tuning draws them (15 DDIM steps, guidance scale 2), half with
+    20 steps and no guidance, so the reward model sees both kinds of artefacts.
+    """
+    from rewardiff.models.base import shapes_model
+
+    try:
+        model = shapes_model()
+    except FileNotFoundError as e:
+        raise UserError(f"no shipped shapes base model ({e}); run `rewardiff pretrain shapes` first") from None
+    rng = np.random.default_rng(seed)
+    pool = shapes.train_prompts()
+    prompts = [pool[i] for i in rng.integers(0, len(pool), n)]
+    seeds = [BASE_SAMPLE_SEED + seed * n + i for i in range(n)]
+    half = n // 2
+    a = model.generate(prompts[:half], seeds[:half], batch_size, num_inference_steps=15, guidance_scale=2.0)
+    b = model.generate(prompts[half:], seeds[half:], batch_size, num_inference_steps=20, guidance_scale=1.0)
+    return torch.cat([a, b]), prompts
+
+
+def train_with_base_samples(out_dir: str | Path, steps: int, seed: int, n_samples: int, **options) -> dict:
+    """Train the reward model on world images plus ``n_samples`` judge-labelled base-model samples.
+
+    Args:
+        out_dir: where ``model.safetensors`` and ``card.json`` go.
+        steps: optimizer steps.
+        seed: seeds sampling, data and initialization.
+        n_samples: base-model samples to add (0: world images only).
+        **options: passed on to :func:`train_reward_model`.
+
+    Returns:
+        The card.
+    """
+    if n_samples <= 0:
+        return train_reward_model(out_dir, steps, seed, **options)
+    images, prompts = base_model_samples(n_samples, seed)
+    notes = {"extra_images_source": f"{n_samples} shapes base-model samples of training prompts, half at 15 DDIM "
+             "steps with guidance 2, half at 20 steps without; labelled by the judge"}
+    return train_reward_model(out_dir, steps, seed, images, prompts, notes=notes, **options)
+
+
+def _lr_factor(step: int, steps: int, warmup: int = 20) -> float:
+    """Linear warmup, then cosine decay to 0."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def _world_pool(n: int, rng: np.random.Generator):
+    """5 n world images: 2 n clean, n mixed-kind, n degraded clean and n degraded mixed-kind."""
+    from rewardiff.rewards import shapes_rm_data as data
+
+    prompts = shapes.train_prompts()
+    parts = [
+        data.clean_images(2 * n, rng, prompts), data.mixed_images(n, rng),
+        data.degraded_images(n, rng, prompts), data.degraded_images(n, rng, prompts, mixed=True),
+    ]
+    pool = parts[0]
+    for p in parts[1:]:
+        pool = pool.concat(p)
+    return pool
+
+
+def _train_step(net: ShapesRM, opt: torch.optim.Optimizer, pool, extra, rng: np.random.Generator, b: int) -> float:
+    """One AdamW step on a batch drawn from the pool (and a quarter from the extras)."""
+    n_extra = b // 4 if extra is not None else 0
+    xs, counts, colors = [], [], []
+    for src, k in ((pool, b - n_extra), (extra, n_extra)):
+        if k:
+            x, c, col = _batch_tensors(src, rng.integers(0, len(src), k), rng.random(k) < 0.5)
+            xs.append(x), counts.append(c), colors.append(col)
+    count_logits, color_logits = net(torch.cat(xs))
+    loss = _smoothed_ce(count_logits, torch.cat(counts)) + _smoothed_ce(color_logits, torch.cat(colors))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+EVAL_SEED = 2_000_003  # evaluation images never share a generator state with training
+
+
+@torch.no_grad()
+def _probs(net: ShapesRM, images: np.ndarray, b: int = 500) -> tuple[Tensor, Tensor]:
+    """Softmax outputs (count [N, 5], color [N, 4]) for uint8 images [N, 32, 32, 3]."""
+    outs = [net(shapes.to_tensor(images[i : i + b])) for i in range(0, len(images), b)]
+    return torch.cat([o[0] for o in outs]).softmax(-1), torch.cat([o[1] for o in outs]).softmax(-1)
+
+
+def _scores(p: Tensor, target: Tensor) -> dict[str, float]:
+    """Accuracy, mean probability of the true class and mean confidence (max probability).
+
+    ``target`` is class ids [N] or distributions [N, K] (a prediction is right when it picks a
+    class of largest target share; the true-class probability is the target-weighted one).
+    """
+    dist = F.one_hot(target, p.shape[1]).float() if target.dim() == 1 else target
+    pred = p.argmax(1)
+    right = dist.gather(1, pred[:, None])[:, 0] >= dist.max(1).values - 1e-6
+    return {
+        "accuracy": round(float(right.float().mean()), 4),
+        "mean_p_true": round(float((p * dist).sum(1).mean()), 4),
+        "mean_confidence": round(float(p.max(1).values.mean()), 4),
+    }
+
+
+def evaluate(net: ShapesRM, labelled) -> dict[str, dict[str, float]]:
+    """Count and color scores on judge- or spec-labelled images (color only where objects exist)."""
+    pc, pk = _probs(net, labelled.images)
+    has = torch.from_numpy(labelled.count != OTHER) | torch.from_numpy(labelled.color.max(1) > 0.26)
+    out = {"count": _scores(pc, torch.from_numpy(labelled.count))}
+    out["color"] = _scores(pk[has], torch.from_numpy(labelled.color)[has])
+    out["n"] = len(labelled)
+    return out
+
+
+@torch.no_grad()
+def _separation(net: ShapesRM, labelled, prompts_true: list[str], rng: np.random.Generator) -> dict[str, float]:
+    """Mean shapes-count reward for the true prompt vs the same prompt with a wrong count."""
+    x = shapes.to_tensor(labelled.images)
+    wrong = []
+    for p in prompts_true:
+        s = shapes.parse_prompt(p)
+        n = (s.count - 1 + int(rng.integers(1, 4))) % 4 + 1
+        wrong.append(shapes.Spec(n, s.color, s.shape).prompt)
+    return {
+        "count_reward_true_prompt": round(float(count_reward(net, x, prompts_true).mean()), 4),
+        "count_reward_wrong_count_prompt": round(float(count_reward(net, x, wrong).mean()), 4),
+    }
+
+
+def _card(net: ShapesRM, steps: int, seed: int, b: int, lr: float, n_pool: int, extra, seconds: float) -> dict:
+    """The model card: training setup and held-out scores."""
+    from rewardiff.rewards import shapes_rm_data as data
+
+    rng = np.random.default_rng(EVAL_SEED + seed)
+    held_prompts = [p for p in shapes.held_out_prompts() for _ in range(100)]
+    specs = [shapes.parse_prompt(p) for p in held_prompts]
+    clean = data.LabelledImages(
+        np.stack([shapes.render(s, rng) for s in specs]),
+        np.array([s.count - 1 for s in specs]), np.eye(N_COLOR, dtype=np.float32)[[s.color for s in specs]],
+    )
+    degraded = data.degraded_images(1000, rng, shapes.train_prompts() + shapes.held_out_prompts())
+    return {
+        "model": "shapes-rm", "params": num_params(net), "widths": list(net.widths),
+        "count_classes": ["1", "2", "3", "4", "other (0 or >4)"], "color_classes": list(shapes.COLORS),
+        "steps": steps, "seed": seed, "batch_size": b, "lr": lr, "label_smoothing": LABEL_SMOOTHING,
+        "reward_log_floor": LOG_FLOOR, "padding_mode": "replicate",
+        "train_images": {"world_clean_mixed_degraded": n_pool, "extra_with_degraded_copies": len(extra) if extra is not None else 0},
+        "train_seconds": round(seconds, 1), "torch": torch.__version__,
+        "eval": {
+            "clean_held_out_prompts": {**evaluate(net, clean), **_separation(net, clean, held_prompts, rng)},
+            "degraded_judge_labelled": evaluate(net, degraded),
+        },
+    }
+
+
+def _extra_report(net: ShapesRM, held, prompts: list[str]) -> dict:
+    """Scores on held-out extra images, and the mean reward where the judge says right or wrong."""
+    scores = evaluate(net, held)
+    asked = np.array([shapes.parse_prompt(p).count - 1 for p in prompts])
+    r = count_reward(net, shapes.to_tensor(held.images), prompts).numpy()
+    ok = held.count == asked
+    scores["count_reward_judge_right"] = round(float(r[ok].mean()), 4) if ok.any() else None
+    scores["count_reward_judge_wrong"] = round(float(r[~ok].mean()), 4) if (~ok).any() else None
+    scores["judge_count_accuracy"] = round(float(ok.mean()), 4)
+    return scores

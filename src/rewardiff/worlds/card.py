@@ -1,0 +1,55 @@
+"""The card shipped beside a base model: data, training, loss, samples, judge accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rewardiff.worlds import shapes
+
+CARD_STEPS = 15  # DDIM steps used for the card's samples
+CARD_GUIDANCE = 2.0  # classifier-free guidance scale used for the card's samples
+
+
+def measure(model_dir: Path, n_per_prompt: int = 16) -> dict:
+    """Judge accuracy of the model's samples on held-out and training prompts (fixed seeds)."""
+    from rewardiff.finetune.evaluate import EVAL_SEED
+    from rewardiff.models.base import shapes_model
+    from rewardiff.report import save_grid
+    from rewardiff.worlds.judge import accuracy
+
+    model = shapes_model(model_dir)
+    res: dict = {}
+    for name, pool in (("held_out", shapes.held_out_prompts()), ("train", shapes.train_prompts())):
+        prompts = [p for p in pool for _ in range(n_per_prompt)]
+        seeds = [EVAL_SEED + i for i in range(len(prompts))]
+        images = model.generate(prompts, seeds, num_inference_steps=CARD_STEPS, guidance_scale=CARD_GUIDANCE)
+        for k, v in accuracy(images, prompts).items():
+            res[f"judge_{k}_{name}"] = v
+        if name == "held_out":
+            save_grid(images[::2][:48], model_dir / "samples.png", nrow=8)
+    return res
+
+
+def write_card(model_dir: Path, train_dir: Path) -> dict:
+    """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
+    cfg = json.loads((train_dir / "config.json").read_text())
+    rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-200:]
+    card = {
+        "data": "procedural shapes world: 1-4 shapes of one kind and color, 32x32, "
+        f"{len(shapes.train_prompts())} training prompts, held out: {', '.join(shapes.held_out_prompts())}",
+        "training": cfg,
+        "steps_done": rows[-1]["step"] if rows else 0,
+        "final_loss_mean_last_200": sum(r["loss"] for r in last) / max(len(last), 1),
+        "sampler": f"DDIM eta 0, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
+        **measure(model_dir),
+    }
+    (model_dir / "card.json").write_text(json.dumps(card, indent=2))
+    lines = ["# shapes base model", "", f"- data: {card['data']}", f"- training: {json.dumps(cfg)}",
+             f"- steps: {card['steps_done']}, mean loss over the last 200 steps: {card['final_loss_mean_last_200']:.4f}",
+             f"- sampler: {card['sampler']}"]
+    lines += [f"- {k.replace('_', ' ')}: {v:.1%}" for k, v in card.items() if k.startswith("judge_")]
+    lines += ["", "Judge: the classical counter of rewardiff.worlds.judge (no reward uses it).", "", "![samples](samples.png)", ""]
+    (model_dir / "card.md").write_text("\n".join(lines))
+    return card

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny shapes denoiser saved to disk, small enough for CPU tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
+
+TINY = ShapesModelConfig(block_out_channels=(8, 16, 16), cross_attention_dim=16, attention_head_dim=4)
+
+
+def tiny_net(seed: int = 0) -> ShapesDenoiser:
+    torch.manual_seed(seed)
+    net = ShapesDenoiser(TINY)
+    # random, non-trivial output layer (diffusers zero-initialises nothing here, but be explicit)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-shapes")
+    tiny_net().save(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)  # tiny models: one thread avoids spin-waiting when cores are shared
