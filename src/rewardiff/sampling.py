@@ -32,11 +32,11 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     reward_fn = get_reward(reward) if reward else None
-    m = load_model(model, checkpoint)
     try:
         shapes.tokenize(prompts)
     except ValueError as e:
         raise UserError(str(e)) from None
+    m = load_model(model, checkpoint)
     all_prompts = [p for p in prompts for _ in range(n)]
     seeds = [seed + i for i in range(len(all_prompts))]
     nfe = 0

@@ -22,6 +22,7 @@ from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.draft import get_method
 from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, prompt_set
 from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
+from rewardiff.io import truncate_jsonl
 from rewardiff.models.base import DiffusionModel
 
 
@@ -82,7 +83,7 @@ class Run:
         load_trainable(d, self.acc.unwrap_model(self.model.net))
         self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         step = int(json.loads((d / "state.json").read_text())["step"])
-        _truncate_metrics(self.out / "metrics.jsonl", step)
+        truncate_jsonl(self.out / "metrics.jsonl", step)
         return step
 
     # ------------------------------------------------------------------ the loop
@@ -124,7 +125,7 @@ class Run:
         (self.out / "config.yaml").write_text(_yaml(asdict(cfg)))
         start = self.resume() if resume else 0
         if start == 0:
-            _truncate_metrics(self.out / "metrics.jsonl", 0)
+            truncate_jsonl(self.out / "metrics.jsonl", 0)
         before = self._eval_cached("before")
         log = (self.out / "metrics.jsonl").open("a")
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.method}", disable=not self.progress)
@@ -158,23 +159,6 @@ class Run:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         write_run_report(self.out, self.cfg, before, after)
         return summary
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only complete rows with step <= ``step`` (so a resumed run logs each step once)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    tmp.replace(path)
 
 
 def _rmtree(path: Path) -> None:

@@ -99,7 +99,11 @@ def shapes_model(directory: str | Path | None = None) -> DiffusionModel:
     """The shapes world's base model (shipped weights unless ``directory`` is given)."""
     from rewardiff.models.shapes import ShapesDenoiser
 
+    from rewardiff.errors import UserError
+
     d = Path(directory) if directory else WEIGHTS / "shapes-base"
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"no shapes model weights in {d}; train them with: rewardiff pretrain shapes")
     net = ShapesDenoiser.load(d)
     net.eval()
     return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name="shapes")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rewardiff.report._io import atomic_write_bytes
+from rewardiff.io import atomic_write_bytes
 
 GUTTER = 2
 """Width in pixels of the dark lines between cells and around the grid."""

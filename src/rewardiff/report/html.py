@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from rewardiff.report._io import atomic_write_text
+from rewardiff.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"

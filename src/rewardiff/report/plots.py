@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rewardiff.report._io import atomic_write_bytes
+from rewardiff.io import atomic_write_bytes
 
 SMOOTH_MIN_POINTS = 30
 """From this many points on, ``plot_reward_curve`` draws a moving average over the raw curve."""

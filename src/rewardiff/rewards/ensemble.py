@@ -10,7 +10,8 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.types import Reward
 
-_TERM = re.compile(r"^\s*(?:([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*)?\s*(\S+?)\s*$")
+# optional "weight *", then a registered name or package.module:function
+_TERM = re.compile(r"^\s*(?:([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\s*\*)?\s*([A-Za-z_][\w.:\-]*)\s*$")
 
 
 def parse_weighted(spec: str) -> list[tuple[float, str]]:

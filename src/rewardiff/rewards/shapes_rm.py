@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardCallable, RewardFn
 from rewardiff.rewards.registry import register
 from rewardiff.worlds import shapes
+
+if TYPE_CHECKING:
+    from rewardiff.rewards.shapes_rm_data import LabelledImages
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "shapes-rm"
 LOG_FLOOR = math.log(0.02)  # the reward's lower clamp
@@ -120,6 +124,7 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through ``write(tmp_path)`` then rename onto ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -236,7 +241,7 @@ def shapes_color(path: str | Path | None = None) -> RewardFn:
 # ----------------------------------------------------------------------------- training
 
 
-def _batch_tensors(data, idx: np.ndarray, flip: np.ndarray | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_tensors(data: LabelledImages, idx: np.ndarray, flip: np.ndarray | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(images [b, 3, 32, 32] in [-1, 1], count [b], color [b, 4]) for rows ``idx`` of ``data``."""
     x = shapes.to_tensor(data.images[idx])
     if flip is not None:  # horizontal flips keep count and color
@@ -252,7 +257,9 @@ def _smoothed_ce(logits: Tensor, target: Tensor) -> Tensor:
     return -(dist * logits.log_softmax(-1)).sum(-1).mean()
 
 
-def _extra_data(images, rng: np.random.Generator, keep: float = 0.9):
+def _extra_data(
+    images: Tensor | np.ndarray, rng: np.random.Generator, keep: float = 0.9
+) -> tuple[LabelledImages, np.ndarray, LabelledImages | None]:
     """Judge-labelled extra images plus a degraded copy of each; (train, held-out) split."""
     from rewardiff.rewards import shapes_rm_data as data
 
@@ -378,7 +385,7 @@ def _lr_factor(step: int, steps: int, warmup: int = 20) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def _world_pool(n: int, rng: np.random.Generator):
+def _world_pool(n: int, rng: np.random.Generator) -> LabelledImages:
     """5 n world images: 2 n clean, n mixed-kind, n degraded clean and n degraded mixed-kind."""
     from rewardiff.rewards import shapes_rm_data as data
 
@@ -393,7 +400,10 @@ def _world_pool(n: int, rng: np.random.Generator):
     return pool
 
 
-def _train_step(net: ShapesRM, opt: torch.optim.Optimizer, pool, extra, rng: np.random.Generator, b: int) -> float:
+def _train_step(
+    net: ShapesRM, opt: torch.optim.Optimizer, pool: LabelledImages, extra: LabelledImages | None,
+    rng: np.random.Generator, b: int,
+) -> float:
     """One AdamW step on a batch drawn from the pool (and a quarter from the extras)."""
     n_extra = b // 4 if extra is not None else 0
     xs, counts, colors = [], [], []
@@ -437,7 +447,7 @@ def _scores(p: Tensor, target: Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(net: ShapesRM, labelled) -> dict[str, dict[str, float]]:
+def evaluate(net: ShapesRM, labelled: LabelledImages) -> dict:
     """Count and color scores on judge- or spec-labelled images (color only where objects exist)."""
     pc, pk = _probs(net, labelled.images)
     has = torch.from_numpy(labelled.count != OTHER) | torch.from_numpy(labelled.color.max(1) > 0.26)
@@ -448,7 +458,7 @@ def evaluate(net: ShapesRM, labelled) -> dict[str, dict[str, float]]:
 
 
 @torch.no_grad()
-def _separation(net: ShapesRM, labelled, prompts_true: list[str], rng: np.random.Generator) -> dict[str, float]:
+def _separation(net: ShapesRM, labelled: LabelledImages, prompts_true: list[str], rng: np.random.Generator) -> dict[str, float]:
     """Mean shapes-count reward for the true prompt vs the same prompt with a wrong count."""
     x = shapes.to_tensor(labelled.images)
     wrong = []
@@ -462,7 +472,9 @@ def _separation(net: ShapesRM, labelled, prompts_true: list[str], rng: np.random
     }
 
 
-def _card(net: ShapesRM, steps: int, seed: int, b: int, lr: float, n_pool: int, extra, seconds: float) -> dict:
+def _card(
+    net: ShapesRM, steps: int, seed: int, b: int, lr: float, n_pool: int, extra: LabelledImages | None, seconds: float
+) -> dict:
     """The model card: training setup and held-out scores."""
     from rewardiff.rewards import shapes_rm_data as data
 
@@ -488,7 +500,8 @@ def _card(net: ShapesRM, steps: int, seed: int, b: int, lr: float, n_pool: int, 
     }
 
 
-def _extra_report(net: ShapesRM, held, prompts: list[str]) -> dict:
+@torch.no_grad()
+def _extra_report(net: ShapesRM, held: LabelledImages, prompts: list[str]) -> dict:
     """Scores on held-out extra images, and the mean reward where the judge says right or wrong."""
     scores = evaluate(net, held)
     asked = np.array([shapes.parse_prompt(p).count - 1 for p in prompts])

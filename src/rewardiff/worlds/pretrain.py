@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rewardiff.io import truncate_jsonl
 from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
 from rewardiff.worlds import shapes
 
@@ -75,6 +76,7 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     process = model.process()
     start = _load_checkpoint(out, model, ema, opt)
+    truncate_jsonl(out / "metrics.jsonl", start)  # steps after the checkpoint are redone
     losses: list[float] = []
     log = (out / "metrics.jsonl").open("a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="pretrain shapes")

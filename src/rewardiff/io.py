@@ -1,4 +1,4 @@
-"""Atomic file writes shared by the report modules."""
+"""Atomic file writes and the metrics log, shared by every module that writes a run."""
 
 from __future__ import annotations
 
@@ -37,3 +37,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` as UTF-8 to ``path`` atomically (see ``atomic_write_bytes``)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Keep the complete rows of a JSON-lines log whose ``step`` is at most ``step``.
+
+    Used on resume, so that the steps redone after the last checkpoint are logged once.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
