@@ -157,3 +157,15 @@ def test_config_overrides_are_type_checked():
 def test_non_differentiable_reward_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="not differentiable"):
         Run(_cfg(tiny_model_dir, reward="jpeg-compressibility"), tmp_path)
+
+
+def test_every_shipped_preset_loads():
+    from pathlib import Path
+
+    from rewardiff.finetune.config import load_config
+    from rewardiff.finetune.draft import METHODS
+
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert presets
+    for p in presets:
+        assert load_config(p).method in METHODS, p

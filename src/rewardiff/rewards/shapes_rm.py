@@ -287,8 +287,8 @@ def train_reward_model(
 ) -> dict:
     """Train the shapes reward model and write ``model.safetensors`` + ``card.json`` to ``out_dir``.
 
-    Training images (``shapes_rm_data``): clean world images of the training prompts (2/5),
-    mixed-kind images (1/5) and degraded images of both (2/5), the last two labelled by the
+    Training images (``shapes_rm_data``): clean world images of the training prompts (1/3),
+    mixed-kind images (1/6) and degraded images of both (1/2), the last two labelled by the
     judge; plus ``extra_images`` (e.g. base-model samples, uint8 [N, H, W, 3] or float
     [N, 3, H, W] in [-1, 1]) labelled by the judge, each with a degraded copy. A quarter of
     every batch comes from the extras when there are any.
@@ -298,11 +298,13 @@ def train_reward_model(
         steps: optimizer steps (AdamW, cosine learning-rate decay).
         seed: seeds data and initialization; the same seed gives the same model.
         extra_images: optional extra images, labelled by the judge.
-        extra_prompts: optional prompts of ``extra_images``; 10 % of the extras are held out
-            and the card reports how the reward separates judge-correct from judge-wrong ones.
+        extra_prompts: optional prompts of ``extra_images``. 10 % of the extras (when there are
+            20 or more) are held out and scored in the card; with prompts, the card also reports
+            the mean count reward of held-out extras the judge reads as right and as wrong.
         batch_size: images per step.
         lr: peak learning rate.
-        pool_size: world images generated up front (at most).
+        pool_size: world images generated up front, at most (fewer for short runs: a third of
+            the images the run will see).
         progress: print the loss every 50 steps.
         notes: extra entries for the card (e.g. where the extra images came from).
 
@@ -312,9 +314,11 @@ def train_reward_model(
     t0 = time.time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pool = _world_pool(min(pool_size, max(steps * batch_size // 3, 160)) // 5, rng)
+    pool = _world_pool(min(pool_size, max(steps * batch_size // 3, 192)) // 6, rng)
     extra, held_idx, extra_held = (None, None, None)
     if extra_images is not None and len(extra_images):
+        if extra_prompts is not None and len(extra_prompts) != len(extra_images):
+            raise UserError(f"{len(extra_images)} extra images but {len(extra_prompts)} extra prompts")
         extra, held_idx, extra_held = _extra_data(extra_images, rng)
     net = ShapesRM()
     net.train()
@@ -327,8 +331,8 @@ def train_reward_model(
             print(f"step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
     net.eval()
     card = _card(net, steps, seed, batch_size, lr, len(pool), extra, time.time() - t0) | (notes or {})
-    if extra_held is not None and extra_prompts is not None:
-        held_prompts = [extra_prompts[i] for i in held_idx]
+    if extra_held is not None:
+        held_prompts = [extra_prompts[i] for i in held_idx] if extra_prompts is not None else None
         card["eval"]["extra_held_out"] = _extra_report(net, extra_held, held_prompts)
     save_reward_model(net, out_dir, card)
     return card
@@ -386,13 +390,13 @@ def _lr_factor(step: int, steps: int, warmup: int = 20) -> float:
 
 
 def _world_pool(n: int, rng: np.random.Generator) -> LabelledImages:
-    """5 n world images: 2 n clean, n mixed-kind, n degraded clean and n degraded mixed-kind."""
+    """6 n world images: 2 n clean, n mixed-kind, 2 n degraded clean and n degraded mixed-kind."""
     from rewardiff.rewards import shapes_rm_data as data
 
     prompts = shapes.train_prompts()
     parts = [
         data.clean_images(2 * n, rng, prompts), data.mixed_images(n, rng),
-        data.degraded_images(n, rng, prompts), data.degraded_images(n, rng, prompts, mixed=True),
+        data.degraded_images(2 * n, rng, prompts), data.degraded_images(n, rng, prompts, mixed=True),
     ]
     pool = parts[0]
     for p in parts[1:]:
@@ -501,9 +505,11 @@ def _card(
 
 
 @torch.no_grad()
-def _extra_report(net: ShapesRM, held: LabelledImages, prompts: list[str]) -> dict:
-    """Scores on held-out extra images, and the mean reward where the judge says right or wrong."""
+def _extra_report(net: ShapesRM, held: LabelledImages, prompts: list[str] | None) -> dict:
+    """Scores on held-out extra images; with prompts, also the mean reward where the judge says right or wrong."""
     scores = evaluate(net, held)
+    if prompts is None:
+        return scores
     asked = np.array([shapes.parse_prompt(p).count - 1 for p in prompts])
     r = count_reward(net, shapes.to_tensor(held.images), prompts).numpy()
     ok = held.count == asked

@@ -1,0 +1,79 @@
+"""Peak memory of one reward-backprop step against K, with and without checkpointing.
+
+Each configuration runs in a fresh process: the baseline is the resident memory after
+imports, model construction and one sampling pass without gradient; the figure is the peak
+resident memory of one training step (sample with gradient through the last K steps,
+reward, backward) minus that baseline.
+
+    python benchmarks/memory.py --steps 50 --batch 4 --out benchmarks/results/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(k: int, steps: int, batch: int, checkpoint: bool) -> dict:
+    import torch
+
+    from rewardiff.models.base import DiffusionModel
+    from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
+    from rewardiff.rewards import get_reward
+    from rewardiff.rollout import last_k
+
+    torch.manual_seed(0)
+    net = ShapesDenoiser(ShapesModelConfig(block_out_channels=(16, 32, 64)))
+    model = DiffusionModel(net, net.process(), net.encode, (3, 32, 32))
+    reward = get_reward("brightness")
+    prompts, seeds = ["two red circles"] * batch, list(range(batch))
+    with torch.no_grad():
+        model.sample(prompts, seeds, steps, guidance_scale=2.0)
+    base = _rss_mb()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    traj = model.sample(prompts, seeds, steps, guidance_scale=2.0, grad_steps=last_k(steps, k), checkpoint=checkpoint)
+    (-reward(traj.x0, prompts).mean()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"k": k, "steps": steps, "batch": batch, "checkpoint": checkpoint, "baseline_mb": base,
+            "peak_mb": peak, "above_baseline_mb": peak - max(base, peak_before)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--ks", default="1,5,10,25,50")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.json"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "k,checkpoint": run one, print JSON
+    a = ap.parse_args()
+    if a.one:
+        k, ck = a.one.split(",")
+        print(json.dumps(measure(int(k), a.steps, a.batch, ck == "1")))
+        return
+    rows = []
+    env = {"OMP_NUM_THREADS": "2", **os.environ}
+    for ck in (1, 0):
+        for k in [int(x) for x in a.ks.split(",")]:
+            res = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--batch", str(a.batch), "--one", f"{k},{ck}"],
+                                 capture_output=True, text=True, env=env, check=True)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"K={k:3d} checkpoint={bool(ck)!s:5s} above baseline {rows[-1]['above_baseline_mb']:8.1f} MB", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
