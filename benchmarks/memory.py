@@ -3,7 +3,8 @@
 Each configuration runs in a fresh process: the baseline is the resident memory after
 imports, model construction and one sampling pass without gradient; the figure is the peak
 resident memory of one training step (sample with gradient through the last K steps,
-reward, backward) minus that baseline.
+reward, backward) minus that baseline. malloc is told to return freed blocks to the system
+at once, so that the resident size tracks live memory.
 
     python benchmarks/memory.py --steps 50 --batch 4 --out benchmarks/results/memory.json
 """
@@ -64,7 +65,9 @@ def main() -> None:
         print(json.dumps(measure(int(k), a.steps, a.batch, ck == "1")))
         return
     rows = []
-    env = {"OMP_NUM_THREADS": "2", **os.environ}
+    # Large blocks through mmap and no trim threshold: freed memory goes back to the system,
+    # so the resident size follows live memory instead of what malloc keeps cached.
+    env = {"OMP_NUM_THREADS": "2", **os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     for ck in (1, 0):
         for k in [int(x) for x in a.ks.split(",")]:
             res = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--batch", str(a.batch), "--one", f"{k},{ck}"],

@@ -225,16 +225,18 @@ def test_shapes_reward_rejects_foreign_prompts():
         get_reward("shapes-count")(_noise(1), ["a photo of a cat"])
 
 
-def test_tiny_training_run_writes_weights_and_card(tmp_path):
+def test_tiny_training_run_writes_weights_and_card(tmp_path, monkeypatch):
     import json
 
-    from rewardiff.rewards.shapes_rm import train_reward_model
+    from rewardiff.rewards import shapes_rm
 
     x, prompts, _ = shapes.make_batch(24, seed=5)
-    card = train_reward_model(tmp_path, steps=2, seed=0, extra_images=x, extra_prompts=prompts, batch_size=16, pool_size=64)
+    monkeypatch.setattr(shapes_rm, "base_model_samples", lambda n, seed: (x[:n], prompts[:n]))
+    card = shapes_rm.train_with_base_samples(tmp_path, 2, 0, 24, batch_size=16, pool_size=64)
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.tmp"))
     on_disk = json.loads((tmp_path / "card.json").read_text())
-    assert on_disk["steps"] == 2 and on_disk["params"] == card["params"]
-    assert "extra_held_out" in on_disk["eval"]
+    assert on_disk["steps"] == 2 and on_disk["params"] == card["params"] and "extra_images_source" in on_disk
+    assert on_disk["train_images"]["extra_with_degraded_copies"] == 2 * 21  # 90 % kept, each with a degraded copy
+    assert "count_reward_judge_right" in on_disk["eval"]["extra_held_out"]
     r = get_reward("shapes-count", path=tmp_path)
     assert r(x[:2], prompts[:2]).shape == (2,)

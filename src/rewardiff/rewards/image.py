@@ -57,19 +57,19 @@ def jpeg_size_kb(x: Tensor) -> Tensor:
 
 @register("brightness", differentiable=True)
 def brightness() -> RewardFn:
-    """Mean luminance in [0, 1] (differentiable)."""
+    """Mean luminance (ITU-R BT.601) in [0, 1]."""
     return RewardFn("brightness", True, (0.0, 1.0), "mean luminance in [0, 1]", brightness_fn)
 
 
 @register("saturation", differentiable=True)
 def saturation() -> RewardFn:
-    """Mean HSV saturation in [0, 1] (differentiable)."""
+    """Mean HSV saturation in [0, 1]."""
     return RewardFn("saturation", True, (0.0, 1.0), "mean HSV saturation in [0, 1]", saturation_fn)
 
 
 @register("jpeg-compressibility", differentiable=False)
 def jpeg_compressibility() -> RewardFn:
-    """Minus the JPEG size in kB at quality 95, as in DDPO (black-box)."""
+    """Minus the JPEG size in kB at quality 95, as in DDPO."""
     return RewardFn(
         "jpeg-compressibility", False, None, "minus the JPEG size in kB (quality 95)",
         lambda x, prompts: -jpeg_size_kb(x),
@@ -78,7 +78,7 @@ def jpeg_compressibility() -> RewardFn:
 
 @register("jpeg-incompressibility", differentiable=False)
 def jpeg_incompressibility() -> RewardFn:
-    """The JPEG size in kB at quality 95, as in DDPO (black-box)."""
+    """The JPEG size in kB at quality 95, as in DDPO."""
     return RewardFn(
         "jpeg-incompressibility", False, None, "the JPEG size in kB (quality 95)",
         lambda x, prompts: jpeg_size_kb(x),

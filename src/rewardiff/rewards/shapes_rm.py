@@ -220,7 +220,7 @@ def _lazy(path: str | Path | None, reward: Callable[[ShapesRM, Tensor, list[str]
 
 @register("shapes-count", differentiable=True)
 def shapes_count(path: str | Path | None = None) -> RewardFn:
-    """Shapes world: clamped log-probability of the asked object count (learned, differentiable)."""
+    """Shapes world: log p(asked object count) from the learned reward model, clamped at log 0.02."""
     return RewardFn(
         "shapes-count", True, (LOG_FLOOR, 0.0),
         "shapes world: clamped log p(asked object count) from the learned count/color CNN",
@@ -230,7 +230,7 @@ def shapes_count(path: str | Path | None = None) -> RewardFn:
 
 @register("shapes-color", differentiable=True)
 def shapes_color(path: str | Path | None = None) -> RewardFn:
-    """Shapes world: clamped log-probability of the asked color (learned, differentiable)."""
+    """Shapes world: log p(asked color) from the learned reward model, clamped at log 0.02."""
     return RewardFn(
         "shapes-color", True, (LOG_FLOOR, 0.0),
         "shapes world: clamped log p(asked color) from the learned count/color CNN",
