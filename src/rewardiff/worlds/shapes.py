@@ -107,24 +107,37 @@ def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
     return binary_dilation(mask, iterations=k, structure=np.ones((3, 3), bool))
 
 
-def render(spec: Spec, rng: np.random.Generator, max_tries: int = 200) -> np.ndarray:
-    """One uint8 image [SIZE, SIZE, 3] for ``spec``, shapes placed at random without touching."""
-    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+def render(spec: Spec, rng: np.random.Generator, tries: int = 200, restarts: int = 50) -> np.ndarray:
+    """One uint8 image [SIZE, SIZE, 3] for ``spec``, shapes placed at random without touching.
+
+    Placement is greedy; when ``tries`` random positions could not fit every shape, the
+    canvas is cleared and placement starts over (the same rng keeps it deterministic).
+    """
+    color = np.clip(COLOR_RGB[spec.color] + rng.uniform(-12, 12, 3), 0, 255).astype(np.uint8)
+    for _ in range(restarts):
+        masks = _place(spec, rng, tries)
+        if masks is not None:
+            img = np.zeros((SIZE, SIZE, 3), np.uint8)
+            img[np.any(masks, axis=0)] = color
+            return img
+    raise RuntimeError(f"could not place {spec.count} shapes for {spec.prompt!r}")
+
+
+def _place(spec: Spec, rng: np.random.Generator, tries: int) -> list[np.ndarray] | None:
+    """Masks of ``spec.count`` shapes at least 2 px apart, or None when they did not fit."""
     occupied = np.zeros((SIZE, SIZE), bool)
-    color = COLOR_RGB[spec.color] + rng.uniform(-12, 12, 3)
-    placed = 0
-    for _ in range(max_tries):
+    masks: list[np.ndarray] = []
+    for _ in range(tries):
         r = rng.uniform(3.2, 5.0)
         cy, cx = rng.uniform(r + 1, SIZE - r - 1, size=2)
         mask = _shape_mask(spec.shape, cy, cx, r)
         if mask.sum() < 12 or (_dilate(mask, 2) & occupied).any():
             continue
         occupied |= mask
-        img[mask] = np.clip(color, 0, 255).astype(np.uint8)
-        placed += 1
-        if placed == spec.count:
-            return img
-    raise RuntimeError(f"could not place {spec.count} shapes for {spec.prompt!r}")
+        masks.append(mask)
+        if len(masks) == spec.count:
+            return masks
+    return None
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
