@@ -73,7 +73,7 @@ def sample(
 def pretrain(
     world: Annotated[str, typer.Argument(help="which world: shapes")],
     out: Annotated[Path, typer.Option(help="training directory (resumes when it holds a checkpoint)")] = Path("runs/pretrain-shapes"),
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 8000,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train a world's base model (resumable), then export it with its card to OUT/model."""
@@ -91,7 +91,7 @@ def pretrain(
 @app.command("train-reward")
 def train_reward(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/shapes-rm"),
-    steps: Annotated[int, typer.Option(help="training steps")] = 3000,
+    steps: Annotated[int, typer.Option(help="training steps")] = 600,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     base_samples: Annotated[int, typer.Option(help="base-model samples labelled by the judge to train on")] = 2048,
 ) -> None:

@@ -19,7 +19,7 @@ from rewardiff.worlds import shapes
 
 @dataclass
 class ShapesModelConfig:
-    block_out_channels: tuple[int, ...] = (32, 64, 64)  # UNet widths at 32x32, 16x16, 8x8
+    block_out_channels: tuple[int, ...] = (16, 32, 64)  # UNet widths at 32x32, 16x16, 8x8
     cross_attention_dim: int = 64  # width of the text encoder's token states
     layers_per_block: int = 1  # resnet blocks per UNet level
     attention_head_dim: int = 8  # channels per attention head

@@ -23,7 +23,7 @@ from rewardiff.worlds import shapes
 
 @dataclass
 class PretrainConfig:
-    steps: int = 8000  # optimizer steps
+    steps: int = 2000  # optimizer steps (the shipped model: 2000)
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate after warm-up
     warmup: int = 200  # linear warm-up steps
