@@ -53,7 +53,8 @@ def write_card(model_dir: Path, train_dir: Path) -> dict:
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
     lines = ["# shapes base model", "", f"- data: {card['data']}", f"- training: {json.dumps(cfg)}",
              f"- steps: {card['steps_done']}, mean loss over the last 200 steps: {card['final_loss_mean_last_200']:.4f}",
-             f"- sampler: {card['sampler']}"]
+             f"- sampler: {card['sampler']}",
+             f"- reproduce: rewardiff pretrain shapes --steps {card['steps_done']} --seed {cfg['seed']}"]
     lines += [f"- {k.replace('_', ' ')}: {v:.1%}" for k, v in card.items() if k.startswith("judge_")]
     lines += ["", "Judge: the classical counter of rewardiff.worlds.judge (no reward uses it).", "", "![samples](samples.png)", ""]
     (model_dir / "card.md").write_text("\n".join(lines))
