@@ -14,7 +14,7 @@ One loop, with these as arguments rather than copies of it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -142,5 +142,3 @@ def last_k(num_steps: int, k: int) -> range:
         raise ValueError(f"k must be in [0, {num_steps}], got {k}")
     return range(num_steps - k, num_steps)
 
-
-Sampler = Callable[..., Trajectory]

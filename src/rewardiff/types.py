@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 
@@ -105,8 +104,4 @@ class StepHook(Protocol):
     def __call__(self, ctx: StepContext) -> Tensor | None: ...
 
 
-def batch_size(x: Tensor) -> int:
-    return int(x.shape[0])
-
-
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Reward", "StepContext", "StepHook", "batch_size", "torch"]
+__all__ = ["StepOut", "Trajectory", "Denoiser", "Reward", "StepContext", "StepHook"]

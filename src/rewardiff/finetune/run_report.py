@@ -23,12 +23,25 @@ def comparison_table(before: dict, after: dict) -> list[list[str]]:
     return rows
 
 
+def eval_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Path:
+    """Plot judge accuracy and diversity at step 0, at each periodic evaluation, and at the end."""
+    from rewardiff.report import plot_curves
+
+    last = metrics[-1]["step"] if metrics else 0
+    points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r] + [(last, after)]
+    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _ROWS if key != "eval_reward_mean"}
+    path = out / "eval_curve.png"
+    plot_curves({k: v for k, v in series.items() if v}, path, "step", "held-out value", "held-out evaluations")
+    return path
+
+
 def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) -> Path:
     from rewardiff.report import Section, plot_reward_curve, read_metrics, write_report
 
     metrics = read_metrics(out)
     curve = out / "reward_curve.png"
     plot_reward_curve(metrics, curve)
+    evals = eval_curve(out, metrics, before, after)
     text = (
         "The judge is a classical counter (color segmentation and connected components) that no reward uses. "
         "A reward that rises while the judge's accuracy does not is reward hacking."
@@ -36,6 +49,8 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
     sections = [
         Section("Before and after, on fixed held-out prompts and seeds", text, table=comparison_table(before, after)),
         Section("Training reward", "Mean reward of each training batch, with held-out evaluations where run.", images=[curve]),
+        Section("Held-out evaluations", "Judge accuracy and diversity on the fixed held-out set as training goes: "
+                "falling diversity with a flat judge is the usual face of reward hacking.", images=[evals]),
         Section("Samples before fine-tuning", "One column per prompt; 'ok' where the judge reads the asked count.",
                 images=[out / "samples_before.png"]),
         Section("Samples after fine-tuning", "Same prompts and seeds as above.", images=[out / "samples_after.png"]),
