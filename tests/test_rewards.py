@@ -195,7 +195,10 @@ def test_shapes_count_prefers_true_count():
     r = get_reward("shapes-count")
     assert r.differentiable and r.value_range[1] == 0.0
     right, bad = r(x, prompts), r(x, wrong)
-    assert right.mean() > -0.5 and right.mean() > bad.mean() + 2.0
+    # the asked count is at least 4.5x likelier than the wrong one on average (margin e^1.5),
+    # and the true prompt wins on nearly every image
+    assert right.mean() > -0.5 and right.mean() > bad.mean() + 1.5
+    assert (right > bad).float().mean() >= 0.95
     assert (right >= r.value_range[0]).all() and (bad >= r.value_range[0] - 1e-6).all()
 
 

@@ -22,7 +22,7 @@ from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.draft import get_method
 from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, prompt_set
 from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
-from rewardiff.io import truncate_jsonl
+from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.models.base import DiffusionModel
 
 
@@ -64,12 +64,9 @@ class Run:
         if self.acc.is_main_process:
             d = self._ckpt_dir(step)
             save_weights(d, self.acc.unwrap_model(self.model.net), self.cfg)
-            torch.save(self.opt.state_dict(), d / "optimizer.pt.tmp")
-            (d / "optimizer.pt.tmp").replace(d / "optimizer.pt")
-            (d / "state.json").write_text(json.dumps({"step": step}))
-            tmp = self.out / "checkpoints" / "latest.tmp"
-            tmp.write_text(d.name)
-            tmp.replace(self.out / "checkpoints" / "latest")
+            atomic_write(d / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
+            atomic_write_text(d / "state.json", json.dumps({"step": step}))
+            atomic_write_text(self.out / "checkpoints" / "latest", d.name)
             for old in sorted((self.out / "checkpoints").glob("step-*"))[:-2]:
                 _rmtree(old)
         self.acc.wait_for_everyone()

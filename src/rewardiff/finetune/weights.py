@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig, build_config
+from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.models.base import DiffusionModel
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
@@ -66,13 +67,9 @@ def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
     """Write ``trainable.safetensors`` and ``finetune.json`` atomically into ``directory``."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "trainable.safetensors.tmp"
-    save_file(trainable_state(net), str(tmp))
-    tmp.replace(directory / "trainable.safetensors")
-    tmp = directory / "finetune.json.tmp"
-    tmp.write_text(json.dumps(asdict(cfg), indent=2))
-    tmp.replace(directory / "finetune.json")
+    state = trainable_state(net)
+    atomic_write(directory / "trainable.safetensors", lambda p: save_file(state, str(p)))
+    atomic_write_text(directory / "finetune.json", json.dumps(asdict(cfg), indent=2))
 
 
 def load_trainable(directory: Path, net: nn.Module) -> None:

@@ -88,14 +88,12 @@ class ShapesDenoiser(nn.Module):
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
 
+        from rewardiff.io import atomic_write, atomic_write_text
+
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(d / "model.safetensors")
-        cfg = asdict(self.config)
-        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write_text(d / "config.json", json.dumps(asdict(self.config), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> ShapesDenoiser:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.io import atomic_write
 from rewardiff.rewards.base import RewardCallable, RewardFn
 from rewardiff.rewards.registry import register
 from rewardiff.worlds import shapes
@@ -120,22 +120,14 @@ def num_params(net: nn.Module) -> int:
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through ``write(tmp_path)`` then rename onto ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def save_reward_model(net: ShapesRM, out_dir: str | Path, card: dict) -> Path:
     """Write ``model.safetensors`` (config in its metadata) and ``card.json`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"config": json.dumps({"widths": list(net.widths)})}
-    _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
-    _atomic(out / "card.json", lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_write(out / "card.json", lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rewardiff.io import truncate_jsonl
+from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
 from rewardiff.worlds import shapes
 
@@ -38,17 +38,12 @@ def _save_checkpoint(out: Path, step: int, model, ema, opt, losses: list[float])
     from safetensors.torch import save_file
 
     ckpt = out / "checkpoint"
-    ckpt.mkdir(parents=True, exist_ok=True)
     for name, module in (("model", model), ("ema", ema)):
-        tmp = ckpt / f"{name}.safetensors.tmp"
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-        tmp.replace(ckpt / f"{name}.safetensors")
-    tmp = ckpt / "optimizer.pt.tmp"
-    torch.save(opt.state_dict(), tmp)
-    tmp.replace(ckpt / "optimizer.pt")
-    tmp = ckpt / "state.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "recent_loss": losses[-100:]}))
-    tmp.replace(ckpt / "state.json")  # written last: its step names a complete checkpoint
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        atomic_write(ckpt / f"{name}.safetensors", lambda p, state=state: save_file(state, str(p)))
+    atomic_write(ckpt / "optimizer.pt", lambda p: torch.save(opt.state_dict(), p))
+    # written last: its step names a complete checkpoint
+    atomic_write_text(ckpt / "state.json", json.dumps({"step": step, "recent_loss": losses[-100:]}))
 
 
 def _load_checkpoint(out: Path, model, ema, opt) -> int:
