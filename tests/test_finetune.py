@@ -10,7 +10,7 @@ from torch import nn
 
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig, build_config
-from rewardiff.finetune.draft import draft, draft_k, draft_lv, truncation_k
+from rewardiff.finetune.draft import draft, draft_k, draft_lv, refl, truncation_k
 from rewardiff.finetune.trainer import Run, finetune
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
@@ -188,3 +188,14 @@ def test_pretraining_resumes_bit_identically(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_refl_trains_the_text_encoder_and_counts_every_evaluation(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, method="refl", lora_rank=0, kl_weight=1.0, guidance_scale=2.0, num_inference_steps=4)
+    run = Run(cfg, tmp_path, progress=False)
+    prompts, seeds, gen = run.batch(0)
+    out = refl(run.model, run.reward, prompts, seeds, cfg, gen)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in run.model.net.text.parameters())
+    # s steps before the jump, then the jump and the reference there: CFG counts 2 per element
+    assert out.nfe == 2 * len(prompts) * (out.grad_from + 2)

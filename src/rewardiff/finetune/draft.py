@@ -120,9 +120,9 @@ def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     ts = model.process.timesteps(T)
     lo = min(max(int(cfg.refl_start * T), 1), T - 1)
     s = int(torch.randint(lo, T, (1,), generator=gen))
+    cond = model.encode(prompts)  # with gradient: a fully fine-tuned text encoder learns too
+    uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
     with torch.no_grad():
-        cond = model.encode(prompts)
-        uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
         pre = rollout(model.net, model.process, model.noise(seeds), cond, ts[:s], eta=cfg.eta,
                       guidance_scale=cfg.guidance_scale, uncond=uncond, t_final=ts[s], generator=gen)
     out, n = guided_output(model.net, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
@@ -130,8 +130,9 @@ def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     kl = torch.zeros(len(prompts), device=x0_hat.device)
     if cfg.kl_weight > 0 and model.reference is not None:
         with torch.no_grad():
-            ref_out, _ = guided_output(model.reference, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
+            ref_out, n_ref = guided_output(model.reference, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
         kl = ((out - ref_out) ** 2).flatten(1).mean(1)
+        n += n_ref
     r = reward_fn(model.decode(x0_hat), prompts)
     return LossOut(_objective(r, kl, cfg), r.detach(), kl.detach(), pre.nfe + n * len(prompts), s)
 
