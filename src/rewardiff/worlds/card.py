@@ -34,11 +34,9 @@ def measure(model_dir: Path, n_per_prompt: int = 16) -> dict:
 def write_card(model_dir: Path, train_dir: Path) -> dict:
     """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
     cfg = json.loads((train_dir / "config.json").read_text())
-    by_step = {}
-    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
+    from rewardiff.report import read_metrics
+
+    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
     rows = [by_step[k] for k in sorted(by_step)]
     last = rows[-200:]
     card = {
