@@ -243,3 +243,130 @@ def test_tiny_training_run_writes_weights_and_card(tmp_path, monkeypatch):
     assert "count_reward_judge_right" in on_disk["eval"]["extra_held_out"]
     r = get_reward("shapes-count", path=tmp_path)
     assert r(x[:2], prompts[:2]).shape == (2,)
+
+
+# ----------------------------------------------------------------------------- standardized rewards
+
+
+SIX = ("shapes-count", "shapes-color", "jpeg-compressibility", "jpeg-incompressibility", "brightness", "saturation")
+
+
+def _shipped_stats() -> dict:
+    """The shipped statistics file read here, independently of ``rewardiff.rewards.stats``."""
+    import json
+
+    from rewardiff.rewards.stats import STATS_FILE
+
+    return json.loads(STATS_FILE.read_text())["rewards"]
+
+
+def test_shipped_stats_file_has_the_six_rewards():
+    stats = _shipped_stats()
+    for name in SIX:
+        e = stats[name]
+        assert e["std"] > 0 and np.isfinite(e["mean"]), name
+        assert e["n"] == 512 and e["num_inference_steps"] == 15 and e["eta"] == 0.0 and e["guidance_scale"] == 2.0, name
+        assert e["model"] == "shapes-base" and e["prompts"] == "train", name
+        assert e["min"] <= e["mean"] <= e["max"], name
+    assert stats["jpeg-compressibility"]["mean"] == pytest.approx(-stats["jpeg-incompressibility"]["mean"])
+
+
+def test_z_equals_hand_standardization():
+    from rewardiff.rewards.ensemble import Normalized
+
+    e = _shipped_stats()["brightness"]
+    x, p = _noise(3), ["", "", ""]
+    z = get_reward("z(brightness)")
+    assert isinstance(z, Normalized) and z.name == "z(brightness)" and z.differentiable
+    torch.testing.assert_close(z(x, p), (get_reward("brightness")(x, p) - e["mean"]) / e["std"])
+    assert z.value_range == pytest.approx(((0 - e["mean"]) / e["std"], (1 - e["mean"]) / e["std"]))
+    from rewardiff.types import Reward
+
+    assert isinstance(z, Reward)
+    jz = get_reward(" z( jpeg-compressibility ) ")
+    assert jz.name == "z(jpeg-compressibility)" and not jz.differentiable and jz.value_range is None
+
+
+def test_parse_mixed_specs():
+    assert parse_weighted("0.7*z(shapes-count)+0.3*brightness+-0.5*z( my.mod:f )") == [
+        (0.7, "z(shapes-count)"), (0.3, "brightness"), (-0.5, "z(my.mod:f)"),
+    ]
+    assert parse_weighted("z(brightness) + 2e-1*saturation") == [(1.0, "z(brightness)"), (0.2, "saturation")]
+    for bad in ("z()", "z(brightness", "zz(brightness)", "0.5*z(z(brightness))", "z(0.5*brightness)", "z brightness"):
+        with pytest.raises(UserError):
+            parse_weighted(bad)
+    x, p = _noise(2), ["", ""]
+    e = _shipped_stats()["brightness"]
+    s = get_reward("0.5*z(brightness)+-2*saturation")
+    assert isinstance(s, WeightedSum) and s.differentiable and s.value_range is not None
+    expected = 0.5 * (get_reward("brightness")(x, p) - e["mean"]) / e["std"] - 2 * get_reward("saturation")(x, p)
+    torch.testing.assert_close(s(x, p), expected)
+
+
+def test_z_without_stats_names_the_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_unmeasured_mod.py").write_text("def f(x, prompts):\n    return x.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("z(my_unmeasured_mod:f)", "0.5*brightness+0.5*z(my_unmeasured_mod:f)"):
+        with pytest.raises(UserError) as e:
+            get_reward(spec)
+        msg = str(e.value)
+        assert "'my_unmeasured_mod:f'" in msg and "python -m rewardiff.rewards.stats" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="unknown reward 'nope'"):
+        get_reward("z(nope)")
+    sys.modules.pop("my_unmeasured_mod", None)
+
+
+def test_gradient_flows_through_z_brightness():
+    std = _shipped_stats()["brightness"]["std"]
+    x = _noise().requires_grad_(True)
+    get_reward("z(brightness)")(x, ["", ""]).sum().backward()
+    x2 = _noise().requires_grad_(True)
+    get_reward("brightness")(x2, ["", ""]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x2.grad / std)
+
+
+def test_measure_and_save_reward_stats(tmp_path, tiny_model_dir):
+    import json
+
+    from rewardiff.models.base import shapes_model
+    from rewardiff.rewards.stats import load_reward_stats, measure_reward_stats, reward_stats, save_reward_stats, stats_prompts
+
+    model = shapes_model(tiny_model_dir)
+    got = measure_reward_stats(["brightness", "saturation"], n=5, seed=3, batch_size=2, model=model)
+    prompts, seeds = stats_prompts(5, 3)
+    assert set(prompts) <= set(shapes.train_prompts()) and len(set(seeds)) == 5
+    x = model.generate(prompts, seeds, 5, num_inference_steps=15, eta=0.0, guidance_scale=2.0)
+    r = get_reward("brightness")(x, prompts).double()
+    assert got["brightness"]["mean"] == pytest.approx(float(r.mean()), rel=1e-5)
+    assert got["brightness"]["std"] == pytest.approx(float(r.std()), rel=1e-4)
+    assert got["brightness"]["n"] == 5 and got["brightness"]["seed"] == 3 and got["brightness"]["guidance_scale"] == 2.0
+    path = tmp_path / "stats.json"
+    save_reward_stats({"brightness": got["brightness"]}, path)
+    save_reward_stats({"saturation": got["saturation"]}, path)  # merged, not replaced
+    assert set(load_reward_stats(path)) == {"brightness", "saturation"} and not list(tmp_path.glob("*.tmp"))
+    assert set(json.loads(path.read_text())["rewards"]) == {"brightness", "saturation"}
+    assert reward_stats("saturation", path) == (got["saturation"]["mean"], got["saturation"]["std"])
+    with pytest.raises(UserError, match="'shapes-count'"):
+        reward_stats("shapes-count", path)
+
+
+def test_shapes_ensemble_is_listed():
+    rows = {name: (diff, desc) for name, diff, desc in list_rewards()}
+    assert "shapes-ensemble" in rows and rows["shapes-ensemble"][0] is False and "z(shapes-count)" in rows["shapes-ensemble"][1]
+
+
+@needs_weights
+def test_shapes_ensemble_equals_hand_sum():
+    stats = _shipped_stats()
+    x, p = _noise(2, seed=4), ["two red circles", "four blue squares"]
+    r = get_reward("shapes-ensemble")
+    assert r.name == "shapes-ensemble" and not r.differentiable and r.value_range is None
+    count, jpeg = stats["shapes-count"], stats["jpeg-compressibility"]
+    expected = 0.7 * (get_reward("shapes-count")(x, p) - count["mean"]) / count["std"] + 0.3 * (
+        get_reward("jpeg-compressibility")(x, p) - jpeg["mean"]
+    ) / jpeg["std"]
+    out = r(x, p)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected.detach())
+    torch.testing.assert_close(out, get_reward("0.7*z(shapes-count)+0.3*z(jpeg-compressibility)")(x, p))

@@ -8,7 +8,8 @@ One loop, with these as arguments rather than copies of it:
     - gradient checkpointing of each step inside the window (memory flat in the number of
       steps: activations are recomputed in the backward pass),
     - an optional frozen ``reference`` model whose outputs give a KL-style penalty (DRaFT+),
-    - a guidance ``hook`` called after every step,
+    - a guidance ``hook`` called after every step, which may shift the particles or select
+      a new set of them (best-of-N, SVDD, DSearch, SMC all run here, not in loops of their own),
     - exact counting of denoiser evaluations (NFE) per batch element.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from rewardiff.processes.gaussian import GaussianProcess
-from rewardiff.types import Denoiser, StepContext, StepHook, Trajectory
+from rewardiff.types import Denoiser, Selection, StepContext, StepHook, StepOut, Trajectory
 
 
 def _cat_cond(uncond: Any, cond: Any) -> Any:
@@ -60,7 +61,7 @@ def rollout(
     checkpoint: bool = True,
     reference: Denoiser | None = None,
     hook: StepHook | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     keep_states: bool = False,
     prompts: list[str] | None = None,
     t_final: int = -1,
@@ -70,7 +71,7 @@ def rollout(
     Args:
         model: the denoiser ``model(x_t, t[B], cond) -> prediction``.
         process: the diffusion math (DDIM steps).
-        x_T: the starting state [B, ...] (pure noise, or a re-noised sample).
+        x_T: the starting particles [B, ...] (pure noise, or a re-noised sample).
         cond: the model condition for the batch; ``uncond`` the unconditional one.
         timesteps: training timesteps to visit, in sampling order.
         eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
@@ -78,41 +79,148 @@ def rollout(
         grad_steps: indices (0 .. T-1, sampling order) of steps that carry gradient.
         checkpoint: recompute each gradient step's activations in the backward pass.
         reference: frozen model for the KL-style penalty on gradient steps.
-        hook: a guidance method called after every step.
-        generator: random source of the eta > 0 noise.
+        hook: a guidance method called after every step; it may shift the particles or
+            select a new set of them (:class:`~rewardiff.types.Selection`).
+        generator: random source of the eta > 0 noise: one generator for the batch, or one
+            per particle (then a particle's noise does not depend on the rest of the batch).
         keep_states: return every state x_T ... x_0 in ``Trajectory.xs``.
         prompts: the batch's prompts, passed on to the hook.
         t_final: timestep after the last step (-1: the clean sample).
+
+    When a hook selects particles, the batch of the returned trajectory is the final
+    particle set and the kept history (``xs``, ``log_probs``, ``kl``) follows each particle's
+    ancestry.
     """
     x = x_T
     B = x.shape[0]
+    T = len(timesteps)
     prevs = timesteps[1:] + [t_final]
     log_probs, xs = [], [x_T] if keep_states else []
     kl = torch.zeros(B, device=x.device)
-    nfe = 0
+    prompts = list(prompts) if prompts is not None else [""] * B
+    particles = _Particles(cond, uncond, prompts, generator)
+    counter = [0]
+    needs_grad = bool(getattr(hook, "needs_grad", False))
+    cached: Tensor | None = None
     for i, (t, t_prev) in enumerate(zip(timesteps, prevs)):
-        noise = None
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None else generator.device).to(x.device, x.dtype)
-        step = _Step(model, process, cond, uncond, guidance_scale, t, t_prev, eta, reference)
+        noise = particles.noise(x) if eta > 0 else None
+        step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference)
         if i in grad_steps:
             ref_out = step.reference_output(x) if reference is not None else None
             res = _checkpoint(step, x, noise, ref_out, use_reentrant=False) if checkpoint else step(x, noise, ref_out)
             kl = kl + res[-1]
+        elif hook is not None and needs_grad:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                res = step(x, noise, None, cached)
         else:
             with torch.no_grad():
-                res = step(x.detach(), noise, None)
+                res = step(x.detach(), noise, None, cached)
         out, n = res[0], res[1]
-        nfe += n * B + step.ref_nfe * B
+        counter[0] += n * x.shape[0] + step.ref_nfe * x.shape[0]
+        cached = None
         if hook is not None:
-            replaced = hook(StepContext(i, t, t_prev, x, out, cond, prompts or []))
-            out = out._replace(prev=replaced) if replaced is not None else out
-        x = out.prev
-        log_probs.append(out.log_prob)
+            predict = _Predictor(model, process, particles.cond, particles.uncond, guidance_scale, counter)
+            ctx = StepContext(i, t, t_prev, x, out, particles.cond, particles.prompts, predict, noise, T)
+            answer = hook(ctx)
+            if isinstance(answer, Selection):
+                parents = answer.parents.to(x.device)
+                out = _reselect(process, out, answer.prev, parents)
+                particles.select(parents)
+                log_probs = [lp[parents] for lp in log_probs]
+                xs = [s[parents] for s in xs]
+                kl = kl[parents]
+                cached = answer.model_out
+            elif answer is not None:
+                out = _reselect(process, out, answer, None)
+        x = out.prev.detach() if needs_grad and i not in grad_steps else out.prev
+        log_probs.append(out.log_prob.detach() if needs_grad and i not in grad_steps else out.log_prob)
         if keep_states:
             xs.append(x)
-    nfe += hook.nfe if hook is not None else 0
+    nfe = counter[0] + (hook.nfe if hook is not None else 0)
     return Trajectory(x, xs, torch.stack(log_probs, 1), list(timesteps), nfe, kl)
+
+
+def _reselect(process: GaussianProcess, out: StepOut, prev: Tensor, parents: Tensor | None) -> StepOut:
+    """The step's output for replacement particles ``prev`` descending from rows ``parents``.
+
+    The log-probability is the base transition's density of the new particle given its
+    parent (zeros for a deterministic step).
+    """
+    x0_hat, mean = (out.x0_hat, out.mean) if parents is None else (out.x0_hat[parents], out.mean[parents])
+    if float(out.std) == 0.0:
+        lp = torch.zeros(prev.shape[0], dtype=prev.dtype, device=prev.device)
+    else:
+        lp = process.log_prob(prev, mean, out.std)
+    return StepOut(prev, x0_hat, mean, out.std, lp)
+
+
+def gather_rows(c: Any, rows: Tensor) -> Any:
+    """Rows ``rows`` [N] of a condition (a tensor, or a dict of them); None stays None."""
+    if c is None:
+        return None
+    if isinstance(c, Tensor):
+        return c[rows.to(c.device)]
+    if isinstance(c, dict):
+        return {k: gather_rows(v, rows) for k, v in c.items()}
+    raise TypeError(f"cannot select rows of a condition of type {type(c).__name__}")
+
+
+class _Particles:
+    """The per-particle state that follows a particle through selections: condition,
+    unconditional condition, prompt and noise stream."""
+
+    def __init__(self, cond: Any, uncond: Any, prompts: list[str], generator):
+        self.cond, self.uncond, self.prompts = cond, uncond, prompts
+        self.gens = generator
+
+    def noise(self, like: Tensor) -> Tensor:
+        g = self.gens
+        if isinstance(g, list):
+            if len(g) != like.shape[0]:
+                raise ValueError(f"{len(g)} generators for {like.shape[0]} particles")
+            z = torch.stack([torch.randn(like.shape[1:], generator=gi, device=gi.device) for gi in g])
+        else:
+            z = torch.randn(like.shape, generator=g, device="cpu" if g is None else g.device)
+        return z.to(like.device, like.dtype)
+
+    def select(self, parents: Tensor) -> None:
+        rows = parents.cpu()
+        self.cond, self.uncond = gather_rows(self.cond, parents), gather_rows(self.uncond, parents)
+        self.prompts = [self.prompts[int(r)] for r in rows]
+        if isinstance(self.gens, list):
+            gens, used = [], set()
+            for r in rows.tolist():
+                if r in used:  # a copy: a fresh stream seeded from its parent's, so copies diverge
+                    seed = int(torch.randint(0, 2**62, (1,), generator=self.gens[r]))
+                    gens.append(torch.Generator(device=self.gens[r].device).manual_seed(seed))
+                else:
+                    used.add(r)
+                    gens.append(self.gens[r])
+            self.gens = gens
+
+
+class _Predictor:
+    """``ctx.predict``: the guided denoiser at arbitrary states, counting every evaluation."""
+
+    chunk = 256
+
+    def __init__(self, model, process, cond, uncond, scale, counter: list[int]):
+        self.model, self.process, self.cond, self.uncond, self.scale = model, process, cond, uncond, scale
+        self.counter = counter
+
+    def __call__(self, x: Tensor, t: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if rows is None:
+            rows = torch.arange(x.shape[0], device=x.device)
+        outs = []
+        for i in range(0, x.shape[0], self.chunk):  # bounded memory however many candidates
+            r = rows[i : i + self.chunk]
+            out, n = guided_output(self.model, x[i : i + self.chunk], t, gather_rows(self.cond, r), gather_rows(self.uncond, r), self.scale)
+            self.counter[0] += n * r.shape[0]
+            outs.append(out)
+        out = torch.cat(outs)
+        x0_hat, _ = self.process.split(out, x, t)
+        return out, x0_hat
 
 
 class _Step:
@@ -129,8 +237,11 @@ class _Step:
         self.ref_nfe = n
         return out
 
-    def __call__(self, x: Tensor, noise: Tensor | None, ref_out: Tensor | None):
-        model_out, n = guided_output(self.model, x, self.t, self.cond, self.uncond, self.scale)
+    def __call__(self, x: Tensor, noise: Tensor | None, ref_out: Tensor | None, cached: Tensor | None = None):
+        if cached is not None:  # a hook already evaluated the denoiser at exactly (x, t)
+            model_out, n = cached, 0
+        else:
+            model_out, n = guided_output(self.model, x, self.t, self.cond, self.uncond, self.scale)
         out = self.process.step(model_out, self.t, self.t_prev, x, self.eta, noise)
         sq = ((model_out - ref_out) ** 2).flatten(1).mean(1) if ref_out is not None else torch.zeros(x.shape[0], device=x.device)
         return out, n, sq

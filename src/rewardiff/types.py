@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -71,16 +72,25 @@ class Reward(Protocol):
     def __call__(self, x: Tensor, prompts: list[str]) -> Tensor: ...
 
 
+Predict = Callable[[Tensor, int, "Tensor | None"], "tuple[Tensor, Tensor]"]
+
+
 class StepContext(NamedTuple):
     """What a guidance hook sees at one step of the rollout.
 
     Fields:
         index: step number in sampling order, 0 .. T-1.
         t: training timestep of x_t; t_prev the one of x_{t-1} (-1 for the clean sample).
-        x_t: the current state [B, ...].
+        x_t: the current particles [B, ...] (B can change between steps when hooks select).
         out: the unguided step's result.
-        cond: the model condition for this batch.
-        prompts: the prompts of the batch.
+        cond: the model condition of these B particles.
+        prompts: the prompts of these B particles.
+        predict: ``predict(x [N, ...], t, rows [N] | None) -> (model_out, x0_hat)``: the
+            (classifier-free guided) denoiser at any states, each row using the condition of
+            particle ``rows[n]`` (None: row n uses particle n). Its evaluations are counted in
+            the rollout's NFE, so look-ahead costs are never missed.
+        noise: the standard normal draw of this step [B, ...] (None when eta = 0).
+        num_steps: T, the number of steps of the rollout.
     """
 
     index: int
@@ -90,18 +100,51 @@ class StepContext(NamedTuple):
     out: StepOut
     cond: Any
     prompts: list[str]
+    predict: Predict | None = None
+    noise: Tensor | None = None
+    num_steps: int = 0
+
+
+class Selection(NamedTuple):
+    """A hook's answer that replaces the particle set after a step.
+
+    Fields:
+        prev: the new particles x_{t-1} [B', ...] (B' may differ from B).
+        parents: long [B'], the particle of x_t each new one descends from: its condition,
+            prompt, noise stream and history follow it.
+        model_out: the denoiser output at (prev, t_prev) when the hook already computed it
+            (the next step reuses it instead of evaluating again), else None.
+    """
+
+    prev: Tensor
+    parents: Tensor
+    model_out: Tensor | None = None
 
 
 class StepHook(Protocol):
-    """Called by the rollout after each step; may return a replacement for ``out.prev``.
+    """Called by the rollout after each step; may return a replacement for ``out.prev``
+    (same batch) or a :class:`Selection` (a new particle set).
 
-    ``nfe`` reports the extra denoiser evaluations the hook spent (per batch element),
-    so that every comparison of guidance methods is at equal compute.
+    ``nfe`` reports denoiser evaluations the hook spent outside ``ctx.predict`` (counted over
+    batch elements); a hook with ``needs_grad = True`` gets ``ctx.x_t`` with
+    ``requires_grad`` and ``ctx.out`` built with autograd (for gradient guidance).
     """
 
     nfe: int
 
-    def __call__(self, ctx: StepContext) -> Tensor | None: ...
+    def __call__(self, ctx: StepContext) -> Tensor | Selection | None: ...
 
 
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Reward", "StepContext", "StepHook"]
+@runtime_checkable
+class ValueFn(Protocol):
+    """A learned soft value ``v(x_t, t, cond) -> Tensor[B]``: the expected final reward from x_t.
+
+    ``x_t`` is a noisy state in the denoiser's space [B, ...], ``t`` its training timestep
+    (one int for the batch), ``cond`` the model condition of those B rows (what
+    ``DiffusionModel.encode`` returns). Used by SVDD-MC and SMC.
+    """
+
+    def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
+
+
+__all__ = ["StepOut", "Trajectory", "Denoiser", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]

@@ -55,6 +55,10 @@ class DiffusionModel:
         xs = [torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(xs).to(self.device)
 
+    def step_generators(self, seeds: list[int]) -> list[torch.Generator]:
+        """One generator of step noise (eta > 0) per sample, seeded from the sample's seed."""
+        return [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
+
     def sample(
         self,
         prompts: list[str],
@@ -70,12 +74,17 @@ class DiffusionModel:
         keep_states: bool = False,
         x_T: Tensor | None = None,
     ) -> Trajectory:
-        """Sample one output per (prompt, seed); ``Trajectory.x0`` stays in the net's space."""
+        """Sample one output per (prompt, seed); ``Trajectory.x0`` stays in the net's space.
+
+        A seed names the same sample in any batch, also with eta > 0 (each sample has its
+        own noise stream). With a guidance ``hook`` that selects particles, the prompts and
+        seeds are the particles' and the trajectory holds the particles kept at the end.
+        """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
-        gen = torch.Generator().manual_seed(int(seeds[0]) * 7919 + 17) if eta > 0 else None
+        gen = self.step_generators(seeds) if eta > 0 else None
         ts = self.process.timesteps(num_inference_steps)
         x_T = self.noise(seeds) if x_T is None else x_T
         ref = self.reference if kl else None

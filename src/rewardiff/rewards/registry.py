@@ -5,7 +5,10 @@ A spec given to :func:`get_reward` is one of
 - ``"package.module:attribute"``, where the attribute is a reward object, a factory that
   returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
   (wrapped; non-differentiable unless ``f.differentiable`` is True);
-- a weighted sum of either: ``"0.7*shapes-count+0.3*brightness"``.
+- either wrapped as ``"z(name)"``: the reward standardized, ``(r - mean) / std``, with the
+  statistics recorded for ``name`` on the shapes base model's samples (:mod:`rewardiff.rewards.stats`);
+- a weighted sum of any of these: ``"0.7*shapes-count+0.3*brightness"``,
+  ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"``, ``"brightness+-0.5*saturation"``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn, first_line
-from rewardiff.rewards.ensemble import WeightedSum, parse_weighted
+from rewardiff.rewards.ensemble import Normalized, WeightedSum, parse_weighted, split_z
 from rewardiff.types import Reward
 
 Factory = Callable[..., Reward]
@@ -69,7 +72,8 @@ def get_reward(spec: str, **options: Any) -> Reward:
 
     Raises:
         UserError: unknown name (the message lists the valid ones), a module that cannot be
-            imported, a missing attribute, or an attribute that is not a reward.
+            imported, a missing attribute, an attribute that is not a reward, or a ``z(name)``
+            with no recorded statistics for ``name``.
     """
     spec = spec.strip()
     if "+" in spec or "*" in spec:
@@ -80,7 +84,16 @@ def get_reward(spec: str, **options: Any) -> Reward:
 
 
 def _single(spec: str, options: dict[str, Any]) -> Reward:
-    """One registered name or one ``module:attribute``."""
+    """One registered name, one ``module:attribute``, or either wrapped in ``z(...)``."""
+    inner, standardize = split_z(spec)
+    if standardize:
+        if options:
+            raise UserError(f"options {sorted(options)} cannot be passed to {spec!r}: its statistics were measured with the defaults")
+        from rewardiff.rewards.stats import reward_stats
+
+        reward = _single(inner, {})
+        mean, std = reward_stats(inner)
+        return Normalized(reward, mean, std)
     if spec in _REGISTRY:
         return _REGISTRY[spec].factory(**options)
     if ":" in spec:
@@ -142,3 +155,20 @@ def _as_reward(obj: Any, spec: str, options: dict[str, Any]) -> Reward:
         description=first_line(getattr(obj, "__doc__", None)) or spec,
         fn=obj,
     )
+
+
+# ----------------------------------------------------------------------------- named ensembles
+
+SHAPES_ENSEMBLE = "0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"
+
+
+@register(
+    "shapes-ensemble", differentiable=False,
+    description="shapes world: 0.7*z(shapes-count)+0.3*z(jpeg-compressibility), each standardized on base-model samples",
+)
+def shapes_ensemble() -> Reward:
+    """Shapes world: count reward and JPEG compressibility, each standardized, weighed 0.7 / 0.3."""
+    reward = get_reward(SHAPES_ENSEMBLE)
+    reward.name = "shapes-ensemble"
+    reward.description = _REGISTRY["shapes-ensemble"].description
+    return reward

@@ -1,0 +1,185 @@
+"""What every inference-time method shares: particles in groups, scoring, selection, budgets.
+
+A method runs inside the one rollout loop (``rewardiff.rollout``) as a hook. The rollout
+starts with ``particles`` particles per requested sample (sample-major: rows s*K .. s*K+K-1
+belong to sample s); the hook may propose candidates, score them, and select a new particle
+set after any step; by the last step it has narrowed every group to one particle, so the
+rollout returns one sample per request. Denoiser evaluations the hook makes go through
+``ctx.predict`` and are counted by the rollout, so NFE is exact by construction.
+
+Costs are in NFE per sample with ``c`` evaluations a denoiser call (2 with classifier-free
+guidance) and ``T`` steps; ``cost(T, c)`` states each method's formula and the tests hold the
+rollout's count to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rewardiff.errors import UserError
+from rewardiff.types import Reward, Selection, StepContext
+
+
+class Method:
+    """Base class of guidance methods (a ``StepHook`` once :meth:`begin` has run).
+
+    Subclasses set ``name``, ``width_name`` (what ``--width`` sets) and implement
+    :meth:`cost` and :meth:`step`; ``plan`` picks the width for an NFE budget.
+
+    Attributes:
+        nfe: evaluations spent outside ``ctx.predict`` (none of ours do; kept for the
+            ``StepHook`` contract).
+        needs_grad: the rollout builds the step with autograd (gradient guidance only).
+        default_eta: the DDIM eta the method is meant for (stochastic methods need eta > 0).
+    """
+
+    name = "method"
+    width_name = "width"
+    needs_grad = False
+    default_eta = 0.0
+    needs_stochastic = False
+    black_box_ok = True
+
+    def __init__(self, reward: Reward | None = None, seed: int = 0):
+        self.reward = reward
+        self.seed = seed
+        self.nfe = 0
+        self.decode = lambda x: x
+        self.group: Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def particles(self) -> int:
+        """Particles per requested sample at the start of the rollout."""
+        return 1
+
+    def begin(self, num_samples: int, model: Any, eta: float) -> None:
+        """Reset per-run state: ``num_samples`` groups of :attr:`particles` particles of
+        ``model`` (a DiffusionModel: its decode and process) sampled with DDIM ``eta``."""
+        self.nfe = 0
+        self.decode, self.process, self.eta = model.decode, model.process, eta
+        self.group = torch.arange(num_samples).repeat_interleave(self.particles)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.stats = {"reward_calls": 0}
+
+    def check(self, eta: float) -> None:
+        """Raise UserError when the method cannot run with this reward or eta."""
+        if self.needs_stochastic and eta <= 0:
+            raise UserError(f"{self.name} draws candidates from the stochastic sampler: it needs --eta > 0 (got {eta})")
+        if self.reward is not None and not self.black_box_ok and not self.reward.differentiable:
+            raise UserError(f"{self.name} needs a differentiable reward; {self.reward.name!r} is black-box")
+
+    def cost(self, T: int, c: int) -> int:
+        """NFE per sample of this configuration."""
+        raise NotImplementedError
+
+    def plan(self, budget: int, T: int, c: int) -> None:
+        """Set the width to the largest that spends at most ``budget`` NFE per sample."""
+        best = None
+        for w in range(1, 4097):
+            self.set_width(w)
+            if self.cost(T, c) <= budget:
+                best = w
+            elif best is not None or w > 64:
+                break
+        if best is None:
+            self.set_width(1)
+            raise UserError(
+                f"{self.name} cannot meet --nfe-budget {budget}: its smallest setting costs {self.cost(T, c)} "
+                f"NFE per sample ({T} steps, {c} evaluation(s) per denoiser call)"
+            )
+        self.set_width(best)
+
+    def set_width(self, width: int) -> None:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The method's settings, for summaries."""
+        return {}
+
+    # ------------------------------------------------------------------ the hook
+
+    def __call__(self, ctx: StepContext) -> Tensor | Selection | None:
+        return self.step(ctx)
+
+    def step(self, ctx: StepContext) -> Tensor | Selection | None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+
+    def score(self, x0: Tensor, prompts: list[str]) -> Tensor:
+        """The reward of clean-sample estimates ``x0`` [N, ...] (decoded, clamped) -> [N]."""
+        assert self.reward is not None
+        self.stats["reward_calls"] = self.stats.get("reward_calls", 0) + x0.shape[0]
+        with torch.no_grad():
+            return self.reward(self.decode(x0).clamp(-1, 1), prompts).float()
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Follow a selection: particle groups of the kept rows."""
+        assert self.group is not None
+        self.group = self.group[rows.cpu()]
+
+
+def candidates(ctx: StepContext, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``m`` draws of the base transition p(x_{t-1} | x_t) per particle, the rollout's own first.
+
+    Returns (cands [B*m, ...] particle-major, rows [B*m]: the particle each came from).
+    Candidate 0 of each particle is ``ctx.out.prev`` itself, so one candidate reproduces the
+    base sampler exactly.
+    """
+    out = ctx.out
+    B = out.prev.shape[0]
+    rows = torch.arange(B, device=out.prev.device).repeat_interleave(m)
+    if m == 1:
+        return out.prev, rows
+    z = torch.randn((B, m - 1) + tuple(out.prev.shape[1:]), generator=gen).to(out.prev)
+    extra = out.mean.unsqueeze(1) + out.std.to(out.prev) * z
+    cands = torch.cat([out.prev.unsqueeze(1), extra], 1).flatten(0, 1)
+    return cands, rows
+
+
+def pick(values: Tensor, groups: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
+    """One index per group: the argmax (temperature 0) or a draw with p ∝ exp(v / temperature).
+
+    Args:
+        values: [N] scores.
+        groups: [N] group ids; the result is ordered by group id.
+        temperature: 0 for argmax, > 0 for softmax sampling, inf for a uniform draw.
+    """
+    out = []
+    for g in torch.unique(groups, sorted=True):
+        idx = (groups == g).nonzero().flatten()
+        v = values[idx].double()
+        if temperature == 0:
+            j = int(torch.argmax(v))
+        else:
+            logits = torch.zeros_like(v) if math.isinf(temperature) else v / temperature
+            p = torch.softmax(logits - logits.max(), 0)
+            j = int(torch.multinomial(p.float().cpu(), 1, generator=gen))
+        out.append(int(idx[j]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def pick_per_parent(values: Tensor, m: int, temperature: float, gen: torch.Generator) -> Tensor:
+    """For ``values`` [B*m] of m candidates per parent (parent-major), one flat index per parent
+    [B]: the argmax (temperature 0) or a draw with p ∝ exp(v / temperature)."""
+    B = values.shape[0] // m
+    v = values.reshape(B, m).double().cpu()
+    if temperature == 0:
+        j = v.argmax(1)
+    else:
+        logits = torch.zeros_like(v) if math.isinf(temperature) else v / temperature
+        p = torch.softmax(logits - logits.amax(1, keepdim=True), 1)
+        j = torch.multinomial(p.float(), 1, generator=gen).squeeze(1)
+    return torch.arange(B) * m + j
+
+
+def reward_name(reward: Reward | None) -> str:
+    return reward.name if reward is not None else "none"
