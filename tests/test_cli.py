@@ -26,6 +26,12 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["finetune", "--set", "reward=no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
         (["sample", "--out", "x", "--prompt", "five purple hexagons"], "unknown word 'five'"),
         (["pretrain", "faces"], "unknown world 'faces'"),
+        (["sample", "--out", "x", "--method", "best-of-n", "--width", "-1", "--reward", "brightness"], "at least 1, got -1"),
+        (["sample", "--out", "x", "--method", "gradient", "--reward", "jpeg-compressibility"], "needs a differentiable reward"),
+        (["sample", "--out", "x", "--method", "dsearch", "--nfe-budget", "20", "--reward", "brightness"], "cannot meet --nfe-budget 20"),
+        (["sample", "--out", "x", "--method", "svdd-pm", "--eta", "0", "--reward", "brightness"], "needs --eta > 0"),
+        (["sample", "--out", "x", "--method", "smc", "--option", "beta=2", "--reward", "brightness"], "has no option 'beta'"),
+        (["sample", "--out", "x", "--method", "svdd-mc", "--reward", "brightness"], "needs a value model"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(tmp_path, args, needle):
@@ -58,6 +64,17 @@ def test_sample_writes_grid_and_summary(tmp_path):
     assert summary["nfe"] == 3 * 4 * 2  # 3 samples, 4 steps, classifier-free guidance counts 2
     assert {"reward_mean", "reward_std", "nfe_per_sample"} <= set(summary)
     assert (tmp_path / "s" / "grid.png").is_file() and len(list((tmp_path / "s" / "samples").glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_sample_with_a_method_and_a_budget(tmp_path):
+    res = _run("sample", "--method", "svdd-pm", "--nfe-budget", "40", "--reward", "jpeg-compressibility", "-n", "2",
+               "--steps", "4", "--out", str(tmp_path / "s"))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    # M = 6 is the widest with 2 * (1 + 3 M) <= 40: 38 NFE per sample
+    assert summary["options"]["m"] == 6 and summary["nfe_per_sample"] == 38 and summary["nfe"] == 2 * 38
+    assert summary["method"] == "svdd-pm" and {"reward_mean", "reward_std"} <= set(summary)
 
 
 @pytest.mark.slow

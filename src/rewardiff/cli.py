@@ -57,15 +57,21 @@ def sample(
     prompt: Annotated[Optional[list[str]], typer.Option(help="prompt (repeat for several)")] = None,
     n: Annotated[int, typer.Option("-n", help="samples per prompt")] = 8,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
-    reward: Annotated[Optional[str], typer.Option(help="reward to score the samples with")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="reward to steer toward and to score the samples with")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 15,
     guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
-    eta: Annotated[float, typer.Option(help="DDIM eta")] = 0.0,
+    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the method's: 0 for base, best-of-n, gradient, smc; 1 for svdd, dsearch, free2guide)")] = None,
+    method: Annotated[str, typer.Option(help="base, best-of-n, gradient, svdd-pm, svdd-mc, dsearch, dsearch-r, free2guide, smc")] = "base",
+    width: Annotated[Optional[int], typer.Option(help="the method's width: best-of-n N, svdd M, dsearch k0, free2guide n, smc K")] = None,
+    nfe_budget: Annotated[Optional[int], typer.Option(help="denoiser evaluations per sample: sets the width")] = None,
+    value: Annotated[Optional[Path], typer.Option(help="value model directory (svdd-mc, smc), from rewardiff train-value")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="method option key=value (alpha, scale, lam, window, m, w, ess, final, replace, ...)")] = None,
 ) -> None:
-    """Sample a model and write grid.png, the samples and summary.json."""
-    from rewardiff.sampling import sample_to_dir
+    """Sample a model, optionally steered by an inference-time method; writes grid.png, samples/ and summary.json."""
+    from rewardiff.sampling import parse_options, sample_to_dir
 
-    summary = sample_to_dir(out, model, checkpoint, prompt or ["two red circles"], n, seed, reward, steps, guidance_scale, eta)
+    summary = sample_to_dir(out, model, checkpoint, prompt or ["two red circles"], n, seed, reward, steps, guidance_scale, eta,
+                            method, width, nfe_budget, value, parse_options(option))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -100,6 +106,41 @@ def train_reward(
 
     card = train_with_base_samples(out, steps, seed, base_samples)
     typer.echo(json.dumps(card, indent=2))
+
+
+@app.command("train-value")
+def train_value_cmd(
+    reward: Annotated[str, typer.Option(help="reward the value predicts (a name, module:function or weighted sum)")],
+    out: Annotated[Path, typer.Option(help="output directory (value.safetensors, value.json)")],
+    model: Annotated[str, typer.Option(help="base model: shapes or a directory holding model.safetensors")] = "shapes",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory to sample instead")] = None,
+    trajectories: Annotated[int, typer.Option(help="base-model rollouts to regress on (10% held out)")] = 2048,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1500,
+    seed: Annotated[int, typer.Option(help="seed of the rollouts, the split and the training")] = 0,
+    num_inference_steps: Annotated[int, typer.Option(help="sampler steps: the timesteps the value is fitted at")] = 15,
+    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale of the sampler")] = 2.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta of the sampler (1: DDPM-like)")] = 1.0,
+) -> None:
+    """Train a value model (SVDD-MC) that predicts the final reward from a noisy sampler state."""
+    from rewardiff.guidance.value import train_value
+    from rewardiff.rewards import get_reward
+    from rewardiff.sampling import load_model
+
+    reward_fn = get_reward(reward)
+    m = load_model(model, checkpoint)
+    card = train_value(
+        m, reward_fn, out, trajectories=trajectories, steps=steps, seed=seed, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, eta=eta, model_name=str(checkpoint) if checkpoint is not None else model,
+    )
+    mt = card["metrics"]
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    typer.echo(json.dumps({**card, "metrics": {k: v for k, v in mt.items() if k != "r2_by_step"}}, indent=2))
+    typer.echo(f"held-out R^2: {fmt(mt['r2_heldout'])} (early {fmt(mt['r2_early'])}, middle {fmt(mt['r2_middle'])}, "
+               f"late {fmt(mt['r2_late'])}); train MSE (standardized) {mt['train_mse_standardized']:.3f}")
+    typer.echo(f"value model: {out / 'value.safetensors'} (config {out / 'value.json'})")
 
 
 @app.command()

@@ -126,7 +126,7 @@ def rollout(
             if isinstance(answer, Selection):
                 parents = answer.parents.to(x.device)
                 out = _reselect(process, out, answer.prev, parents)
-                particles.select(parents)
+                particles.select(parents, i)
                 log_probs = [lp[parents] for lp in log_probs]
                 xs = [s[parents] for s in xs]
                 kl = kl[parents]
@@ -184,19 +184,20 @@ class _Particles:
             z = torch.randn(like.shape, generator=g, device="cpu" if g is None else g.device)
         return z.to(like.device, like.dtype)
 
-    def select(self, parents: Tensor) -> None:
+    def select(self, parents: Tensor, step: int) -> None:
         rows = parents.cpu()
         self.cond, self.uncond = gather_rows(self.cond, parents), gather_rows(self.uncond, parents)
         self.prompts = [self.prompts[int(r)] for r in rows]
         if isinstance(self.gens, list):
-            gens, used = [], set()
+            gens, copies = [], {}
             for r in rows.tolist():
-                if r in used:  # a copy: a fresh stream seeded from its parent's, so copies diverge
-                    seed = int(torch.randint(0, 2**62, (1,), generator=self.gens[r]))
-                    gens.append(torch.Generator(device=self.gens[r].device).manual_seed(seed))
-                else:
-                    used.add(r)
-                    gens.append(self.gens[r])
+                k = copies[r] = copies.get(r, -1) + 1
+                if k == 0:
+                    gens.append(self.gens[r])  # the first keeps its stream, untouched
+                else:  # a copy: a fresh stream named by (parent's seed, step, copy number)
+                    parent = self.gens[r]
+                    seed = (parent.initial_seed() * 6364136223846793005 + (step + 1) * 1442695040888963407 + k) % 2**63
+                    gens.append(torch.Generator(device=parent.device).manual_seed(seed))
             self.gens = gens
 
 

@@ -48,7 +48,7 @@ class Method:
         self.reward = reward
         self.seed = seed
         self.nfe = 0
-        self.decode = lambda x: x
+        self.decode = self.output = lambda x: x
         self.group: Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: dict[str, float] = {}
@@ -64,7 +64,7 @@ class Method:
         """Reset per-run state: ``num_samples`` groups of :attr:`particles` particles of
         ``model`` (a DiffusionModel: its decode and process) sampled with DDIM ``eta``."""
         self.nfe = 0
-        self.decode, self.process, self.eta = model.decode, model.process, eta
+        self.decode, self.output, self.process, self.eta = model.decode, model.output, model.process, eta
         self.group = torch.arange(num_samples).repeat_interleave(self.particles)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.stats = {"reward_calls": 0}
@@ -119,7 +119,7 @@ class Method:
         assert self.reward is not None
         self.stats["reward_calls"] = self.stats.get("reward_calls", 0) + x0.shape[0]
         with torch.no_grad():
-            return self.reward(self.decode(x0).clamp(-1, 1), prompts).float()
+            return self.reward(self.output(x0), prompts).float()
 
     def select_rows(self, rows: Tensor) -> None:
         """Follow a selection: particle groups of the kept rows."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -41,6 +42,12 @@ class Base(Method):
         return None
 
 
+_CLASSES = {"base": Base, "best-of-n": BestOfN, "gradient": GradientGuidance, "svdd-pm": SVDD, "svdd-mc": SVDD,
+            "dsearch": DSearch, "dsearch-r": DSearch, "free2guide": Free2Guide, "smc": SMC}
+_WIDTH = {"base": "", "best-of-n": "n", "gradient": "", "svdd-pm": "m", "svdd-mc": "m", "dsearch": "k0", "dsearch-r": "k0",
+          "free2guide": "n", "smc": "k"}
+
+
 def make_method(name: str, reward: Reward | None, *, width: int | None = None, seed: int = 0, value: Any = None,
                 **options: Any) -> Method:
     """A guidance method by name with its options.
@@ -60,6 +67,11 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
     if width is not None and width < 1 and name not in ("gradient", "base"):
         raise UserError(f"--width must be at least 1, got {width}")
     w = {} if width is None else {"width": width}
+    cls = _CLASSES[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "reward", "seed", "value", _WIDTH[name])]
+    for key in options:
+        if key not in allowed:
+            raise UserError(f"{name} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
     try:
         if name == "base":
             return Base(reward, seed)
@@ -125,7 +137,7 @@ def guided_sample(
         if traj.x0.shape[0] != len(req_p):
             raise RuntimeError(f"{method.name} returned {traj.x0.shape[0]} samples for {len(req_p)} requests")
         with torch.no_grad():
-            images.append(model.decode(traj.x0.detach()).clamp(-1, 1))
+            images.append(model.output(traj.x0.detach()))
         nfe += traj.nfe
         for key, val in method.stats.items():
             stats[key] = stats.get(key, 0) + val

@@ -31,6 +31,8 @@ class DiffusionModel:
         shape: the shape of one sample in the space the net denoises, e.g. (3, 32, 32).
         decode: samples -> images in [-1, 1] [B, 3, H, W] (identity in pixel space).
         name: a short label for reports.
+        output_range: the range decoded outputs are clamped to ((-1, 1) for images; None
+            for outputs with no fixed range).
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class DiffusionModel:
         shape: tuple[int, ...],
         decode: Callable[[Tensor], Tensor] | None = None,
         name: str = "model",
+        output_range: tuple[float, float] | None = (-1.0, 1.0),
     ):
         self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
+        self.output_range = output_range
         self.decode = decode or (lambda x: x)
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
 
@@ -54,6 +58,11 @@ class DiffusionModel:
         """Initial noise, one generator per sample so that a seed names the same sample in any batch."""
         xs = [torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(xs).to(self.device)
+
+    def output(self, x: Tensor) -> Tensor:
+        """Samples in the net's space -> decoded outputs, clamped to ``output_range``."""
+        y = self.decode(x)
+        return y.clamp(*self.output_range) if self.output_range is not None else y
 
     def step_generators(self, seeds: list[int]) -> list[torch.Generator]:
         """One generator of step noise (eta > 0) per sample, seeded from the sample's seed."""
@@ -100,7 +109,7 @@ class DiffusionModel:
         out = []
         for i in range(0, len(prompts), batch_size):
             traj = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], **kwargs)
-            out.append(self.decode(traj.x0).clamp(-1, 1))
+            out.append(self.output(traj.x0))
         return torch.cat(out)
 
 

@@ -204,7 +204,7 @@ def toy2d_model(prediction: Prediction = "v_prediction", zero_snr: bool = True, 
     """
     process = GaussianProcess.from_config("cosine", 1000, zero_snr, prediction)
     net = MixtureDenoiser(process, **mixture).eval()
-    return DiffusionModel(net, process, lambda prompts: torch.zeros(len(prompts), 1), (2,), name="toy2d")
+    return DiffusionModel(net, process, lambda prompts: torch.zeros(len(prompts), 1), (2,), name="toy2d", output_range=None)
 
 
 def _target_fn(target: Sequence[float]):

@@ -1,0 +1,189 @@
+"""Reward against denoiser evaluations per sample for every inference-time method.
+
+Each point samples ``--samples`` requests (prompts cycling through all 48 shapes prompts, seeds
+fixed by the run seed) with one method at one budget, a multiple of the base sampler's cost
+(15 DDIM steps x 2 for classifier-free guidance = 30 NFE per sample): the method's width is
+set by ``budget_plan`` and the NFE actually spent is what the rollout counted. Every point is
+also read by the judge, which no reward uses, so reward hacking shows as a rising reward with
+a flat or falling counting accuracy. Points are appended to ``points.jsonl`` as they finish
+and skipped on a rerun; ``--plot-only`` redraws the figures and the table.
+
+    python benchmarks/inference_pareto.py --out benchmarks/results/inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+STEPS, SCALE = 15, 2.0
+BASE_COST = STEPS * 2
+
+
+def plan_points(args: argparse.Namespace) -> list[dict]:
+    """Every (reward, seed, method, multiple, options) point, the cheap and important first."""
+    pts = []
+    for seed in args.seeds:
+        for reward in args.rewards:
+            pts.append(dict(reward=reward, seed=seed, method="base", mult=1, eta=0.0))
+            pts.append(dict(reward=reward, seed=seed, method="base", mult=1, eta=1.0))
+            for mult in args.bon:
+                pts.append(dict(reward=reward, seed=seed, method="best-of-n", mult=mult, eta=0.0))
+            for method in args.methods:
+                for mult in args.mults:
+                    pts.append(dict(reward=reward, seed=seed, method=method, mult=mult, eta=None))
+            if reward in args.gradient_rewards:
+                for s in args.gradient_scales:
+                    pts.append(dict(reward=reward, seed=seed, method="gradient", mult=1, eta=0.0, options={"scale": s}))
+            if args.value_dir is not None and (args.value_dir / reward / "value.safetensors").is_file():
+                pts.append(dict(reward=reward, seed=seed, method="svdd-mc", mult=1, eta=None))
+    return pts
+
+
+def key(p: dict) -> str:
+    return json.dumps({k: p.get(k) for k in ("reward", "seed", "method", "mult", "eta", "options", "checkpoint")}, sort_keys=True)
+
+
+def run_point(p: dict, args: argparse.Namespace, cache: dict) -> dict:
+    import torch
+
+    from rewardiff.guidance import budget_plan, guided_sample, make_method
+    from rewardiff.guidance.value import load_value
+    from rewardiff.rewards import get_reward
+    from rewardiff.sampling import load_model
+    from rewardiff.worlds import shapes
+    from rewardiff.worlds.judge import judge
+
+    ck = p.get("checkpoint")
+    if ("model", ck) not in cache:
+        cache[("model", ck)] = load_model("shapes", Path(ck) if ck else None)
+    model = cache[("model", ck)]
+    reward = get_reward(p["reward"])
+    value = load_value(args.value_dir / p["reward"]) if p["method"] == "svdd-mc" else None
+    method = make_method(p["method"], reward, seed=p["seed"], value=value, **p.get("options", {}))
+    budget_plan(method, p["mult"] * BASE_COST, STEPS, SCALE)
+    prompts_all = p.get("prompts") or [s.prompt for s in shapes.all_specs()]
+    n = args.samples
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(n)]
+    seeds = [20_000 + 1000 * p["seed"] + i for i in range(n)]
+    t0 = time.perf_counter()
+    x, info = guided_sample(model, method, prompts, seeds, STEPS, guidance_scale=SCALE, eta=p["eta"])
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        r = torch.cat([reward(x[i : i + 64], prompts[i : i + 64]) for i in range(0, n, 64)])
+    verdict = judge(x, prompts)
+    return {
+        **p, **{k: v for k, v in info.items() if k != "options"}, "method_options": info["options"], "samples": n, "reward_mean": float(r.mean()), "reward_sem": float(r.std() / n**0.5),
+        "judge_count": float(verdict["count"].mean()), "judge_color": float(verdict["color"].mean()),
+        "judge_both": float(verdict["both"].mean()), "wall_s": wall,
+    }
+
+
+def label(p: dict) -> str:
+    name = p["method"]
+    if name == "base":
+        return f"base (eta={p['eta']:g})"
+    if name == "gradient":
+        return f"gradient (s={p['options']['scale']:g})"
+    return name
+
+
+def aggregate(rows: list[dict], metric: str) -> dict:
+    """{reward: {label: [(nfe, mean over seeds, std over seeds, n seeds)]}}."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("checkpoint"):
+            continue
+        groups.setdefault(r["reward"], {}).setdefault(label(r), {}).setdefault(r["mult"], []).append(r)
+    out: dict = {}
+    for reward, by_label in groups.items():
+        for lab, by_mult in by_label.items():
+            pts = []
+            for mult, rs in sorted(by_mult.items()):
+                vals = [x[metric] for x in rs]
+                nfe = statistics.mean(x["nfe_per_sample"] for x in rs)
+                pts.append((nfe, statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)))
+            out.setdefault(reward, {})[lab] = pts
+    return out
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric, ylabel in (("reward_mean", "reward (mean over samples)"), ("judge_count", "judge counting accuracy")):
+        agg = aggregate(rows, metric)
+        rewards = sorted(agg)
+        fig, axes = plt.subplots(1, len(rewards), figsize=(5.2 * len(rewards), 4.2), squeeze=False)
+        for ax, reward in zip(axes[0], rewards):
+            for lab, pts in sorted(agg[reward].items()):
+                xs, ys, es = [q[0] for q in pts], [q[1] for q in pts], [q[2] for q in pts]
+                style = "o-" if len(pts) > 1 else "s"
+                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=lab, lw=2 if lab == "best-of-n" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("denoiser evaluations per sample (NFE)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(reward)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / f"pareto_{metric}.png", dpi=110)
+        plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    agg_r, agg_j = aggregate(rows, "reward_mean"), aggregate(rows, "judge_count")
+    lines = ["| reward | method | NFE/sample | reward (mean ± sd over seeds) | judge count | seeds |", "|---|---|---|---|---|---|"]
+    for reward in sorted(agg_r):
+        for lab in sorted(agg_r[reward], key=lambda s: (s != "best-of-n", s)):
+            for (nfe, m, sd, k), (_, jm, jsd, _) in zip(agg_r[reward][lab], agg_j[reward][lab]):
+                lines.append(f"| {reward} | {lab} | {nfe:.0f} | {m:.3f} ± {sd:.3f} | {jm:.3f} ± {jsd:.3f} | {k} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/inference"))
+    ap.add_argument("--rewards", type=lambda s: s.split(","), default=["shapes-count", "jpeg-compressibility", "shapes-ensemble"])
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=["svdd-pm", "dsearch", "free2guide", "smc"])
+    ap.add_argument("--mults", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
+    ap.add_argument("--bon", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--gradient-rewards", type=lambda s: s.split(","), default=["shapes-count"])
+    ap.add_argument("--gradient-scales", type=lambda s: [float(x) for x in s.split(",")], default=[0.02, 0.05, 0.1])
+    ap.add_argument("--value-dir", type=Path, default=None, help="directory with one value model per reward (REWARD/value.safetensors)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plot-only", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "points.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    done = {key(r) for r in rows}
+    cache: dict = {}
+    if not args.plot_only:
+        todo = [p for p in plan_points(args) if key(p) not in done]
+        for i, p in enumerate(todo):
+            row = run_point(p, args, cache)
+            rows.append(row)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[{i + 1}/{len(todo)}] {p['reward']} seed {p['seed']} {label(p)} x{p['mult']}: "
+                  f"nfe {row['nfe_per_sample']:.0f} reward {row['reward_mean']:.3f} judge {row['judge_count']:.3f} "
+                  f"({row['wall_s']:.0f}s)", flush=True)
+    plot(rows, args.out)
+    (args.out / "table.md").write_text(table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
