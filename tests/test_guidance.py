@@ -46,7 +46,7 @@ IDENTITY = [
 @pytest.mark.parametrize(("name", "kw"), IDENTITY)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_width_one_and_zero_strength_give_the_base_sampler_back(name, kw, eta):
-    if name in ("svdd-pm", "free2guide", "dsearch") and eta == 0.0:
+    if name in ("svdd-pm", "free2guide", "dsearch", "smc") and eta == 0.0:
         pytest.skip("stochastic-candidate methods need eta > 0")
     m = _tiny()
     base = m.generate(PROMPTS, SEEDS, num_inference_steps=4, guidance_scale=2.0, eta=eta)
@@ -239,6 +239,7 @@ def test_budget_is_spent_as_planned():
         (lambda r, b: make_method("svdd-pm", r, width=0), "at least 1"),
         (lambda r, b: make_method("gradient", b).check(0.0), "needs a differentiable reward"),
         (lambda r, b: make_method("svdd-pm", r).check(0.0), "needs --eta > 0"),
+        (lambda r, b: make_method("smc", r).check(0.0), "needs --eta > 0"),
         (lambda r, b: make_method("svdd-mc", r), "needs a value model"),
         (lambda r, b: make_method("smc", r, beta=1), "has no option 'beta'"),
         (lambda r, b: make_method("nope", r), "unknown method 'nope'"),

@@ -60,7 +60,7 @@ def sample(
     reward: Annotated[Optional[str], typer.Option(help="reward to steer toward and to score the samples with")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 15,
     guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
-    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the method's: 0 for base, best-of-n, gradient, smc; 1 for svdd, dsearch, free2guide)")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the method's: 0 for base, best-of-n, gradient; 1 for svdd, dsearch, free2guide, smc)")] = None,
     method: Annotated[str, typer.Option(help="base, best-of-n, gradient, svdd-pm, svdd-mc, dsearch, dsearch-r, free2guide, smc")] = "base",
     width: Annotated[Optional[int], typer.Option(help="the method's width: best-of-n N, svdd M, dsearch k0, free2guide n, smc K")] = None,
     nfe_budget: Annotated[Optional[int], typer.Option(help="denoiser evaluations per sample: sets the width")] = None,

@@ -1,6 +1,7 @@
 """Sequential Monte Carlo with value increments (the family of TDS and FK steering).
 
-K particles per request run the base sampler. Each carries a log-weight that grows by
+K particles per request run the stochastic base sampler (eta > 0: after resampling, copies
+of a particle must draw their own noise to become different particles). Each carries a log-weight that grows by
 (v(x_t) - v(x_{t+1})) / alpha along its path, with v the soft value: r(decode(x0_hat(x_t)))
 from the step's own denoiser call (no extra NFE), or a learned value net. When a group's
 effective sample size (sum w)^2 / sum w^2 drops below ``ess`` * K, the group is resampled
@@ -43,6 +44,8 @@ class SMC(Method):
 
     name = "smc"
     width_name = "k"
+    default_eta = 1.0
+    needs_stochastic = True  # resampled copies must draw their own noise to diverge
 
     def __init__(self, reward: Reward, k: int = 4, alpha: float = 0.1, ess: float = 0.5, final: str = "max",
                  value: ValueFn | None = None, seed: int = 0):

@@ -295,10 +295,8 @@ def _check_args(trajectories: int, steps: int, batch_size: int, lr: float, num_i
 
 
 def _outputs(model: DiffusionModel, x0: Tensor) -> Tensor:
-    """Final samples -> what the reward scores: decoded, clamped to the model's output range
-    ((-1, 1) for images; models that declare no range, like the 2-D toy world, are not clamped)."""
-    output = getattr(model, "output", None)
-    return output(x0) if callable(output) else model.decode(x0).clamp(-1, 1)
+    """Final samples -> what the reward scores: decoded and clamped to the model's output range."""
+    return model.output(x0)
 
 
 @torch.no_grad()
