@@ -140,22 +140,29 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = sorted({label(r) for r in rows if not r.get("checkpoint")})
+    palette = plt.get_cmap("tab20").colors
+    color = {lab: palette[i % len(palette)] for i, lab in enumerate(labels)}
     for metric, ylabel in (("reward_mean", "reward (mean over samples)"), ("judge_count", "judge counting accuracy")):
         agg = aggregate(rows, metric)
         rewards = sorted(agg)
-        fig, axes = plt.subplots(1, len(rewards), figsize=(5.2 * len(rewards), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(rewards), figsize=(5.2 * len(rewards), 4.6), squeeze=False)
+        handles = {}
         for ax, reward in zip(axes[0], rewards):
             for lab, pts in sorted(agg[reward].items()):
                 xs, ys, es = [q[0] for q in pts], [q[1] for q in pts], [q[2] for q in pts]
                 style = "o-" if len(pts) > 1 else "s"
-                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=lab, lw=2 if lab.startswith("best-of-n") else 1.2)
+                h = ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=lab, color=color[lab],
+                                lw=2.2 if lab.startswith("best-of-n") else 1.2)
+                handles[lab] = h
             ax.set_xscale("log", base=2)
             ax.set_xlabel("denoiser evaluations per sample (NFE)")
             ax.set_ylabel(ylabel)
             ax.set_title(reward)
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8, loc="best")
-        fig.tight_layout()
+        fig.legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles], loc="lower center",
+                   ncol=min(6, len(handles)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.savefig(out / f"pareto_{metric}.png", dpi=110)
         plt.close(fig)
 

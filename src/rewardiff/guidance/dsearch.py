@@ -92,7 +92,8 @@ class DSearch(Method):
         return c * (self.k0 + sum(n[i] * e[i] for i in range(T - 1)))
 
     def plan(self, budget: int, T: int, c: int) -> None:
-        """The largest spend within ``budget``: the authors' m and w first, then narrower ones."""
+        """The widest initial beam k0 that fits ``budget``, then the largest spend at that beam
+        (m and w from the authors' values down): a beam of one would be SVDD-PM."""
         best, m0, w0 = None, self.m, self.w
         for m in range(m0, 0, -1):
             for w in range(w0, 0, -1):
@@ -101,7 +102,7 @@ class DSearch(Method):
                     cost = self.cost(T, c)
                     if cost > budget:
                         break
-                    if best is None or cost > best[0]:
+                    if best is None or (k0, cost) > (best[3], best[0]):
                         best = (cost, m, w, k0)
         if best is None:
             self.m, self.w, self.k0 = 1, 1, 1
