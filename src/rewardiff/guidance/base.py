@@ -3,8 +3,9 @@
 A method runs inside the one rollout loop (``rewardiff.rollout``) as a hook. The rollout
 starts with ``particles`` particles per requested sample (sample-major: rows s*K .. s*K+K-1
 belong to sample s); the hook may propose candidates, score them, and select a new particle
-set after any step; by the last step it has narrowed every group to one particle, so the
-rollout returns one sample per request. Denoiser evaluations the hook makes go through
+set after any step, always keeping the groups contiguous, in request order and of equal
+size; by the last step it has narrowed every group to one particle, so the rollout returns
+one sample per request. Denoiser evaluations the hook makes go through
 ``ctx.predict`` and are counted by the rollout, so NFE is exact by construction.
 
 Costs are in NFE per sample with ``c`` evaluations a denoiser call (2 with classifier-free
@@ -49,7 +50,6 @@ class Method:
         self.seed = seed
         self.nfe = 0
         self.decode = self.output = lambda x: x
-        self.group: Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: dict[str, float] = {}
 
@@ -65,7 +65,6 @@ class Method:
         ``model`` (a DiffusionModel: its decode and process) sampled with DDIM ``eta``."""
         self.nfe = 0
         self.decode, self.output, self.process, self.eta = model.decode, model.output, model.process, eta
-        self.group = torch.arange(num_samples).repeat_interleave(self.particles)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.stats = {"reward_calls": 0}
 
@@ -81,21 +80,21 @@ class Method:
         raise NotImplementedError
 
     def plan(self, budget: int, T: int, c: int) -> None:
-        """Set the width to the largest that spends at most ``budget`` NFE per sample."""
-        best = None
-        for w in range(1, 4097):
-            self.set_width(w)
-            if self.cost(T, c) <= budget:
-                best = w
-            elif best is not None or w > 64:
-                break
-        if best is None:
-            self.set_width(1)
+        """Set the width to the largest that spends at most ``budget`` NFE per sample (the
+        cost grows with the width)."""
+        self.set_width(1)
+        if self.cost(T, c) > budget:
             raise UserError(
                 f"{self.name} cannot meet --nfe-budget {budget}: its smallest setting costs {self.cost(T, c)} "
                 f"NFE per sample ({T} steps, {c} evaluation(s) per denoiser call)"
             )
-        self.set_width(best)
+        w = 1
+        while w < 4096:
+            self.set_width(w + 1)
+            if self.cost(T, c) > budget:
+                break
+            w += 1
+        self.set_width(w)
 
     def set_width(self, width: int) -> None:
         raise NotImplementedError
@@ -121,11 +120,6 @@ class Method:
         with torch.no_grad():
             return self.reward(self.output(x0), prompts).float()
 
-    def select_rows(self, rows: Tensor) -> None:
-        """Follow a selection: particle groups of the kept rows."""
-        assert self.group is not None
-        self.group = self.group[rows.cpu()]
-
 
 def candidates(ctx: StepContext, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """``m`` draws of the base transition p(x_{t-1} | x_t) per particle, the rollout's own first.
@@ -145,28 +139,6 @@ def candidates(ctx: StepContext, m: int, gen: torch.Generator) -> tuple[Tensor, 
     return cands, rows
 
 
-def pick(values: Tensor, groups: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
-    """One index per group: the argmax (temperature 0) or a draw with p ∝ exp(v / temperature).
-
-    Args:
-        values: [N] scores.
-        groups: [N] group ids; the result is ordered by group id.
-        temperature: 0 for argmax, > 0 for softmax sampling, inf for a uniform draw.
-    """
-    out = []
-    for g in torch.unique(groups, sorted=True):
-        idx = (groups == g).nonzero().flatten()
-        v = values[idx].double()
-        if temperature == 0:
-            j = int(torch.argmax(v))
-        else:
-            logits = torch.zeros_like(v) if math.isinf(temperature) else v / temperature
-            p = torch.softmax(logits - logits.max(), 0)
-            j = int(torch.multinomial(p.float().cpu(), 1, generator=gen))
-        out.append(int(idx[j]))
-    return torch.tensor(out, dtype=torch.long)
-
-
 def pick_per_parent(values: Tensor, m: int, temperature: float, gen: torch.Generator) -> Tensor:
     """For ``values`` [B*m] of m candidates per parent (parent-major), one flat index per parent
     [B]: the argmax (temperature 0) or a draw with p ∝ exp(v / temperature)."""
@@ -179,7 +151,3 @@ def pick_per_parent(values: Tensor, m: int, temperature: float, gen: torch.Gener
         p = torch.softmax(logits - logits.amax(1, keepdim=True), 1)
         j = torch.multinomial(p.float(), 1, generator=gen).squeeze(1)
     return torch.arange(B) * m + j
-
-
-def reward_name(reward: Reward | None) -> str:
-    return reward.name if reward is not None else "none"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.base import Method, pick
+from rewardiff.guidance.base import Method, pick_per_parent
 from rewardiff.types import Reward, Selection, StepContext
 
 
@@ -46,6 +46,5 @@ class BestOfN(Method):
         if self.n == 1 or ctx.index != ctx.num_steps - 1:
             return None
         x0 = ctx.out.prev
-        best = pick(self.score(x0, ctx.prompts), self.group, 0.0, self.gen)
-        self.select_rows(best)
+        best = pick_per_parent(self.score(x0, ctx.prompts), self.n, 0.0, self.gen)  # groups of n, in order
         return Selection(x0[best.to(x0.device)], best)

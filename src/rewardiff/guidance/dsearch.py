@@ -139,7 +139,6 @@ class DSearch(Method):
         if self.replace > 0:
             keep = self._replace_worst(keep, v.view(G, nb * ei), nb * ei)
         keep = keep.flatten()
-        self.select_rows(rows[keep].cpu())
         keep_d = keep.to(cands.device)
         return Selection(cands[keep_d], rows[keep_d], model_out[keep_d])
 

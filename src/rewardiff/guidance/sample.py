@@ -124,7 +124,7 @@ def guided_sample(
     T = num_inference_steps
     c = 2 if guidance_scale != 1.0 else 1
     k = method.particles
-    per_batch = max(1, batch_size // k) if k <= batch_size else 1
+    per_batch = max(1, batch_size // k)
     images, nfe, stats = [], 0, {}
     for s in range(0, len(prompts), per_batch):
         req_p, req_s = prompts[s : s + per_batch], seeds[s : s + per_batch]

@@ -102,7 +102,6 @@ class SMC(Method):
             else:
                 j = torch.multinomial(torch.softmax(self.logw.view(G, K), 1).float(), 1, generator=self.gen).squeeze(1)
             keep = torch.arange(G) * K + j
-            self.select_rows(keep)
             return Selection(x[keep.to(x.device)], keep)
         self.v_prev = v
         w = torch.softmax(self.logw.view(G, K), 1)
@@ -116,5 +115,4 @@ class SMC(Method):
         self.logw = self.logw[parents]
         self.logw.view(G, K)[low] = 0.0
         self.v_prev = v[parents]
-        self.select_rows(parents)
         return Selection(x[parents.to(x.device)], parents)
