@@ -14,7 +14,7 @@ from rewardiff.errors import UserError
 
 @dataclass
 class FinetuneConfig:
-    model: str = "shapes"  # "shapes" (shipped base model) or a directory holding a model
+    model: str = "shapes"  # "shapes" (shipped base model), "diffusers:PIPELINE_DIR", or a directory holding a model
     reward: str = "shapes-count"  # registered name, "pkg.module:function", or "0.7*a+0.3*b"
     method: str = "draft-k"  # draft | draft-k | draft-lv | alignprop | refl
     steps: int = 200  # optimizer steps

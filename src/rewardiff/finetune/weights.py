@@ -88,14 +88,19 @@ def load_trainable(directory: Path, net: nn.Module) -> None:
 
 
 def base_model(name: str) -> DiffusionModel:
-    """The model a config names: ``shapes`` or a directory with a saved base model."""
+    """The model a config names: ``shapes``, ``diffusers:PATH`` (a saved diffusers pipeline)
+    or a directory with a saved shapes base model."""
     from rewardiff.models.base import shapes_model
 
     if name == "shapes":
         return shapes_model()
+    if name.startswith("diffusers:"):
+        from rewardiff.models.sd import sd_model
+
+        return sd_model(name.removeprefix("diffusers:"))
     if Path(name).is_dir():
         return shapes_model(name)
-    raise UserError(f"unknown model {name!r}; use 'shapes' or a directory holding model.safetensors")
+    raise UserError(f"unknown model {name!r}; use 'shapes', diffusers:PIPELINE_DIR, or a directory holding model.safetensors")
 
 
 def load_finetuned(directory: str | Path) -> DiffusionModel:
