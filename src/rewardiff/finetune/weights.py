@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,7 +71,33 @@ def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
 
     state = trainable_state(net)
     atomic_write(directory / "trainable.safetensors", lambda p: save_file(state, str(p)))
+    if cfg.model.startswith("diffusers:") and cfg.lora_rank > 0:
+        save_diffusers_lora(directory, net)
     atomic_write_text(directory / "finetune.json", json.dumps(asdict(cfg), indent=2))
+
+
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+
+
+def save_diffusers_lora(directory: Path, net: nn.Module) -> None:
+    """The UNet's LoRA in the layout ``pipeline.load_lora_weights(directory)`` reads, with the
+    adapter's rank and alpha recorded, so plain diffusers reproduces the fine-tuned model."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    unet = net.unet
+    layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    meta = unet.peft_config["default"].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+
+    tmp = directory / ".diffusers-lora.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers, weight_name=DIFFUSERS_LORA,
+                                                  unet_lora_adapter_metadata=meta)
+        os.replace(tmp / DIFFUSERS_LORA, directory / DIFFUSERS_LORA)  # atomic: old file or new, never half
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_trainable(directory: Path, net: nn.Module) -> None:
