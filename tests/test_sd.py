@@ -81,3 +81,18 @@ def test_lora_fine_tuning_reloads_to_the_same_images(pipe_dir, tmp_path):
 def test_missing_pipeline_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no diffusers pipeline"):
         sd_model(tmp_path)
+
+
+def test_prompt_sets_from_names_text_and_json(tmp_path):
+    from rewardiff.finetune.evaluate import ANIMALS, ANIMALS_HELD_OUT, prompt_set
+
+    assert prompt_set("animals") == ANIMALS and not set(ANIMALS) & set(ANIMALS_HELD_OUT)
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    (tmp_path / "p.json").write_text('{"prompts": ["a cat", "a dog"]}')
+    (tmp_path / "q.json").write_text('["a cat", "a dog"]')
+    (tmp_path / "bad.json").write_text('{"prompts": [1, 2]}')
+    assert prompt_set(str(tmp_path / "p.txt")) == prompt_set(str(tmp_path / "p.json")) == prompt_set(str(tmp_path / "q.json")) == ["a cat", "a dog"]
+    with pytest.raises(UserError, match="list of strings"):
+        prompt_set(str(tmp_path / "bad.json"))
+    with pytest.raises(UserError, match="neither"):
+        prompt_set("no-such-set")

@@ -35,7 +35,7 @@ class FinetuneConfig:
     truncation_mean: float = 0.84  # alignprop gaussian: mean start, as a fraction of the chain
     truncation_std: float = 0.1  # alignprop gaussian: std, as a fraction of the chain
     refl_start: float = 0.75  # refl: earliest step (fraction of the chain) to jump from
-    prompts: str = "train"  # train | held-out | all | path to a text file, one prompt a line
+    prompts: str = "train"  # train | held-out | all | animals | animals-held-out | a .txt (one a line) or .json file
     eval_prompts: str = "held-out"  # prompts of the fixed evaluation set
     eval_samples: int = 96  # evaluation samples (fixed prompts and seeds)
     eval_every: int = 0  # steps between evaluations (0: only before and after)

@@ -17,17 +17,42 @@ from rewardiff.worlds import shapes
 EVAL_SEED = 10_000  # evaluation seeds are EVAL_SEED + i: never used by training (seeds < EVAL_SEED)
 
 
+# Simple animals, as DDPO and AlignProp train on; the held-out ones are for evaluation only.
+ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+           "tiger", "bear", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat",
+           "gorilla", "hedgehog", "kangaroo", "owl", "fox", "wolf", "squirrel", "mouse", "elephant", "giraffe"]
+ANIMALS_HELD_OUT = ["panda", "koala", "penguin", "otter", "raccoon", "dolphin", "cheetah", "flamingo", "beaver"]
+
+
 def prompt_set(spec: str) -> list[str]:
-    """Prompts by name (train, held-out, all) or from a text file with one prompt a line."""
+    """Prompts by name or from a file.
+
+    Names: ``train``, ``held-out``, ``all`` (the shapes world), ``animals`` and
+    ``animals-held-out`` (simple animals). Files: a text file with one prompt a line, or a
+    JSON file holding a list of strings or ``{"prompts": [...]}``.
+    """
+    import json
+
     from rewardiff.errors import UserError
 
-    named = {"train": shapes.train_prompts, "held-out": shapes.held_out_prompts, "all": lambda: [s.prompt for s in shapes.all_specs()]}
+    named = {"train": shapes.train_prompts, "held-out": shapes.held_out_prompts, "all": lambda: [s.prompt for s in shapes.all_specs()],
+             "animals": lambda: list(ANIMALS), "animals-held-out": lambda: list(ANIMALS_HELD_OUT)}
     if spec in named:
         return named[spec]()
     p = Path(spec)
     if not p.is_file():
-        raise UserError(f"prompt set {spec!r} is neither train, held-out, all nor a file")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        raise UserError(f"prompt set {spec!r} is neither {', '.join(named)} nor a file")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"prompt file {p} is not valid JSON: {e}") from None
+        data = data.get("prompts") if isinstance(data, dict) else data
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise UserError(f"prompt file {p} must hold a list of strings or {{\"prompts\": [...]}}")
+        prompts = [x.strip() for x in data if x.strip()]
+    else:
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {p} holds no prompts")
     return prompts
