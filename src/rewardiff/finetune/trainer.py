@@ -4,6 +4,14 @@ Every random draw of step ``s`` (prompts, seeds, truncation points, re-noising) 
 a generator seeded by (seed, s), and checkpoints hold the trainable weights and the
 optimizer state, so a run resumed from its last checkpoint continues bit for bit as the
 uninterrupted run would have.
+
+Several processes (``accelerate launch --num_processes N``, or ``torchrun``) train data
+parallel: step ``s`` draws one global batch of ``N * batch_size`` (prompt, seed) pairs and
+rank ``r`` takes the ``r``-th slice of ``batch_size``, so ranks never share a sample and the
+effective batch is ``N * batch_size``; gradients are averaged across ranks (DDP), so every
+rank holds the same weights. Only the main process writes files (metrics, checkpoints,
+evaluations, the report); logged metrics are means over the global batch. Checkpoints are
+collective: every rank reaches the save and waits until the main process has written it.
 """
 
 from __future__ import annotations
@@ -47,7 +55,14 @@ class Run:
     def _setup_accelerate(self) -> None:
         from accelerate import Accelerator
 
+        from accelerate.state import AcceleratorState
+
         cfg = self.cfg
+        # accelerate keeps one state per Python process and refuses a second Accelerator with
+        # other settings (a bf16 run after an fp32 one); each Run starts from its own settings.
+        # The process group (PartialState) is kept.
+        if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != cfg.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         params = [p for p in self.model.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -59,7 +74,12 @@ class Run:
         return self.out / "checkpoints" / f"step-{step:06d}"
 
     def save_checkpoint(self, step: int) -> None:
-        """Weights, optimizer and step; ``latest`` is switched only once all are on disk."""
+        """Weights, optimizer and step; ``latest`` is switched only once all are on disk.
+
+        Collective: every rank calls it; the main process writes, the others wait at a
+        barrier until the checkpoint is complete (weights and optimizer state are the same
+        on every rank, so one copy is enough).
+        """
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             d = self._ckpt_dir(step)
@@ -72,7 +92,8 @@ class Run:
         self.acc.wait_for_everyone()
 
     def resume(self) -> int:
-        """Load the last checkpoint; returns its step (0 when there is none)."""
+        """Load the last checkpoint; returns its step (0 when there is none). Collective."""
+        self.acc.wait_for_everyone()
         latest = self.out / "checkpoints" / "latest"
         if not latest.is_file():
             return 0
@@ -80,18 +101,32 @@ class Run:
         load_trainable(d, self.acc.unwrap_model(self.model.net))
         self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         step = int(json.loads((d / "state.json").read_text())["step"])
-        truncate_jsonl(self.out / "metrics.jsonl", step)
+        self.acc.wait_for_everyone()  # every rank has read the checkpoint before anything is written
+        if self.acc.is_main_process:
+            truncate_jsonl(self.out / "metrics.jsonl", step)
         return step
 
     # ------------------------------------------------------------------ the loop
 
     def batch(self, step: int) -> tuple[list[str], list[int], torch.Generator]:
-        """Prompts, seeds and the random source of step ``step``: a function of (seed, step) only."""
+        """Prompts, seeds and the random source of step ``step`` on this process: a function of
+        (seed, step, process index, number of processes) only.
+
+        One global batch of ``num_processes * batch_size`` pairs is drawn and this process takes
+        its slice, so processes never share a sample. With one process this is the whole batch
+        and the generator goes on as before; with several, each process continues with a
+        generator of its own (truncation points, re-noising), seeded from the step's generator.
+        """
         cfg = self.cfg
+        n, rank = self.acc.num_processes, self.acc.process_index
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(self.train_prompts), (cfg.batch_size,), generator=gen)
-        seeds = torch.randint(0, EVAL_SEED, (cfg.batch_size,), generator=gen)
-        return [self.train_prompts[i] for i in idx], seeds.tolist(), gen
+        idx = torch.randint(0, len(self.train_prompts), (n * cfg.batch_size,), generator=gen)
+        seeds = torch.randint(0, EVAL_SEED, (n * cfg.batch_size,), generator=gen)
+        if n > 1:
+            rank_seeds = torch.randint(0, 2**62, (n,), generator=gen)
+            gen = torch.Generator().manual_seed(int(rank_seeds[rank]))
+        mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        return [self.train_prompts[i] for i in idx[mine]], seeds[mine].tolist(), gen
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -99,62 +134,89 @@ class Run:
         t0 = time.perf_counter()
         self.model.net.train()
         out = get_method(cfg.method)(self.model, self.reward, prompts, seeds, cfg, gen)
-        if not torch.isfinite(out.loss) or not torch.isfinite(out.reward).all():
+        bad = torch.tensor([float(not torch.isfinite(out.loss) or not torch.isfinite(out.reward).all())], device=self.acc.device)
+        if self.acc.num_processes > 1:  # every process stops together, none is left waiting in backward
+            bad = self.acc.reduce(bad, "sum")
+        if bool(bad.item()):
             raise NonFiniteError(f"non-finite loss or reward at step {step + 1}; the last good checkpoint is kept in {self.out / 'checkpoints'}")
         self.acc.backward(out.loss)
         norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"step": step + 1, "loss": float(out.loss.detach()), "reward_mean": float(out.reward.mean()),
-                "reward_std": float(out.reward.std()) if len(out.reward) > 1 else 0.0, "kl": float(out.kl.mean()),
-                "grad_norm": float(norm), "grad_from": out.grad_from, "nfe": out.nfe, "seconds": time.perf_counter() - t0}
+        loss, reward, kl, nfe = out.loss.detach(), out.reward.detach().float(), out.kl.detach().float(), out.nfe
+        if self.acc.num_processes > 1:  # metrics of the global batch: every process holds the same numbers
+            loss = self.acc.gather(loss.float().reshape(1)).mean()
+            reward, kl = self.acc.gather(reward.reshape(-1)), self.acc.gather(kl.reshape(-1))
+            nfe = int(self.acc.gather(torch.tensor([nfe], device=self.acc.device)).sum())
+        return {"step": step + 1, "loss": float(loss), "reward_mean": float(reward.mean()),
+                "reward_std": float(reward.std()) if len(reward) > 1 else 0.0, "kl": float(kl.mean()),
+                "grad_norm": float(norm), "grad_from": out.grad_from, "nfe": nfe, "seconds": time.perf_counter() - t0}
 
     def evaluate(self, tag: str) -> dict:
-        self.model.net.eval()
-        res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
-                       guidance_scale=self.cfg.guidance_scale, grid_path=self.out / f"samples_{tag}.png")
+        """The fixed evaluation set. Every process computes it (the same numbers: the weights
+        and the set are the same) on the unwrapped net; only the main process writes the grid."""
+        wrapped = self.model.net
+        self.model.net = self.acc.unwrap_model(wrapped)
+        try:
+            self.model.net.eval()
+            grid = self.out / f"samples_{tag}.png" if self.acc.is_main_process else None
+            res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
+                           guidance_scale=self.cfg.guidance_scale, grid_path=grid)
+        finally:
+            self.model.net = wrapped
         return {f"eval_{k}": v for k, v in res.items()}
 
     def train(self, resume: bool = False) -> dict:
         """Run (or continue) training; returns the summary also written to ``summary.json``."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(_yaml(asdict(cfg)))
+        main = self.acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(_yaml(asdict(cfg)))
         start = self.resume() if resume else 0
-        if start == 0:
+        if start == 0 and main:
             truncate_jsonl(self.out / "metrics.jsonl", 0)
         before = self._eval_cached("before")
-        log = (self.out / "metrics.jsonl").open("a")
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.method}", disable=not self.progress)
+        log = (self.out / "metrics.jsonl").open("a") if main else None
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.method}", disable=not (self.progress and main))
         for step in bar:
             row = self.train_step(step)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 row.update(self.evaluate(f"step{step + 1:06d}"))
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 self.save_checkpoint(step + 1)
-        log.close()
+        if log is not None:
+            log.close()
         self.save_checkpoint(cfg.steps)
-        save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg)
-        return self._finish(before, self.evaluate("after"))
+        if main:
+            save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg)
+        summary = self._finish(before, self.evaluate("after"))
+        self.acc.wait_for_everyone()  # no process returns before the run's files are complete
+        return summary
 
     def _eval_cached(self, tag: str) -> dict:
         path = self.out / f"eval_{tag}.json"
-        if path.is_file():
+        cached = path.is_file()
+        self.acc.wait_for_everyone()  # every process decided from the same state of the folder
+        if cached:
             return json.loads(path.read_text())
         res = self.evaluate(tag)
-        path.write_text(json.dumps(res, indent=2))
+        if self.acc.is_main_process:
+            atomic_write_text(path, json.dumps(res, indent=2))
         return res
 
     def _finish(self, before: dict, after: dict) -> dict:
         from rewardiff.finetune.run_report import write_run_report
 
-        (self.out / "eval_after.json").write_text(json.dumps(after, indent=2))
         summary = {"method": self.cfg.method, "reward": self.cfg.reward, "steps": self.cfg.steps, "before": before, "after": after}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_run_report(self.out, self.cfg, before, after)
+        if self.acc.is_main_process:
+            (self.out / "eval_after.json").write_text(json.dumps(after, indent=2))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_run_report(self.out, self.cfg, before, after)
         return summary
 
 

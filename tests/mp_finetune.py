@@ -1,0 +1,60 @@
+"""A tiny LoRA fine-tuning of a random Stable Diffusion pipeline, run by every process of a
+multi-process launch (``torchrun`` or ``accelerate launch``); used by test_multiprocess.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/mp_finetune.py PIPE PROMPTS OUT STEPS [resume] [bf16]
+
+Each rank writes ``OUT/rank{r}.safetensors`` (its trainable tensors after training) and
+``OUT/rank{r}.json`` (the process count, and per step the prompts and seeds it trained on and
+the rewards of its own samples).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    from rewardiff.finetune import trainer
+    from rewardiff.finetune.config import FinetuneConfig
+    from rewardiff.finetune.trainer import Run
+    from rewardiff.finetune.weights import trainable_state
+
+    torch.set_num_threads(1)
+    pipe, prompts, out, steps = argv[0], argv[1], Path(argv[2]), int(argv[3])
+    flags = set(argv[4:])
+    cfg = FinetuneConfig(model=f"diffusers:{pipe}", reward="brightness", method="draft-k", k=1, steps=steps, batch_size=2,
+                         lr=1e-2, lora_rank=4, lora_alpha=4.0, num_inference_steps=3, guidance_scale=2.0, prompts=prompts,
+                         eval_prompts=prompts, eval_samples=2, eval_every=0, checkpoint_every=2, seed=5,
+                         mixed_precision="bf16" if "bf16" in flags else "no")
+    local: list[list[float]] = []  # this process's own rewards, step after step
+
+    def recording(name):
+        method = get_method(name)
+
+        def call(*args):
+            res = method(*args)
+            local.append(res.reward.float().tolist())
+            return res
+
+        return call
+
+    get_method = trainer.get_method
+    trainer.get_method = recording
+    run = Run(cfg, out, progress=False)
+    rank = run.acc.process_index
+    seen = {s: run.batch(s)[:2] for s in range(steps)}
+    run.train(resume="resume" in flags)
+    net = run.acc.unwrap_model(run.model.net)
+    save_file(trainable_state(net), str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.acc.num_processes, "batches": seen, "rewards": local,
+                                                          "mixed_precision": str(run.acc.mixed_precision)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,144 @@
+"""Data-parallel fine-tuning with two processes on the CPU (gloo): a tiny random Stable
+Diffusion pipeline, LoRA, DRaFT-K; launched by torchrun and by ``accelerate launch``.
+
+Every rank ends with the same weights, ranks train on disjoint samples of one global batch,
+logged metrics are means over the global batch, checkpoints are written once without a rank
+hanging, and a resumed two-process run ends bit for bit where the uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardiff.finetune.config import FinetuneConfig
+from rewardiff.models.sd import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "mp_finetune.py"
+PROMPTS = ["a photo of a cat", "a red dog", "a blue bird", "a green tree"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mp")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return tiny_pipeline(d / "pipe"), d / "prompts.txt"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, gloo, even where a GPU is present
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launcher: str, args: list[str], timeout: int = 240) -> None:
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    try:
+        res = subprocess.run([*cmd, str(SCRIPT), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # a rank waiting forever (a missed barrier) ends here
+        pytest.fail(f"{launcher} run {args} did not finish in {timeout} s:\n{(e.stderr or b'')[-3000:]}")
+    assert res.returncode == 0, f"{launcher} run {args} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_lora_fine_tuning(setup, tmp_path):
+    pipe, prompts = setup
+    full, part = tmp_path / "full", tmp_path / "part"
+    _launch("torchrun", [str(pipe), str(prompts), str(full), "4"])  # uninterrupted, checkpoints at 2 and 4
+    _launch("torchrun", [str(pipe), str(prompts), str(part), "2"])  # interrupted after step 2 ...
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    _launch("accelerate", [str(pipe), str(prompts), str(part), "4", "resume"])  # ... and resumed to 4
+
+    # 1. the same weights on every rank, the ones written to final/, and they moved
+    w0, w1 = _tensors(full / "rank0.safetensors"), _tensors(full / "rank1.safetensors")
+    assert w0 and all("lora" in k for k in w0)
+    assert _same(w0, w1) and _same(w0, _tensors(full / "final" / "trainable.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in w0.items() if "lora_B" in k)  # lora_B starts at zero
+
+    # 2. checkpoints written once, completely, by the main process only
+    ckpts = full / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002", "step-000004"]
+    for d in ckpts.glob("step-*"):
+        assert {"finetune.json", "optimizer.pt", "state.json", "trainable.safetensors"} <= {p.name for p in d.iterdir()}
+    assert not list(full.rglob(".*.tmp"))
+    assert _same(w0, _tensors(ckpts / "step-000004" / "trainable.safetensors"))
+
+    # 3. the resumed two-process run ends bit for bit as the uninterrupted one, logging each step once
+    r0, r1 = _tensors(part / "rank0.safetensors"), _tensors(part / "rank1.safetensors")
+    assert _same(r0, r1) and _same(r0, w0)
+    assert _same(w0, _tensors(part / "final" / "trainable.safetensors"))
+    assert [r["step"] for r in _rows(part)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in _rows(part)] == [r["loss"] for r in _rows(full)]
+
+    # 4. data parallel: disjoint samples per rank, effective batch 2 x 2, global-mean metrics
+    ranks = [json.loads((full / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [x["processes"] for x in ranks] == [2, 2]
+    for step in range(4):
+        (p0, s0), (p1, s1) = ranks[0]["batches"][str(step)], ranks[1]["batches"][str(step)]
+        assert len(s0) == len(s1) == 2 and not set(s0) & set(s1)
+        assert all(p in PROMPTS for p in p0 + p1)
+    rows = _rows(full)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for step, row in enumerate(rows):
+        both = torch.tensor(ranks[0]["rewards"][step] + ranks[1]["rewards"][step])
+        assert len(both) == 4
+        assert row["reward_mean"] == pytest.approx(float(both.mean()), rel=1e-6)
+        assert row["reward_std"] == pytest.approx(float(both.std()), rel=1e-5, abs=1e-9)
+        assert row["loss"] == pytest.approx(-float(both.mean()), rel=1e-6)  # kl_weight 0: loss = -mean reward
+        assert row["nfe"] == 4 * 2 * 3  # 4 samples, CFG doubles, 3 DDIM steps
+    for name in ("summary.json", "report.html", "samples_before.png", "samples_after.png", "eval_before.json"):
+        assert (full / name).is_file(), name
+
+
+def test_bf16_mixed_precision_trains_a_step_on_cpu(setup, tmp_path):
+    """One process, bf16 autocast through accelerate (also after fp32 runs in this Python process)."""
+    from rewardiff.finetune.trainer import Run
+
+    pipe, prompts = setup
+    cfg = FinetuneConfig(model=f"diffusers:{pipe}", reward="brightness", method="draft-k", k=1, steps=1, batch_size=2, lr=1e-2,
+                         lora_rank=4, num_inference_steps=3, guidance_scale=2.0, prompts=str(prompts), eval_prompts=str(prompts),
+                         eval_samples=2, checkpoint_every=0, mixed_precision="bf16")
+    run = Run(cfg, tmp_path, progress=False)
+    assert run.acc.mixed_precision == "bf16"
+    before = {n: p.detach().clone() for n, p in run.model.net.named_parameters() if p.requires_grad}
+    row = run.train_step(0)
+    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "reward_mean", "grad_norm"))
+    after = dict(run.model.net.named_parameters())
+    assert all(after[n].dtype == torch.float32 for n in before)  # autocast: the weights stay fp32
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    fp32 = Run(FinetuneConfig(**{**cfg.__dict__, "mixed_precision": "no"}), tmp_path / "fp32", progress=False)
+    assert fp32.acc.mixed_precision == "no"
