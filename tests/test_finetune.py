@@ -199,3 +199,23 @@ def test_refl_trains_the_text_encoder_and_counts_every_evaluation(tiny_model_dir
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in run.model.net.text.parameters())
     # s steps before the jump, then the jump and the reference there: CFG counts 2 per element
     assert out.nfe == 2 * len(prompts) * (out.grad_from + 2)
+
+
+def test_tensorboard_tracker_gets_scalars_and_sample_grids(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tiny_model_dir, steps=2, eval_every=1, tracker="tensorboard")
+    finetune(cfg, tmp_path / "run", progress=False)
+    events = list((tmp_path / "run" / "trackers").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "reward_mean" in tags["scalars"] and "before/eval_reward_mean" in tags["scalars"]
+    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]
+    assert {"samples_before", "samples_step000001", "samples_after"} <= set(tags["images"])
+
+
+def test_unknown_tracker_is_a_user_error(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown tracker 'nope'"):
+        finetune(_cfg(tiny_model_dir, tracker="nope"), tmp_path / "run", progress=False)

@@ -42,6 +42,7 @@ class FinetuneConfig:
     seed: int = 0  # seeds weights, prompts, noise
     checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
     mixed_precision: str = "no"  # no | bf16 (accelerate)
+    tracker: str = "none"  # none | tensorboard | wandb (through accelerate; metrics.jsonl is always written)
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

@@ -63,7 +63,9 @@ class Run:
         # The process group (PartialState) is kept.
         if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != cfg.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        trackers = _check_tracker(cfg.tracker)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                               log_with=trackers, project_dir=str(self.out / "trackers") if trackers else None)
         params = [p for p in self.model.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model.net, self.opt = self.acc.prepare(self.model.net, opt)
@@ -176,13 +178,19 @@ class Run:
         start = self.resume() if resume else 0
         if start == 0 and main:
             truncate_jsonl(self.out / "metrics.jsonl", 0)
+        if cfg.tracker != "none":
+            self.acc.init_trackers(self.out.name or "rewardiff", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
         before = self._eval_cached("before")
+        self._track({f"before/{k}": v for k, v in before.items()}, start, "samples_before")
         log = (self.out / "metrics.jsonl").open("a") if main else None
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.method}", disable=not (self.progress and main))
         for step in bar:
             row = self.train_step(step)
+            grid = None
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 row.update(self.evaluate(f"step{step + 1:06d}"))
+                grid = f"samples_step{step + 1:06d}"
+            self._track({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1, grid)
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -195,8 +203,31 @@ class Run:
         if main:
             save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg)
         summary = self._finish(before, self.evaluate("after"))
+        self._track({f"after/{k}": v for k, v in summary["after"].items()}, cfg.steps, "samples_after")
+        if cfg.tracker != "none":
+            self.acc.end_training()
         self.acc.wait_for_everyone()  # no process returns before the run's files are complete
         return summary
+
+    def _track(self, values: dict, step: int, grid: str | None) -> None:
+        """Send scalars, and the named sample grid when there is one, to the trackers."""
+        if self.cfg.tracker == "none" or not self.acc.is_main_process:
+            return
+        self.acc.log(values, step=step)
+        path = self.out / f"{grid}.png" if grid else None
+        if path is None or not path.is_file():
+            return
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(path).convert("RGB"))
+        tracker = self.acc.get_tracker(self.cfg.tracker, unwrap=True)
+        if self.cfg.tracker == "tensorboard":
+            tracker.add_image(grid, image, step, dataformats="HWC")
+        else:
+            import wandb
+
+            tracker.log({grid: wandb.Image(image)}, step=step)
 
     def _eval_cached(self, tag: str) -> dict:
         path = self.out / f"eval_{tag}.json"
@@ -218,6 +249,19 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             write_run_report(self.out, self.cfg, before, after)
         return summary
+
+
+def _check_tracker(name: str) -> list[str] | None:
+    """The accelerate trackers for ``tracker`` (None for none); UserError when unknown or not installed."""
+    import importlib.util
+
+    if name == "none":
+        return None
+    if name not in ("tensorboard", "wandb"):
+        raise UserError(f"unknown tracker {name!r}; valid trackers: none, tensorboard, wandb")
+    if importlib.util.find_spec(name) is None:
+        raise UserError(f"tracker {name!r} is not installed: pip install {name}")
+    return [name]
 
 
 def _rmtree(path: Path) -> None:
