@@ -12,6 +12,7 @@ loads a pipeline folder saved with ``save_pretrained`` (offline).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -106,7 +107,7 @@ def tiny_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) ->
     from a local vocabulary; DDIM with trailing timesteps.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -124,23 +125,31 @@ def tiny_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) ->
     text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
                                         pad_token_id=1))
-    chars = _byte_symbols()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    tok_dir = d / "_tokenizer_src"
-    tok_dir.mkdir(exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=32)
+    tokenizer = byte_tokenizer(d, 32)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="epsilon", timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False,
                               steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(d))
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
     return d
+
+
+def byte_tokenizer(work_dir: str | Path, max_length: int):
+    """A character-level byte-level ``CLIPTokenizer`` built offline (no merges): the 256 byte
+    symbols and their word-final forms plus the start and end tokens. ``work_dir`` holds the
+    vocabulary files only while the tokenizer is built."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_symbols():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    src = Path(work_dir) / "_tokenizer_src"
+    src.mkdir(parents=True, exist_ok=True)
+    try:
+        (src / "vocab.json").write_text(json.dumps(vocab))
+        (src / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=max_length)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)

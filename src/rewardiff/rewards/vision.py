@@ -408,28 +408,17 @@ def imagereward(path: str | Path | None = None) -> RewardFn:
 def tiny_clip(directory: str | Path, seed: int = 0, projection_dim: int = 16) -> Path:
     """Save a random tiny transformers ``CLIPModel`` (vision: hidden 32, patch 8, image 32; text:
     hidden 32; 2 layers each) and a byte-level ``CLIPTokenizer`` built offline, in ``directory``."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
-    from rewardiff.models.sd import _byte_symbols
+    from rewardiff.models.sd import byte_tokenizer
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_symbols():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    src = d / "_tokenizer_src"
-    src.mkdir(exist_ok=True)
-    (src / "vocab.json").write_text(json.dumps(vocab))
-    (src / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77)
+    tokenizer = byte_tokenizer(d, 77)
     tokenizer.save_pretrained(str(d))
-    for f in src.iterdir():
-        f.unlink()
-    src.rmdir()
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
