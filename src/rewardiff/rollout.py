@@ -34,6 +34,11 @@ def _cat_cond(uncond: Any, cond: Any) -> Any:
     raise TypeError(f"cannot batch a condition of type {type(cond).__name__}")
 
 
+def evaluations_per_call(guidance_scale: float) -> int:
+    """NFE per batch element of one denoiser call: 2 with classifier-free guidance, else 1."""
+    return 1 if guidance_scale == 1.0 else 2
+
+
 def guided_output(model: Denoiser, x: Tensor, t: int, cond: Any, uncond: Any | None, scale: float) -> tuple[Tensor, int]:
     """The (classifier-free guided) model output at (x, t) and its NFE per batch element.
 

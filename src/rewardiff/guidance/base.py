@@ -113,8 +113,11 @@ class Method:
 
     # ------------------------------------------------------------------ helpers
 
-    def score(self, x0: Tensor, prompts: list[str]) -> Tensor:
-        """The reward of clean-sample estimates ``x0`` [N, ...] (decoded, clamped) -> [N]."""
+    def score(self, x0: Tensor, prompts: list[str], rows: Tensor | None = None) -> Tensor:
+        """The reward of clean-sample estimates ``x0`` [N, ...] (decoded, clamped) -> [N];
+        with ``rows`` [N], row n is scored against ``prompts[rows[n]]``."""
+        if rows is not None:
+            prompts = [prompts[int(r)] for r in rows]
         assert self.reward is not None
         self.stats["reward_calls"] = self.stats.get("reward_calls", 0) + x0.shape[0]
         with torch.no_grad():

@@ -132,7 +132,7 @@ class DSearch(Method):
         cands, rows = candidates(ctx, ei, self.gen)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
-        v = self.score(x0, [ctx.prompts[int(r)] for r in rows]).double().cpu()
+        v = self.score(x0, ctx.prompts, rows).double().cpu()
         best = pick_per_parent(v, ei, 0.0, self.gen)  # [B] flat candidate index per particle
         top = v[best].view(G, nb).topk(na, 1).indices  # [G, na] particles kept per request
         keep = best.view(G, nb).gather(1, top)  # [G, na] flat candidate indices

@@ -74,7 +74,7 @@ class Free2Guide(Method):
         cands, rows = candidates(ctx, self.n, self.gen)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
-        v = self.score(x0, [ctx.prompts[int(r)] for r in rows])
+        v = self.score(x0, ctx.prompts, rows)
         keep = pick_per_parent(v, self.n, self.lam, self.gen).to(cands.device)
         return Selection(cands[keep], rows[keep], model_out[keep])
 
@@ -86,7 +86,7 @@ class Free2Guide(Method):
         assert ctx.predict is not None
         out_z, x0_z = ctx.predict(z.flatten(0, 1), ctx.t, rows)
         v = torch.cat([self.score(ctx.out.x0_hat, ctx.prompts).view(B, 1),
-                       self.score(x0_z, [ctx.prompts[int(r)] for r in rows]).view(B, n - 1)], 1)
+                       self.score(x0_z, ctx.prompts, rows).view(B, n - 1)], 1)
         j = pick_per_parent(v.flatten(), n, self.lam, self.gen) - torch.arange(B) * n  # 0 .. n-1
         starts = torch.cat([x.unsqueeze(1), z], 1)[torch.arange(B), j]
         prev, mean, x0_hat = ctx.out.prev.clone(), ctx.out.mean.clone(), ctx.out.x0_hat.clone()

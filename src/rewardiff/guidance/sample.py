@@ -18,6 +18,7 @@ from rewardiff.guidance.gradient import GradientGuidance
 from rewardiff.guidance.smc import SMC
 from rewardiff.guidance.svdd import SVDD
 from rewardiff.models.base import DiffusionModel
+from rewardiff.rollout import evaluations_per_call
 from rewardiff.types import Reward
 
 METHODS = ("base", "best-of-n", "gradient", "svdd-pm", "svdd-mc", "dsearch", "dsearch-r", "free2guide", "smc")
@@ -64,33 +65,29 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
         raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     if name != "base" and reward is None:
         raise UserError(f"method {name} needs a reward (--reward)")
-    if width is not None and width < 1 and name not in ("gradient", "base"):
-        raise UserError(f"--width must be at least 1, got {width}")
     w = {} if width is None else {"width": width}
     cls = _CLASSES[name]
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "reward", "seed", "value", _WIDTH[name])]
     for key in options:
         if key not in allowed:
             raise UserError(f"{name} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
-    try:
-        if name == "base":
-            return Base(reward, seed)
-        if name == "best-of-n":
-            return BestOfN(reward, n=w.get("width", 4), seed=seed, **options)
-        if name == "gradient":
-            return GradientGuidance(reward, seed=seed, **options)
-        if name in ("svdd-pm", "svdd-mc"):
-            if name == "svdd-mc" and value is None:
-                raise UserError("svdd-mc needs a value model (--value DIR, trained by: rewardiff train-value)")
-            return SVDD(reward, m=w.get("width", 20), value=value if name == "svdd-mc" else None, seed=seed, **options)
-        if name in ("dsearch", "dsearch-r"):
-            options.setdefault("replace", 0.05 if name == "dsearch-r" else 0.0)
-            return DSearch(reward, k0=w.get("width", 4), seed=seed, **options)
-        if name == "free2guide":
-            return Free2Guide(reward, n=w.get("width", 5), seed=seed, **options)
-        return SMC(reward, k=w.get("width", 4), value=value, seed=seed, **options)
-    except TypeError as e:  # an option the method does not take
-        raise UserError(f"{name}: {e}".replace("__init__() ", "")) from None
+    # options are checked against the signature above; widths by each method's set_width
+    if name == "base":
+        return Base(reward, seed)
+    if name == "best-of-n":
+        return BestOfN(reward, n=w.get("width", 4), seed=seed, **options)
+    if name == "gradient":
+        return GradientGuidance(reward, seed=seed, **options)
+    if name in ("svdd-pm", "svdd-mc"):
+        if name == "svdd-mc" and value is None:
+            raise UserError("svdd-mc needs a value model (--value DIR, trained by: rewardiff train-value)")
+        return SVDD(reward, m=w.get("width", 20), value=value if name == "svdd-mc" else None, seed=seed, **options)
+    if name in ("dsearch", "dsearch-r"):
+        options.setdefault("replace", 0.05 if name == "dsearch-r" else 0.0)
+        return DSearch(reward, k0=w.get("width", 4), seed=seed, **options)
+    if name == "free2guide":
+        return Free2Guide(reward, n=w.get("width", 5), seed=seed, **options)
+    return SMC(reward, k=w.get("width", 4), value=value, seed=seed, **options)
 
 
 def particle_seeds(seed: int, k: int) -> list[int]:
@@ -122,7 +119,7 @@ def guided_sample(
     eta = method.default_eta if eta is None else float(eta)
     method.check(eta)
     T = num_inference_steps
-    c = 2 if guidance_scale != 1.0 else 1
+    c = evaluations_per_call(guidance_scale)
     k = method.particles
     per_batch = max(1, batch_size // k)
     images, nfe, stats = [], 0, {}
@@ -157,4 +154,4 @@ def budget_plan(method: Method, budget: int, num_inference_steps: int, guidance_
     """Set ``method``'s width from a per-sample NFE budget (UserError when it cannot fit)."""
     if budget < 1 or math.isnan(budget):
         raise UserError(f"--nfe-budget must be a positive number, got {budget}")
-    method.plan(int(budget), num_inference_steps, 2 if guidance_scale != 1.0 else 1)
+    method.plan(int(budget), num_inference_steps, evaluations_per_call(guidance_scale))

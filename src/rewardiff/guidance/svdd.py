@@ -71,7 +71,7 @@ class SVDD(Method):
         if self.value is None:
             assert ctx.predict is not None
             model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
-            v = self.score(x0, [ctx.prompts[int(r)] for r in rows])
+            v = self.score(x0, ctx.prompts, rows)
         else:
             model_out, v = None, self.value(cands, ctx.t_prev, gather_rows(ctx.cond, rows)).float()
         keep = pick_per_parent(v, self.m, self.alpha, self.gen).to(cands.device)
