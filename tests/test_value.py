@@ -54,6 +54,14 @@ def test_value_net_images_and_vectors():
     assert torch.allclose(vec(torch.ones(3, 2), 10, torch.zeros(3)), vec(torch.ones(3, 2), 10, torch.zeros(3, 1)))
 
 
+def test_dict_conditions_pool_each_part_in_key_order():
+    """An SDXL-style condition: token states are averaged, vectors kept, parts joined by key."""
+    hidden, pooled, time_ids = torch.randn(2, 5, 4), torch.randn(2, 3), torch.randn(2, 6)
+    got = pool_cond({"time_ids": time_ids, "hidden": hidden, "pooled": pooled})
+    want = torch.cat([hidden.mean(1), pooled, time_ids], dim=1)  # keys sorted: hidden, pooled, time_ids
+    torch.testing.assert_close(got, want)
+
+
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     net = _scrambled(ValueNet((3, 32, 32), 16, widths=TINY_WIDTHS))
     card = save_value(net, {"reward": "brightness", "model": "tiny", "metrics": {}}, tmp_path / "v")

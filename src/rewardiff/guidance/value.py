@@ -54,11 +54,14 @@ def pool_cond(cond: Any) -> Tensor:
 
     Args:
         cond: token states [B, L, D] (averaged over the tokens), a vector [B, D] (as is),
-            or one number per row [B] (read as [B, 1]).
+            one number per row [B] (read as [B, 1]), or a dict of these (each pooled, then
+            joined in key order).
 
     Raises:
         TypeError: a condition that is not a tensor, or one with more than 3 dimensions.
     """
+    if isinstance(cond, dict):  # e.g. SDXL: token states, pooled text embedding, micro-conditioning
+        return torch.cat([pool_cond(cond[k]) for k in sorted(cond)], dim=1)
     if not isinstance(cond, Tensor):
         raise TypeError(f"a value model needs a tensor condition, got {type(cond).__name__}")
     c = cond if cond.is_floating_point() else cond.float()

@@ -1,12 +1,14 @@
 """Stable Diffusion (and any diffusers text-to-image pipeline with a UNet2DConditionModel,
-a VAE and a CLIP text encoder) as a :class:`DiffusionModel`.
+a VAE and a CLIP text encoder) and Stable Diffusion XL as a :class:`DiffusionModel`.
 
-The UNet denoises latents; prompts go through the pipeline's tokenizer and text encoder;
+The UNet denoises latents; prompts go through the pipeline's tokenizer and text encoder
+(SDXL: both text encoders, plus its size micro-conditioning, in a dict condition);
 ``decode`` runs the VAE (checkpointed when gradients flow, so reward backpropagation through
 the decoder costs recomputation, not memory). The process is built from the pipeline's
 scheduler config, so sampling through the one rollout loop matches the pipeline's own DDIM
 sampler. ``model: diffusers:PATH`` in a fine-tuning config, or ``--model diffusers:PATH``,
-loads a pipeline folder saved with ``save_pretrained`` (offline).
+loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiffusionXLPipeline``
+folder is recognised by its ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,51 @@ class SDDenoiser(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
 
+class SDXLDenoiser(nn.Module):
+    """Stable Diffusion XL's UNet with its two text encoders.
+
+    ``encode(prompts)`` -> ``{"hidden": [B, L, D1 + D2], "pooled": [B, P], "time_ids": [B, 6]}``:
+    the penultimate hidden states of the text encoders side by side, the last encoder's
+    projected pooled embedding, and the size micro-conditioning (original height and width,
+    crop top and left, target height and width). ``forward(z_t [B,C,h,w], t [B], cond)``.
+
+    Args:
+        unet: a UNet with ``addition_embed_type="text_time"`` (``.unet``, where LoRA goes).
+        text_encoders: the CLIP text encoders in order (``.text``); the last one is projected.
+        tokenizers: one per text encoder.
+        image_size: (height, width) of the images; original and target size, crop at (0, 0).
+        zeros_for_empty: the empty prompt encodes to zeros (the pipeline's
+            ``force_zeros_for_empty_prompt``: its unconditional embedding when no negative
+            prompt is given). The empty prompt is then zeros also as a conditional prompt.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], tokenizers: list, image_size: tuple[int, int],
+                 zeros_for_empty: bool = True):
+        super().__init__()
+        self.unet, self.text, self.tokenizers = unet, nn.ModuleList(text_encoders), list(tokenizers)
+        h, w = image_size
+        self.register_buffer("time_ids", torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32), persistent=False)
+        self.zeros_for_empty = zeros_for_empty
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        prompts, states = list(prompts), []
+        for tokenizer, encoder in zip(self.tokenizers, self.text):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])  # the penultimate layer, [B, L, D_i]
+        hidden, pooled = torch.cat(states, dim=-1), out.text_embeds  # [B, L, D1 + D2]; the last encoder's [B, P]
+        if self.zeros_for_empty:
+            empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+            hidden, pooled = hidden.masked_fill(empty[:, None, None], 0.0), pooled.masked_fill(empty[:, None], 0.0)
+        time_ids = self.time_ids.to(hidden).repeat(len(prompts), 1)  # [B, 6]
+        return {"hidden": hidden, "pooled": pooled, "time_ids": time_ids}
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        return self.unet(x_t, t, encoder_hidden_states=cond["hidden"], added_cond_kwargs=added).sample
+
+
 def process_from_scheduler(config: dict) -> GaussianProcess:
     """The Gaussian process a diffusers scheduler config describes (betas, prediction type,
     zero-terminal-SNR rescaling, ``set_alpha_to_one``)."""
@@ -59,30 +106,73 @@ def process_from_scheduler(config: dict) -> GaussianProcess:
 
 
 def sd_model(path: str | Path) -> DiffusionModel:
-    """A diffusers Stable Diffusion pipeline folder as a DiffusionModel (no network access)."""
-    from diffusers import StableDiffusionPipeline
-
+    """A diffusers Stable Diffusion or Stable Diffusion XL pipeline folder as a DiffusionModel
+    (no network access)."""
     d = Path(path)
     if not (d / "model_index.json").is_file():
         raise UserError(f"no diffusers pipeline in {d} (model_index.json missing); save one with pipeline.save_pretrained(DIR)")
-    pipe = StableDiffusionPipeline.from_pretrained(str(d), local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    net = SDDenoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    if is_xl_pipeline(d):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(d), local_files_only=True)
+        net: nn.Module = _xl_denoiser(pipe, d)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(d), local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        net = SDDenoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     net.requires_grad_(False)
     net.eval()
-    vae = pipe.vae.eval().requires_grad_(False)
-    scale = float(vae.config.scaling_factor)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = int(pipe.unet.config.sample_size)
+    shape = (int(pipe.unet.config.in_channels), size, size)
+    model = DiffusionModel(net, process_from_scheduler(dict(pipe.scheduler.config)), net.encode, shape,
+                           _vae_decoder(pipe.vae), name=f"diffusers:{d.name}")
+    model.image_size = size * pipe.vae_scale_factor  # type: ignore[attr-defined]
+    return model
+
+
+def is_xl_pipeline(directory: str | Path) -> bool:
+    """Whether a saved pipeline folder holds Stable Diffusion XL (by ``model_index.json``)."""
+    path = Path(directory) / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
+
+
+def _xl_denoiser(pipe, d: Path) -> SDXLDenoiser:
+    """The SDXL denoiser of a loaded pipeline, after checking what it cannot handle."""
+    unet = pipe.unet
+    if unet.config.addition_embed_type != "text_time" or pipe.text_encoder_2 is None:
+        raise UserError(f"{d} is not a text-to-image SDXL pipeline (needs text_encoder_2 and a 'text_time' UNet)")
+    wanted = unet.add_embedding.linear_1.in_features  # 6 time ids embedded, then the pooled text
+    given = 6 * int(unet.config.addition_time_embed_dim) + int(pipe.text_encoder_2.config.projection_dim)
+    if wanted != given:
+        raise UserError(f"{d}: the UNet's added embedding takes {wanted} inputs but 6 time ids and the pooled text give {given}")
+    if getattr(pipe.vae.config, "latents_mean", None) is not None:
+        raise UserError(f"{d}: VAEs with latents_mean/latents_std are not supported")
+    pairs = [(e, t) for e, t in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)) if e is not None]
+    if len({t.model_max_length for _, t in pairs}) != 1:
+        raise UserError(f"{d}: the two tokenizers pad to different lengths; their token states cannot be joined")
+    side = int(unet.config.sample_size) * pipe.vae_scale_factor
+    return SDXLDenoiser(unet, [e for e, _ in pairs], [t for _, t in pairs], (side, side),
+                        bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+
+
+def _vae_decoder(vae: nn.Module):
+    """latents -> images in [-1, 1] through the frozen VAE, checkpointed when gradients flow."""
+    vae.eval().requires_grad_(False)
+    scale = float(vae.config.scaling_factor)
+
+    def run(z: Tensor) -> Tensor:
+        return vae.decode(z / scale).sample
 
     def decode(z: Tensor) -> Tensor:
-        run = lambda latents: vae.decode(latents / scale).sample  # noqa: E731
         return checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() and z.requires_grad else run(z)
 
-    shape = (int(pipe.unet.config.in_channels), size, size)
-    model = DiffusionModel(net, process_from_scheduler(dict(pipe.scheduler.config)), net.encode, shape, decode,
-                           name=f"diffusers:{d.name}")
-    model.image_size = size * factor  # type: ignore[attr-defined]
-    return model
+    return decode
 
 
 def _byte_symbols() -> list[str]:
@@ -131,6 +221,47 @@ def tiny_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) ->
                               steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(d))
+    return d
+
+
+def tiny_xl_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) -> Path:
+    """Build and save a tiny random Stable Diffusion XL pipeline offline (tests and benchmarks).
+
+    As :func:`tiny_pipeline`, with two text encoders of different widths (a CLIP text model
+    of 32 and a projected one of 48 with a 24-wide pooled embedding: 80-wide token states)
+    and a UNet whose added embedding takes 6 time ids of 8 features each and that pooled
+    embedding.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    widths, pooled, time_dim = (32, 48), 24, 8
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=sum(widths), attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=resolution, scaling_factor=0.13025,
+    )
+    configs = [CLIPTextConfig(vocab_size=1000, hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, projection_dim=pooled) for w in widths]
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="epsilon", timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(configs[0]), text_encoder_2=CLIPTextModelWithProjection(configs[1]),
+        tokenizer=byte_tokenizer(d, 32), tokenizer_2=byte_tokenizer(d, 32), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
     pipe.save_pretrained(str(d))
     return d
 
