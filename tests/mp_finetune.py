@@ -34,19 +34,15 @@ def main(argv: list[str]) -> None:
                          mixed_precision="bf16" if "bf16" in flags else "no")
     local: list[list[float]] = []  # this process's own rewards, step after step
 
-    def recording(name):
-        method = get_method(name)
-
-        def call(*args):
-            res = method(*args)
-            local.append(res.reward.float().tolist())
-            return res
-
-        return call
-
-    get_method = trainer.get_method
-    trainer.get_method = recording
     run = Run(cfg, out, progress=False)
+    method = run.method
+
+    def recording(*args):
+        res = method(*args)
+        local.append(res.reward.float().tolist())
+        return res
+
+    run.method = recording
     rank = run.acc.process_index
     seen = {s: run.batch(s)[:2] for s in range(steps)}
     run.train(resume="resume" in flags)

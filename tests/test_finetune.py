@@ -163,7 +163,7 @@ def test_every_shipped_preset_loads():
     from pathlib import Path
 
     from rewardiff.finetune.config import load_config
-    from rewardiff.finetune.draft import METHODS
+    from rewardiff.finetune.methods import METHODS
 
     presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert presets

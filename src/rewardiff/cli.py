@@ -39,7 +39,7 @@ def finetune(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/finetune"),
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
 ) -> None:
-    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl)."""
+    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard)."""
     from rewardiff.finetune.config import load_config
     from rewardiff.finetune.trainer import finetune as run
 
@@ -141,6 +141,30 @@ def train_value_cmd(
     typer.echo(f"held-out R^2: {fmt(mt['r2_heldout'])} (early {fmt(mt['r2_early'])}, middle {fmt(mt['r2_middle'])}, "
                f"late {fmt(mt['r2_late'])}); train MSE (standardized) {mt['train_mse_standardized']:.3f}")
     typer.echo(f"value model: {out / 'value.safetensors'} (config {out / 'value.json'})")
+
+
+@app.command()
+def soup(
+    a: Annotated[Path, typer.Argument(help="model A: a fine-tuning run (or its final/ or a checkpoint)")],
+    b: Annotated[Path, typer.Argument(help="model B, fine-tuned from the same base with the same LoRA settings")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    alpha: Annotated[float, typer.Option(help="weight of B: (1 - alpha) A + alpha B")] = 0.5,
+    curve: Annotated[int, typer.Option(help="also measure both rewards at this many alphas in [0, 1] and plot them (0: no)")] = 0,
+    rewards: Annotated[Optional[str], typer.Option(help="the two rewards of the curve, comma-separated (default: the runs' own)")] = None,
+    samples: Annotated[int, typer.Option(help="held-out samples per point of the curve")] = 96,
+) -> None:
+    """Interpolate two fine-tuned models' weights (a model soup); optionally plot the reward trade-off along alpha."""
+    from rewardiff.finetune.soup import soup_curve, write_soup
+
+    d = write_soup(a, b, alpha, out)
+    typer.echo(f"soup (alpha={alpha}) written to {d}; sample it with: rewardiff sample --checkpoint {d}")
+    if curve:
+        names = tuple(r.strip() for r in rewards.split(",")) if rewards else None
+        if names is not None and len(names) != 2:
+            raise UserError(f"--rewards takes two comma-separated rewards, got {rewards!r}")
+        table = soup_curve(a, b, out, points=curve, rewards=names, samples=samples)
+        typer.echo(json.dumps(table["rows"], indent=2))
+        typer.echo(f"plot: {out / 'soup_curve.png'}")
 
 
 @app.command()

@@ -18,7 +18,6 @@ rollout on the gradient steps against the frozen base model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,6 +39,11 @@ class LossOut(NamedTuple):
         kl: per-sample penalty to the base model [B'] (detached; zeros without one).
         nfe: denoiser evaluations spent, per the whole batch.
         grad_from: index of the first step that carried gradient.
+        step: take an optimizer step after this loss's backward pass; False accumulates its
+            gradient into the next one (methods that yield one loss per timestep).
+        extra: further per-update metrics of the method (means over the batch), or None.
+        queries: reward evaluations (samples scored) this loss cost; None means one per
+            row of ``reward``.
     """
 
     loss: Tensor
@@ -47,6 +51,9 @@ class LossOut(NamedTuple):
     kl: Tensor
     nfe: int
     grad_from: int
+    step: bool = True
+    extra: dict[str, float] | None = None
+    queries: int | None = None
 
 
 def _objective(reward: Tensor, kl: Tensor, cfg: FinetuneConfig) -> Tensor:
@@ -137,17 +144,4 @@ def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     return LossOut(_objective(r, kl, cfg), r.detach(), kl.detach(), pre.nfe + n * len(prompts), s)
 
 
-Method = Callable[[DiffusionModel, Reward, list[str], list[int], FinetuneConfig, torch.Generator], LossOut]
-METHODS: dict[str, Method] = {
-    "draft": draft,
-    "draft-k": draft_k,
-    "draft-lv": draft_lv,
-    "alignprop": alignprop,
-    "refl": refl,
-}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[name]
+LOSSES = {"draft": draft, "draft-k": draft_k, "draft-lv": draft_lv, "alignprop": alignprop, "refl": refl}

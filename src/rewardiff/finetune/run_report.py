@@ -12,7 +12,9 @@ _ROWS = [
     ("eval_judge_color", "judge: color correct"),
     ("eval_judge_both", "judge: count and color"),
     ("eval_diversity", "diversity (pairwise RMS within a prompt)"),
+    ("eval_kl_to_base", "KL to the base model (nats per sample, eta = 1 paths)"),
 ]
+_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base")  # not on the judge/diversity axes
 
 
 def comparison_table(before: dict, after: dict) -> list[list[str]]:
@@ -29,9 +31,23 @@ def eval_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Pat
 
     last = metrics[-1]["step"] if metrics else 0
     points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r] + [(last, after)]
-    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _ROWS if key != "eval_reward_mean"}
+    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _ROWS if key not in _OWN_AXES}
     path = out / "eval_curve.png"
     plot_curves({k: v for k, v in series.items() if v}, path, "step", "held-out value", "held-out evaluations")
+    return path
+
+
+def kl_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Path | None:
+    """Plot the held-out KL to the base model at each evaluation (None when never measured)."""
+    from rewardiff.report import plot_curves
+
+    last = metrics[-1]["step"] if metrics else 0
+    points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_kl_to_base" in r] + [(last, after)]
+    series = [(s, e["eval_kl_to_base"]) for s, e in points if "eval_kl_to_base" in e]
+    if not series:
+        return None
+    path = out / "kl_curve.png"
+    plot_curves({"KL to the base model": series}, path, "step", "nats per sample", "distance from the base model")
     return path
 
 
@@ -42,6 +58,7 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
     curve = out / "reward_curve.png"
     plot_reward_curve(metrics, curve)
     evals = eval_curve(out, metrics, before, after)
+    kl = kl_curve(out, metrics, before, after)
     text = (
         "The judge is a classical counter (color segmentation and connected components) that no reward uses. "
         "A reward that rises while the judge's accuracy does not is reward hacking."
@@ -51,6 +68,9 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
         Section("Training reward", "Mean reward of each training batch, with held-out evaluations where run.", images=[curve]),
         Section("Held-out evaluations", "Judge accuracy and diversity on the fixed held-out set as training goes: "
                 "falling diversity with a flat judge is the usual face of reward hacking.", images=[evals]),
+        *([Section("Distance from the base model", "KL divergence of the fine-tuned sampler's paths (eta = 1) to the base "
+                    "model's, on the held-out set: a KL that climbs while the held-out reward stalls is drift bought "
+                    "for nothing.", images=[kl])] if kl else []),
         Section("Samples before fine-tuning", "One column per prompt; 'ok' where the judge reads the asked count.",
                 images=[out / "samples_before.png"]),
         Section("Samples after fine-tuning", "Same prompts and seeds as above.", images=[out / "samples_after.png"]),

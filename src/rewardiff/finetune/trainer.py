@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import get_method
+from rewardiff.finetune.diagnostics import kl_to_base
+from rewardiff.finetune.draft import LossOut
+from rewardiff.finetune.methods import check_method, make_method, needs_reward_gradient
 from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, prompt_set
 from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
@@ -40,17 +42,19 @@ class Run:
     def __init__(self, cfg: FinetuneConfig, out: str | Path, progress: bool = True):
         from rewardiff.rewards import get_reward
 
-        get_method(cfg.method)  # fail early, before loading anything heavy
+        check_method(cfg.method)  # fail early, before loading anything heavy
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.reward = get_reward(cfg.reward)
-        if not self.reward.differentiable:
-            raise UserError(f"reward {cfg.reward!r} is not differentiable; method {cfg.method!r} backpropagates through it")
+        if needs_reward_gradient(cfg.method) and not self.reward.differentiable:
+            raise UserError(f"reward {cfg.reward!r} is not differentiable; method {cfg.method!r} backpropagates through it "
+                            "(ddpo and vard need only its values)")
         self.train_prompts = prompt_set(cfg.prompts)
         self.eval_prompts, self.eval_seeds = eval_set(prompt_set(cfg.eval_prompts), cfg.eval_samples)
         torch.manual_seed(cfg.seed)
         self.model: DiffusionModel = base_model(cfg.model)
         attach_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
         self._setup_accelerate()
+        self.method = make_method(cfg, self.model, self.acc)
 
     def _setup_accelerate(self) -> None:
         from accelerate import Accelerator
@@ -87,6 +91,8 @@ class Run:
             d = self._ckpt_dir(step)
             save_weights(d, self.acc.unwrap_model(self.model.net), self.cfg)
             atomic_write(d / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
+            if hasattr(self.method, "save"):
+                self.method.save(d)
             atomic_write_text(d / "state.json", json.dumps({"step": step}))
             atomic_write_text(self.out / "checkpoints" / "latest", d.name)
             for old in sorted((self.out / "checkpoints").glob("step-*"))[:-2]:
@@ -102,6 +108,8 @@ class Run:
         d = self.out / "checkpoints" / latest.read_text().strip()
         load_trainable(d, self.acc.unwrap_model(self.model.net))
         self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if hasattr(self.method, "load"):
+            self.method.load(d)
         step = int(json.loads((d / "state.json").read_text())["step"])
         self.acc.wait_for_everyone()  # every rank has read the checkpoint before anything is written
         if self.acc.is_main_process:
@@ -131,28 +139,55 @@ class Run:
         return [self.train_prompts[i] for i in idx[mine]], seeds[mine].tolist(), gen
 
     def train_step(self, step: int) -> dict:
+        """One step of the method: one loss, or several with an optimizer step after each
+        whose ``step`` flag is set (the gradients of the others accumulate into it)."""
         cfg = self.cfg
         prompts, seeds, gen = self.batch(step)
         t0 = time.perf_counter()
         self.model.net.train()
-        out = get_method(cfg.method)(self.model, self.reward, prompts, seeds, cfg, gen)
+        res = self.method(self.model, self.reward, prompts, seeds, cfg, gen)
+        outs: list[LossOut] = []
+        norms = []
+        for out in [res] if isinstance(res, LossOut) else res:
+            self._check_finite(out, step)
+            if out.step or self.acc.num_processes == 1:
+                self.acc.backward(out.loss)
+            else:
+                with self.acc.no_sync(self.model.net):  # gradients are averaged once, at the optimizer step
+                    self.acc.backward(out.loss)
+            if out.step:
+                norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+                norms.append(float(norm))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            outs.append(out.__class__(*(v.detach() if isinstance(v, torch.Tensor) else v for v in out)))
+        return self._row(step, outs, norms, time.perf_counter() - t0)
+
+    def _check_finite(self, out: LossOut, step: int) -> None:
         bad = torch.tensor([float(not torch.isfinite(out.loss) or not torch.isfinite(out.reward).all())], device=self.acc.device)
         if self.acc.num_processes > 1:  # every process stops together, none is left waiting in backward
             bad = self.acc.reduce(bad, "sum")
         if bool(bad.item()):
             raise NonFiniteError(f"non-finite loss or reward at step {step + 1}; the last good checkpoint is kept in {self.out / 'checkpoints'}")
-        self.acc.backward(out.loss)
-        norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        loss, reward, kl, nfe = out.loss.detach(), out.reward.detach().float(), out.kl.detach().float(), out.nfe
-        if self.acc.num_processes > 1:  # metrics of the global batch: every process holds the same numbers
-            loss = self.acc.gather(loss.float().reshape(1)).mean()
-            reward, kl = self.acc.gather(reward.reshape(-1)), self.acc.gather(kl.reshape(-1))
-            nfe = int(self.acc.gather(torch.tensor([nfe], device=self.acc.device)).sum())
+
+    def _row(self, step: int, outs: list[LossOut], norms: list[float], seconds: float) -> dict:
+        """The step's metrics over the global batch (every process holds the same numbers)."""
+        stepped = [o for o in outs if o.step] or outs
+        loss = torch.stack([o.loss.float() for o in outs]).sum() / max(1, len(stepped))
+        reward = torch.cat([o.reward.float().reshape(-1) for o in stepped])
+        kl = torch.cat([o.kl.float().reshape(-1) for o in stepped])
+        counts = torch.tensor([sum(o.nfe for o in outs), sum(len(o.reward) if o.queries is None else o.queries for o in outs)],
+                              device=self.acc.device)
+        extra = {k: sum(o.extra[k] for o in outs if o.extra) / sum(1 for o in outs if o.extra) for k in (outs[0].extra or {})}
+        if self.acc.num_processes > 1:
+            loss = self.acc.gather(loss.reshape(1).to(self.acc.device)).mean()
+            reward, kl = self.acc.gather(reward.to(self.acc.device)), self.acc.gather(kl.to(self.acc.device))
+            counts = self.acc.reduce(counts, "sum")
+            extra = {k: float(self.acc.gather(torch.tensor([v], device=self.acc.device)).mean()) for k, v in extra.items()}
         return {"step": step + 1, "loss": float(loss), "reward_mean": float(reward.mean()),
                 "reward_std": float(reward.std()) if len(reward) > 1 else 0.0, "kl": float(kl.mean()),
-                "grad_norm": float(norm), "grad_from": out.grad_from, "nfe": nfe, "seconds": time.perf_counter() - t0}
+                "grad_norm": sum(norms) / max(1, len(norms)), "grad_from": outs[-1].grad_from, "nfe": int(counts[0]),
+                "reward_queries": int(counts[1]), "updates": len(norms), **extra, "seconds": seconds}
 
     def evaluate(self, tag: str) -> dict:
         """The fixed evaluation set. Every process computes it (the same numbers: the weights
@@ -164,6 +199,8 @@ class Run:
             grid = self.out / f"samples_{tag}.png" if self.acc.is_main_process else None
             res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
                            guidance_scale=self.cfg.guidance_scale, grid_path=grid)
+            res["kl_to_base"] = float(kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps,
+                                                 self.cfg.guidance_scale).mean())
         finally:
             self.model.net = wrapped
         return {f"eval_{k}": v for k, v in res.items()}

@@ -131,15 +131,21 @@ def base_model(name: str) -> DiffusionModel:
     raise UserError(f"unknown model {name!r}; use 'shapes', diffusers:PIPELINE_DIR, or a directory holding model.safetensors")
 
 
-def load_finetuned(directory: str | Path) -> DiffusionModel:
-    """A fine-tuned model from a run directory, its ``final/`` folder, or a checkpoint folder."""
+def weights_dir(directory: str | Path) -> Path:
+    """The folder holding ``finetune.json`` + ``trainable.safetensors``: a run, its ``final/``, or a checkpoint."""
     d = Path(directory)
     for cand in (d, d / "final"):
         if (cand / "finetune.json").is_file() and (cand / "trainable.safetensors").is_file():
-            cfg = build_config(json.loads((cand / "finetune.json").read_text()))
-            model = base_model(cfg.model)
-            attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
-            load_trainable(cand, model.net)
-            model.net.eval()
-            return model
+            return cand
     raise UserError(f"no fine-tuned weights (finetune.json + trainable.safetensors) in {d}")
+
+
+def load_finetuned(directory: str | Path) -> DiffusionModel:
+    """A fine-tuned model from a run directory, its ``final/`` folder, or a checkpoint folder."""
+    d = weights_dir(directory)
+    cfg = build_config(json.loads((d / "finetune.json").read_text()))
+    model = base_model(cfg.model)
+    attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    load_trainable(d, model.net)
+    model.net.eval()
+    return model

@@ -1,0 +1,214 @@
+"""VARD: value-based dense supervision with a KL penalty (arXiv 2505.15791).
+
+A value model V_phi(x_t, t, c) predicts the final reward from an intermediate state. It is
+fitted by regression on sampled trajectories, so the reward itself may be a black box.
+Fine-tuning then backpropagates V_phi at every step of the chain instead of the reward at
+the end of it:
+
+1. sample a batch with the current weights (eta > 0, no gradient), keeping every state
+   x_T .. x_0, and score the final samples with the reward;
+2. regress V_phi on (x_t, t, c) -> r for every state of the batch (``vard_value_steps`` Adam
+   steps), so the value follows the policy as it moves;
+3. for every step j: recompute the step's mean mu_theta(x_j) with gradient, form the next state
+   x_{j+1}^theta = x_{j+1} + (mu_theta - sg(mu_theta)) (the sampled state in the forward pass;
+   the reparameterized gradient in the backward pass), and minimize
+
+       L_j = -V_phi(x_{j+1}^theta, t_{j+1}, c) + kl_weight * ||mu_theta - mu_base||^2 / (2 sigma_j^2),
+
+   the second term the step's KL to the frozen base model (sigma_j^2 floored as in
+   :func:`~rewardiff.finetune.diagnostics.step_variances`); the gradient is accumulated over the
+   steps and the trainer takes one optimizer step.
+
+Before the first update the value is fitted on ``vard_warmup`` trajectories of the base model
+(or loaded from ``vard_value``, a directory written by ``rewardiff train-value``). Gradients never
+pass through more than one step of the chain, so memory stays that of one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rewardiff.errors import UserError
+from rewardiff.finetune.config import FinetuneConfig
+from rewardiff.finetune.diagnostics import step_kl, step_variances
+from rewardiff.finetune.draft import LossOut
+from rewardiff.guidance.value import ValueNet, load_value, pool_cond
+from rewardiff.io import atomic_write
+from rewardiff.models.base import DiffusionModel
+from rewardiff.rollout import evaluations_per_call, guided_output
+from rewardiff.types import Reward
+
+WARMUP_BATCH = 32
+
+
+def fit_value(net: ValueNet, opt: torch.optim.Optimizer, states: list[Tensor], timesteps: list[int], cond: Tensor,
+              rewards: Tensor, steps: int, gen: torch.Generator, sync=None) -> float:
+    """``steps`` steps of MSE regression of V(x_t, t, c) on the final reward r.
+
+    Args:
+        net: the value network (its target_mean / target_std standardize the targets).
+        opt: its optimizer.
+        states: the trajectories' states, one tensor [B, ...] per timestep.
+        timesteps: the timestep of each entry of ``states``.
+        cond: pooled conditions [B, D]; rewards: [B].
+        gen: draws which state of each trajectory a step regresses on.
+        sync: called between backward and the optimizer step (gradient averaging across processes).
+
+    Returns:
+        The last step's loss, in standardized units.
+    """
+    net.train().requires_grad_(True)
+    B, n = rewards.shape[0], len(states)
+    target = (rewards - net.target_mean) / net.target_std
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        j = torch.randint(0, n, (B,), generator=gen)  # one state of each trajectory
+        x = torch.stack([states[int(k)][b] for b, k in enumerate(j)])
+        t = torch.tensor([timesteps[int(k)] for k in j], device=x.device)
+        loss = ((net.standardized(x, t, cond) - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sync is not None:
+            sync()
+        opt.step()
+    net.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
+class VARD:
+    """The VARD method: owns the value model and its optimizer; yields one loss per step.
+
+    Args:
+        cfg: the run's configuration (kl_weight, eta, vard_* fields).
+        model: the model being fine-tuned (its state shape and condition size fix the value's).
+        acc: the run's accelerator; with several processes the value's gradients are averaged
+            across them, so every process holds the same value model.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, model: DiffusionModel, acc=None):
+        if cfg.eta <= 0:
+            raise UserError("method 'vard' needs a stochastic sampler: set eta > 0 (e.g. eta=1)")
+        self.acc = acc
+        self.warm = False
+        if cfg.vard_value:
+            self.value = load_value(cfg.vard_value).net.to(model.device)
+            self.warm = True
+        else:
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(cfg.seed + 911)  # the value's initial weights: a function of the seed only
+            cond_dim = pool_cond(model.encode([""])).shape[-1]
+            self.value = ValueNet(model.shape, cond_dim).to(model.device)
+            torch.random.set_rng_state(gen_state)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.vard_value_lr)
+        self.last_value_loss = float("nan")
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in self.value.state_dict().items()}
+        atomic_write(directory / "value.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write(directory / "value_optimizer.pt", lambda p: torch.save(self.value_opt.state_dict(), p))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.value.load_state_dict(load_file(str(directory / "value.safetensors")))
+        self.value_opt.load_state_dict(torch.load(directory / "value_optimizer.pt", weights_only=True))
+        self.warm = True
+
+    # ------------------------------------------------------------------ the value
+
+    def _fit(self, states: list[Tensor], timesteps: list[int], cond: Tensor, rewards: Tensor, steps: int, gen: torch.Generator) -> float:
+        return fit_value(self.value, self.value_opt, states, timesteps, cond, rewards, steps, gen, self._sync_grads)
+
+    def _sync_grads(self) -> None:
+        acc = self.acc
+        if acc is None or acc.num_processes == 1:
+            return
+        for p in self.value.parameters():
+            if p.grad is not None:
+                p.grad = acc.reduce(p.grad, "mean")
+
+    def _rollout(self, model: DiffusionModel, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig):
+        with torch.no_grad():
+            traj = model.sample(prompts, seeds, cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale, keep_states=True)
+            r = reward_fn(model.output(traj.x0), prompts).detach().float().reshape(-1)
+        return traj, r
+
+    def _warmup(self, model: DiffusionModel, reward_fn: Reward, cfg: FinetuneConfig, gen: torch.Generator) -> tuple[int, int]:
+        """Fit the value on base-model trajectories before the first update; (queries, nfe) spent."""
+        from rewardiff.finetune.evaluate import EVAL_SEED, prompt_set
+
+        train = prompt_set(cfg.prompts)
+        n_proc = self.acc.num_processes if self.acc is not None else 1
+        rank = self.acc.process_index if self.acc is not None else 0
+        n = -(-cfg.vard_warmup // n_proc)
+        wgen = torch.Generator().manual_seed(cfg.seed * 7_919 + 104_729 + rank)
+        idx = torch.randint(0, len(train), (n,), generator=wgen)
+        seeds = torch.randint(0, EVAL_SEED, (n,), generator=wgen).tolist()
+        batches = []
+        nfe = 0
+        for i in range(0, n, WARMUP_BATCH):
+            p = [train[int(k)] for k in idx[i : i + WARMUP_BATCH]]
+            traj, r = self._rollout(model, reward_fn, p, seeds[i : i + WARMUP_BATCH], cfg)
+            batches.append((traj, r, pool_cond(model.encode(p)).detach()))
+            nfe += traj.nfe
+        rewards = torch.cat([b[1] for b in batches])
+        self.value.target_mean.fill_(float(rewards.mean()))
+        self.value.target_std.fill_(float(rewards.std()) + 1e-6 if len(rewards) > 1 else 1.0)
+        if self.value.image:
+            states = torch.cat([torch.cat(b[0].xs[:-1]) for b in batches])
+            stats = self.value.input_stats(states)
+            self.value.stat_mean.copy_(stats.mean(0))
+            self.value.stat_std.copy_(stats.std(0) + 1e-6)
+        ts = batches[0][0].timesteps
+        per = max(1, cfg.vard_warmup_steps // len(batches))
+        for traj, r, c in batches:
+            self._fit(traj.xs, ts + [-1], c, r, per, wgen)
+        self.warm = True
+        return n, nfe
+
+    # ------------------------------------------------------------------ one training step
+
+    def __call__(self, model: DiffusionModel, reward_fn: Reward, prompts: list[str], seeds: list[int],
+                 cfg: FinetuneConfig, gen: torch.Generator) -> Iterator[LossOut]:
+        extra_q, extra_nfe = self._warmup(model, reward_fn, cfg, gen) if not self.warm and cfg.vard_warmup > 0 else (0, 0)
+        self.warm = True
+        traj, rewards = self._rollout(model, reward_fn, prompts, seeds, cfg)
+        ts = traj.timesteps
+        prevs = ts[1:] + [-1]
+        pooled = pool_cond(model.encode(prompts)).detach()
+        if cfg.vard_value_steps > 0:  # 2. the value follows the policy
+            self.last_value_loss = self._fit(traj.xs, ts + [-1], pooled, rewards, cfg.vard_value_steps, gen)
+        variances = step_variances(model, ts, cfg.eta)
+        per_call = evaluations_per_call(cfg.guidance_scale)
+        T, B = len(ts), len(prompts)
+        for j in range(T):  # 3. dense value gradients, one step at a time
+            loss, kl, v = self._step_loss(model, traj.xs[j], traj.xs[j + 1], ts[j], prevs[j], prompts, pooled, variances[j], cfg)
+            first = j == 0
+            nfe = per_call * B * (2 if model.reference is not None and cfg.kl_weight > 0 else 1) + ((traj.nfe + extra_nfe) if first else 0)
+            extra = {"value": float(v.mean()), "value_loss": self.last_value_loss}
+            yield LossOut(loss / T, rewards, kl, nfe, 0, step=j == T - 1, extra=extra, queries=(B + extra_q) if first else 0)
+
+    def _step_loss(self, model: DiffusionModel, x_t: Tensor, x_next: Tensor, t: int, t_prev: int, prompts: list[str],
+                   pooled: Tensor, var: float, cfg: FinetuneConfig) -> tuple[Tensor, Tensor, Tensor]:
+        cond = model.encode(prompts)
+        uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+        zeros = torch.zeros_like(x_t)
+        out, _ = guided_output(model.net, x_t, t, cond, uncond, cfg.guidance_scale)
+        mean = model.process.step(out, t, t_prev, x_t, cfg.eta, zeros).mean
+        x_theta = x_next + (mean - mean.detach())
+        v = self.value(x_theta, t_prev, pooled)
+        kl = torch.zeros(len(prompts), device=x_t.device)
+        if model.reference is not None and cfg.kl_weight > 0:
+            with torch.no_grad():
+                ref_out, _ = guided_output(model.reference, x_t, t, cond.detach(), uncond, cfg.guidance_scale)
+                ref_mean = model.process.step(ref_out, t, t_prev, x_t, cfg.eta, zeros).mean
+            kl = step_kl(mean, ref_mean, var)
+        return -v.mean() + cfg.kl_weight * kl.mean(), kl.detach(), v.detach()
