@@ -33,7 +33,7 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LossOut
+from rewardiff.finetune.draft import LossOut, PromptConditions
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import evaluations_per_call, guided_output
@@ -144,16 +144,15 @@ class DDPO:
         steps = [stochastic[int(i)] for i in torch.randperm(len(stochastic), generator=gen)[:n_train]]
         per_call = evaluations_per_call(cfg.guidance_scale)
         size = B // cfg.ppo_minibatches
+        conds = PromptConditions(model, prompts, cfg.guidance_scale)
         first = True
         # 3. clipped-ratio updates: one optimizer step per minibatch, accumulated over its steps
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen)
             for m in range(cfg.ppo_minibatches):
                 rows = order[m * size : (m + 1) * size]
-                mb = [prompts[int(i)] for i in rows]
                 for k, j in enumerate(steps):
-                    cond = model.encode(mb)
-                    uncond = model.encode([""] * len(mb)) if cfg.guidance_scale != 1.0 else None
+                    cond, uncond = conds.rows(rows)
                     lp = step_log_prob(model, traj.xs[j][rows], traj.xs[j + 1][rows], ts[j], prevs[j], cond, uncond, cfg) / d
                     old = traj.log_probs[rows, j] / d
                     ratio = torch.exp(lp - old)

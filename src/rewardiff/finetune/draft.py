@@ -26,7 +26,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.models.base import DiffusionModel
-from rewardiff.rollout import guided_output, last_k, rollout
+from rewardiff.rollout import gather_rows, guided_output, last_k, rollout
 from rewardiff.types import Reward
 
 
@@ -54,6 +54,37 @@ class LossOut(NamedTuple):
     step: bool = True
     extra: dict[str, float] | None = None
     queries: int | None = None
+
+
+def _needs_grad(c) -> bool:
+    if isinstance(c, dict):
+        return any(_needs_grad(v) for v in c.values())
+    return isinstance(c, Tensor) and c.requires_grad
+
+
+class PromptConditions:
+    """The conditions of a batch's prompts, for methods that take many losses on one batch.
+
+    When the prompt encoder is frozen (LoRA on the UNet), the prompts are encoded once and
+    rows are taken from that; when it trains (full fine-tuning), each call encodes again,
+    since every backward pass frees the graph of the encoding it used.
+    """
+
+    def __init__(self, model: DiffusionModel, prompts: list[str], guidance_scale: float):
+        self.model, self.prompts, self.cfg_on = model, prompts, guidance_scale != 1.0
+        with torch.enable_grad():
+            self.trains = _needs_grad(model.encode(prompts[:1]))
+        if not self.trains:
+            with torch.no_grad():
+                self.cond = model.encode(prompts)
+                self.uncond = model.encode([""] * len(prompts)) if self.cfg_on else None
+
+    def rows(self, rows: Tensor):
+        """(cond, uncond) of the batch rows ``rows`` (uncond None without guidance)."""
+        if self.trains:
+            p = [self.prompts[int(i)] for i in rows]
+            return self.model.encode(p), self.model.encode([""] * len(p)) if self.cfg_on else None
+        return gather_rows(self.cond, rows), gather_rows(self.uncond, rows)
 
 
 def _objective(reward: Tensor, kl: Tensor, cfg: FinetuneConfig) -> Tensor:

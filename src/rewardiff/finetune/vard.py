@@ -35,7 +35,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import step_kl, step_variances
-from rewardiff.finetune.draft import LossOut
+from rewardiff.finetune.draft import LossOut, PromptConditions
 from rewardiff.guidance.value import ValueNet, load_value, pool_cond
 from rewardiff.io import atomic_write
 from rewardiff.models.base import DiffusionModel
@@ -189,26 +189,27 @@ class VARD:
         variances = step_variances(model, ts, cfg.eta)
         per_call = evaluations_per_call(cfg.guidance_scale)
         T, B = len(ts), len(prompts)
+        conds = PromptConditions(model, prompts, cfg.guidance_scale)
+        every = torch.arange(B)
         for j in range(T):  # 3. dense value gradients, one step at a time
-            loss, kl, v = self._step_loss(model, traj.xs[j], traj.xs[j + 1], ts[j], prevs[j], prompts, pooled, variances[j], cfg)
+            cond, uncond = conds.rows(every)
+            loss, kl, v = self._step_loss(model, traj.xs[j], traj.xs[j + 1], ts[j], prevs[j], cond, uncond, pooled, variances[j], cfg)
             first = j == 0
             nfe = per_call * B * (2 if model.reference is not None and cfg.kl_weight > 0 else 1) + ((traj.nfe + extra_nfe) if first else 0)
             extra = {"value": float(v.mean()), "value_loss": self.last_value_loss}
             yield LossOut(loss / T, rewards, kl, nfe, 0, step=j == T - 1, extra=extra, queries=(B + extra_q) if first else 0)
 
-    def _step_loss(self, model: DiffusionModel, x_t: Tensor, x_next: Tensor, t: int, t_prev: int, prompts: list[str],
+    def _step_loss(self, model: DiffusionModel, x_t: Tensor, x_next: Tensor, t: int, t_prev: int, cond, uncond,
                    pooled: Tensor, var: float, cfg: FinetuneConfig) -> tuple[Tensor, Tensor, Tensor]:
-        cond = model.encode(prompts)
-        uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
         zeros = torch.zeros_like(x_t)
         out, _ = guided_output(model.net, x_t, t, cond, uncond, cfg.guidance_scale)
         mean = model.process.step(out, t, t_prev, x_t, cfg.eta, zeros).mean
         x_theta = x_next + (mean - mean.detach())
         v = self.value(x_theta, t_prev, pooled)
-        kl = torch.zeros(len(prompts), device=x_t.device)
+        kl = torch.zeros(x_t.shape[0], device=x_t.device)
         if model.reference is not None and cfg.kl_weight > 0:
             with torch.no_grad():
-                ref_out, _ = guided_output(model.reference, x_t, t, cond.detach(), uncond, cfg.guidance_scale)
+                ref_out, _ = guided_output(model.reference, x_t, t, cond, uncond, cfg.guidance_scale)
                 ref_mean = model.process.step(ref_out, t, t_prev, x_t, cfg.eta, zeros).mean
             kl = step_kl(mean, ref_mean, var)
         return -v.mean() + cfg.kl_weight * kl.mean(), kl.detach(), v.detach()
