@@ -7,6 +7,7 @@
 
 from rewardiff.rewards import image, shapes_rm  # noqa: F401  (fill the registry)
 from rewardiff.rewards import vision  # noqa: F401
+from rewardiff.rewards import chem, chem_rm  # noqa: F401
 from rewardiff.rewards.base import RewardFn
 from rewardiff.rewards.ensemble import WeightedSum
 from rewardiff.rewards.registry import get_reward, list_rewards, register

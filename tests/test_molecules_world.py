@@ -1,0 +1,105 @@
+"""The molecules world: standardized data, the SELFIES tokenizer, the split and the metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rewardiff.errors import UserError
+from rewardiff.worlds import molecules
+
+
+def test_data_figures():
+    smiles = molecules.load_smiles()
+    assert 4500 < len(smiles) <= 4999  # 4,999 lines; a few unparseable, metal-bearing or duplicate
+    assert len(set(smiles)) == len(smiles)
+    assert all("." not in s and "@" not in s for s in smiles)  # largest fragment, no stereo
+    assert smiles == molecules.load_smiles()  # fixed order
+    tok = molecules.tokenizer()
+    assert (tok.pad_id, tok.mask_id, tok.vocab[:2]) == (0, 1, ["<pad>", "<mask>"])
+    assert tok.size == len(tok.vocab) and tok.max_len == molecules.MAX_LEN
+    kept = molecules.kept_smiles()
+    assert len(kept) / len(smiles) >= 0.97
+
+
+def test_shipped_vocabulary_is_the_data_vocabulary():
+    assert molecules.build_tokenizer().vocab == molecules.tokenizer().vocab
+
+
+def test_round_trip_on_every_kept_molecule():
+    tok = molecules.tokenizer()
+    for split in molecules.SPLITS:
+        ids, smiles = molecules.data(split)
+        assert ids.dtype == torch.long and ids.shape == (len(smiles), tok.max_len)
+        assert tok.decode_batch(ids) == smiles
+        assert torch.equal(tok.encode(smiles[7]), ids[7])
+
+
+def test_held_out_split_is_disjoint_and_deterministic():
+    train, held = molecules.data("train")[1], molecules.data("held-out")[1]
+    assert not set(train) & set(held)
+    assert len(train) + len(held) == len(molecules.kept_smiles())
+    assert 0.08 < len(held) / (len(train) + len(held)) < 0.12
+    assert all(molecules.is_held_out(s) for s in held) and not any(molecules.is_held_out(s) for s in train[:200])
+    assert molecules.data("held-out")[1] == held
+    with pytest.raises(UserError, match="valid: train, held-out"):
+        molecules.data("test")
+
+
+def test_decode_reads_up_to_the_first_pad_or_mask():
+    tok = molecules.tokenizer()
+    c, o = tok.vocab.index("[C]"), tok.vocab.index("[O]")
+    assert tok.decode([c, c, o, 0, c, c]) == "CCO"  # after <pad>: ignored
+    assert tok.decode([c, c, 1, o, 0]) == "CC"  # <mask> ends it like <pad>
+    assert tok.decode(torch.zeros(tok.max_len, dtype=torch.long)) == ""
+    assert tok.decode([]) == ""
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        tok.decode([tok.size])
+
+
+def test_encode_standardizes_and_rejects():
+    tok = molecules.tokenizer()
+    assert tok.decode(tok.encode("OCC.[Na+].[Cl-]")) == "CCO"
+    assert tok.decode(tok.encode("C[C@H](N)C(=O)O")) == "CC(N)C(=O)O"
+    with pytest.raises(UserError, match="cannot parse"):
+        tok.encode("C1CC")
+    with pytest.raises(UserError, match="limit is 56"):
+        tok.encode("C" * 60)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        tok.encode("C[Si](C)(C)C")
+
+
+def test_random_sequences_decode_to_valid_molecules():
+    tok = molecules.tokenizer()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, tok.size, (400, tok.max_len), generator=g)
+    lengths = torch.randint(1, tok.max_len + 1, (400,), generator=g)
+    ids[torch.arange(tok.max_len) >= lengths[:, None]] = tok.pad_id
+    smiles = tok.decode_batch(ids)
+    nonempty = [s for s in smiles if s]
+    assert len(nonempty) > 380  # empty only when nothing but branch/ring symbols came first
+    assert molecules.validity(nonempty) == 1.0
+
+
+def test_tokenizer_save_load(tmp_path):
+    tok = molecules.tokenizer()
+    path = tok.save(tmp_path / "tok.json")
+    again = molecules.Tokenizer.load(path)
+    assert again.vocab == tok.vocab and again.max_len == tok.max_len
+    (tmp_path / "bad.json").write_text(json.dumps({"vocab": ["[C]", "<pad>"], "max_len": 4}))
+    with pytest.raises(UserError, match="bad.json"):
+        molecules.Tokenizer.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="missing.json"):
+        molecules.Tokenizer.load(tmp_path / "missing.json")
+
+
+def test_metrics():
+    generated = ["CCO", "OCC", "c1ccccc1", "", "C1CC", "CCN"]
+    # valid: CCO, OCC (= CCO), benzene, CCN -> 4 of 6; distinct: 3 of 4
+    assert molecules.validity(generated) == pytest.approx(4 / 6)
+    assert molecules.uniqueness(generated) == pytest.approx(3 / 4)
+    # distinct valid: CCO, benzene, CCN; CCO is in the training set -> 2 of 3 novel
+    assert molecules.novelty(generated, ["CCO", "CCCC"]) == pytest.approx(2 / 3)
+    assert molecules.validity([]) == molecules.uniqueness([""]) == molecules.novelty([""], ["C"]) == 0.0
