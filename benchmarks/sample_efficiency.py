@@ -38,7 +38,7 @@ SUITES = {
     "count": dict(reward="shapes-count", target=-0.70, methods=list(METHODS), budget=1200, budgets={"ddpo": 4000, "vard": 1600},
                   eval_queries=40, eval_queries_by={"ddpo": 320, "vard": 80}),
     # no gradient: the two black-box methods
-    "jpeg": dict(reward="jpeg-compressibility", target=-0.80, methods=["ddpo", "vard"], budget=4800, budgets={},
+    "jpeg": dict(reward="jpeg-compressibility", target=-0.90, methods=["ddpo", "vard"], budget=1600, budgets={},
                  eval_queries=320, eval_queries_by={}),
 }
 
@@ -97,6 +97,69 @@ def run_one(suite_name: str, name: str, seed: int, out_root: Path) -> dict:
             print(f"{suite_name} {name} seed {seed}: step {step} queries {prog['queries']} reward {ev['eval_reward_mean']:.3f} "
                   f"judge {ev.get('eval_judge_count', float('nan')):.3f} ({time.strftime('%H:%M:%S')})", flush=True)
     return prog
+
+
+INFERENCE = [("best-of-n", w) for w in (1, 2, 4, 8, 16)] + [("svdd-pm", m) for m in (2, 4, 8, 16)]
+
+
+def inference_points(suite_name: str, out_root: Path) -> list[dict]:
+    """Inference-time methods on the same held-out set as the training runs' evaluations
+    (base model, eta = 1): reward against NFE per sample. Cached in ``inference.json``."""
+    import torch
+
+    from rewardiff.finetune.evaluate import eval_set, prompt_set
+    from rewardiff.guidance import guided_sample, make_method
+    from rewardiff.models.base import shapes_model
+    from rewardiff.rewards import get_reward
+
+    path = out_root / suite_name / "inference.json"
+    done = json.loads(path.read_text()) if path.is_file() else []
+    have = {(r["method"], r["width"]) for r in done}
+    suite = SUITES[suite_name]
+    cfg = _config(suite, "ddpo", 0)
+    reward = get_reward(suite["reward"])
+    model = shapes_model()
+    prompts, seeds = eval_set(prompt_set(cfg.eval_prompts), cfg.eval_samples)
+    for name, width in INFERENCE:
+        if (name, width) in have:
+            continue
+        method = make_method(name, reward, width=width)
+        t0 = time.perf_counter()
+        x, info = guided_sample(model, method, prompts, seeds, cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, eta=1.0)
+        with torch.no_grad():
+            r = torch.cat([reward(x[i : i + 64], prompts[i : i + 64]) for i in range(0, len(prompts), 64)])
+        done.append({"method": name, "width": width, "nfe_per_sample": info["nfe"] / len(prompts), "reward_mean": float(r.mean()),
+                     "seconds": time.perf_counter() - t0})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def matched_compute(suite_name: str, out_root: Path, seeds: list[int]) -> str:
+    """Training methods against inference-time methods at equal denoiser evaluations.
+
+    A fine-tuned model spends its training NFE once, then 30 NFE per sample; an
+    inference-time method spends its NFE per sample every time. For the 96 evaluation
+    samples, the training run's total is (training NFE + 96 x 30), i.e. per sample
+    30 + training NFE / 96; the inference row closest below that per-sample cost is its match.
+    """
+    inf = inference_points(suite_name, out_root)
+    lines = ["| method | training NFE | NFE per sample, 96 samples amortized | held-out reward | inference at <= that NFE per sample |",
+             "|---|---|---|---|---|"]
+    for name in SUITES[suite_name]["methods"]:
+        for s in seeds:
+            p = out_root / suite_name / f"{name}-seed{s}" / "progress.json"
+            if not p.is_file():
+                continue
+            last = json.loads(p.read_text())["points"][-1]
+            per = 30 + last["nfe"] / 96
+            fits = [r for r in inf if r["nfe_per_sample"] <= per]
+            best = max(fits, key=lambda r: r["reward_mean"]) if fits else None
+            inf_txt = f"{best['method']} width {best['width']} ({best['nfe_per_sample']:.0f} NFE): {best['reward_mean']:.3f}" if best else "-"
+            lines.append(f"| {name} seed {s} | {last['nfe']} | {per:.0f} | {last['eval_reward_mean']:.3f} | {inf_txt} |")
+    lines += ["", "| inference method | width | NFE per sample | held-out reward |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['width']} | {r['nfe_per_sample']:.0f} | {r['reward_mean']:.3f} |" for r in inf]
+    return "\n".join(lines)
 
 
 def reached(prog: dict) -> dict | None:
@@ -190,6 +253,8 @@ def main() -> None:
             for seed in seeds:
                 run_one(args.suite, name, seed, args.out)
     table = summarize(args.suite, args.out, seeds)
+    if args.suite == "jpeg":
+        table += "\n\n" + matched_compute(args.suite, args.out, seeds)
     (args.out / args.suite).mkdir(parents=True, exist_ok=True)
     (args.out / args.suite / "table.md").write_text(table + "\n")
     plot(args.suite, args.out, seeds)

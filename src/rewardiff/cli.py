@@ -39,7 +39,7 @@ def finetune(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/finetune"),
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
 ) -> None:
-    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard)."""
+    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard; gumbel for token models)."""
     from rewardiff.finetune.config import load_config
     from rewardiff.finetune.trainer import finetune as run
 
@@ -77,21 +77,46 @@ def sample(
 
 @app.command()
 def pretrain(
-    world: Annotated[str, typer.Argument(help="which world: shapes")],
-    out: Annotated[Path, typer.Option(help="training directory (resumes when it holds a checkpoint)")] = Path("runs/pretrain-shapes"),
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
+    world: Annotated[str, typer.Argument(help="which world's model: shapes, molecules or molecules-ar")],
+    out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train a world's base model (resumable), then export it with its card to OUT/model."""
     from rewardiff.worlds.card import write_card
     from rewardiff.worlds.pretrain import PretrainConfig, pretrain_shapes
 
-    if world != "shapes":
-        raise UserError(f"unknown world {world!r}; valid worlds: shapes")
-    ema = pretrain_shapes(PretrainConfig(steps=steps, seed=seed), out)
+    if world not in ("shapes", "molecules", "molecules-ar"):
+        raise UserError(f"unknown world {world!r}; valid worlds: shapes, molecules, molecules-ar")
+    out = out or Path(f"runs/pretrain-{world}")
+    if world == "molecules":
+        _pretrain_molecules(out, steps, seed)
+        return
+    if world == "molecules-ar":
+        _pretrain_molecules_ar(out, steps, seed)
+        return
+    ema = pretrain_shapes(PretrainConfig(steps=PretrainConfig.steps if steps is None else steps, seed=seed), out)
     ema.save(out / "model")
     card = write_card(out / "model", out)
     typer.echo(f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}")
+
+
+def _pretrain_molecules(out: Path, steps: int | None, seed: int) -> None:
+    from rewardiff.worlds.pretrain_molecules import MoleculesPretrainConfig, export, pretrain_molecules, write_card
+
+    ema = pretrain_molecules(MoleculesPretrainConfig(steps=MoleculesPretrainConfig.steps if steps is None else steps, seed=seed), out)
+    card = write_card(export(ema, out / "model"), out)
+    typer.echo(f"model and card: {out / 'model'}; validity {card['validity']:.1%}, uniqueness {card['uniqueness']:.1%}, "
+               f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
+
+
+def _pretrain_molecules_ar(out: Path, steps: int | None, seed: int) -> None:
+    from rewardiff.worlds.pretrain_molecules_ar import MoleculesARPretrainConfig, export, pretrain_molecules_ar, write_card
+
+    cfg = MoleculesARPretrainConfig(steps=MoleculesARPretrainConfig.steps if steps is None else steps, seed=seed)
+    card = write_card(export(pretrain_molecules_ar(cfg, out), out / "model"), out)
+    typer.echo(f"model and card: {out / 'model'}; validity {card['validity']:.1%}, uniqueness {card['uniqueness']:.1%}, "
+               f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
 
 
 @app.command("train-reward")

@@ -74,3 +74,17 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
         if row.get("step", 0) <= step:
             keep.append(line + "\n")
     atomic_write_text(path, "".join(keep))
+
+
+def save_module(directory: str | os.PathLike, module, config: dict) -> Path:
+    """A module's tensors as ``model.safetensors`` and ``config`` as ``config.json`` in
+    ``directory``, each written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
+    atomic_write_text(d / "config.json", json.dumps(config, indent=2))
+    return d

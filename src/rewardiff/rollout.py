@@ -86,7 +86,8 @@ def rollout(
         reference: frozen model for the KL-style penalty on gradient steps.
         hook: a guidance method called after every step; it may shift the particles or
             select a new set of them (:class:`~rewardiff.types.Selection`).
-        generator: random source of the eta > 0 noise: one generator for the batch, or one
+        generator: random source of the step noise (``process.noise_like``; eta > 0 for a
+            Gaussian process, always for a masked one): one generator for the batch, or one
             per particle (then a particle's noise does not depend on the rest of the batch).
         keep_states: return every state x_T ... x_0 in ``Trajectory.xs``.
         prompts: the batch's prompts, passed on to the hook.
@@ -108,7 +109,7 @@ def rollout(
     needs_grad = bool(getattr(hook, "needs_grad", False))
     cached: Tensor | None = None
     for i, (t, t_prev) in enumerate(zip(timesteps, prevs)):
-        noise = particles.noise(x) if eta > 0 else None
+        noise = particles.noise(x, process) if process.is_stochastic(eta) else None
         step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference)
         if i in grad_steps:
             ref_out = step.reference_output(x) if reference is not None else None
@@ -179,15 +180,14 @@ class _Particles:
         self.cond, self.uncond, self.prompts = cond, uncond, prompts
         self.gens = generator
 
-    def noise(self, like: Tensor) -> Tensor:
+    def noise(self, like: Tensor, process: GaussianProcess) -> Tensor:
+        """The step's noise for particles ``like`` [B, ...], as ``process.noise_like`` draws it."""
         g = self.gens
         if isinstance(g, list):
             if len(g) != like.shape[0]:
                 raise ValueError(f"{len(g)} generators for {like.shape[0]} particles")
-            z = torch.stack([torch.randn(like.shape[1:], generator=gi, device=gi.device) for gi in g])
-        else:
-            z = torch.randn(like.shape, generator=g, device="cpu" if g is None else g.device)
-        return z.to(like.device, like.dtype)
+            return torch.cat([process.noise_like(like[i : i + 1], gi) for i, gi in enumerate(g)])
+        return process.noise_like(like, g)
 
     def select(self, parents: Tensor, step: int) -> None:
         rows = parents.cpu()

@@ -50,10 +50,13 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
                   reward: str | None, steps: int, guidance_scale: float, eta: float | None, method: str = "base",
                   width: int | None = None, nfe_budget: int | None = None, value: Path | None = None,
                   options: dict[str, Any] | None = None) -> dict:
-    """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``.
+    """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``
+    (for a model of text outputs, e.g. molecules, ``samples.txt`` instead of the images).
 
     The summary holds ``nfe`` (denoiser evaluations, classifier-free guidance counting 2),
-    ``nfe_per_sample`` and, with a reward, ``reward_mean`` and ``reward_std``.
+    ``nfe_per_sample``, with a reward ``reward_mean`` and ``reward_std``, and for text outputs
+    ``texts``. An unconditional model samples with "" for every prompt and no classifier-free
+    guidance (guidance scale 1).
     """
     from PIL import Image
 
@@ -74,10 +77,12 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     reward_fn = get_reward(reward) if reward else None
     value_fn = load_value(value) if value is not None else None
     meth = make_method(method, reward_fn, width=width, seed=seed, value=value_fn, **(options or {}))
+    m = load_model(model, checkpoint)
+    if not m.conditional:  # prompts and classifier-free guidance mean nothing to it
+        prompts, guidance_scale = [""] * len(prompts), 1.0
     if nfe_budget is not None:
         budget_plan(meth, nfe_budget, steps, guidance_scale)
     meth.check(meth.default_eta if eta is None else eta)
-    m = load_model(model, checkpoint)
     if m.name == "shapes":  # the shapes world's text encoder knows its own words only
         try:
             shapes.tokenize(prompts)
@@ -88,11 +93,15 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     with progress_bar(len(all_prompts), f"sampling ({meth.name})") as bar:
         x, info = guided_sample(m, meth, all_prompts, seeds, steps, guidance_scale=guidance_scale, eta=eta, progress=bar)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
-        Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
-    save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
     summary: dict = {"prompts": prompts, "n": len(all_prompts), **info}
+    if m.texts is not None:
+        summary["texts"] = m.texts(x)
+        atomic_write_text(out / "samples.txt", "\n".join(summary["texts"]) + "\n")
+    else:
+        (out / "samples").mkdir(exist_ok=True)
+        for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
+            Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
+        save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
     if nfe_budget is not None:
         summary["nfe_budget"] = nfe_budget
     if reward_fn is not None:

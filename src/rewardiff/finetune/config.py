@@ -14,21 +14,21 @@ from rewardiff.errors import UserError
 
 @dataclass
 class FinetuneConfig:
-    model: str = "shapes"  # "shapes" (shipped base model), "diffusers:PIPELINE_DIR", or a directory holding a model
+    model: str = "shapes"  # "shapes", "diffusers:PIPELINE_DIR", "molecules-ar", "hf:MODEL_DIR", "molecules", or a model directory
     reward: str = "shapes-count"  # registered name, "pkg.module:function", or "0.7*a+0.3*b"
-    method: str = "draft-k"  # draft | draft-k | draft-lv | alignprop | refl | ddpo | vard
+    method: str = "draft-k"  # draft | draft-k | draft-lv | alignprop | refl | ddpo | vard | gumbel
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # trajectories per step
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    lora_rank: int = 8  # LoRA rank on the UNet; 0 fine-tunes all weights
+    lora_rank: int = 8  # LoRA rank on the UNet (token models: their attention or linear layers); 0 fine-tunes all weights
     lora_alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
-    k: int = 3  # draft-k: steps at the end of the chain that carry gradient
+    k: int = 3  # draft-k, gumbel on masked diffusion: steps at the end of the chain that carry gradient
     lv_n: int = 2  # draft-lv: re-noised copies of each sample
     num_inference_steps: int = 15  # DDIM steps of the sampling chain
     eta: float = 0.0  # DDIM stochasticity of training rollouts
     guidance_scale: float = 2.0  # classifier-free guidance scale
-    kl_weight: float = 0.0  # penalty to the base model: squared output distance (DRaFT+), per-step KL (vard)
+    kl_weight: float = 0.0  # penalty to the base model: squared output distance (DRaFT+), per-step KL (vard), per-token KL (gumbel)
     grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
     checkpointing: bool = True  # gradient checkpointing of every step in the window
     truncation: str = "uniform"  # alignprop: uniform | gaussian draw of the truncation point
@@ -47,6 +47,7 @@ class FinetuneConfig:
     vard_warmup_steps: int = 400  # vard: value regression steps of the warm-up
     vard_value_steps: int = 8  # vard: value regression steps on each training batch
     vard_value_lr: float = 1e-3  # vard: Adam learning rate of the value model
+    gumbel_tau: float = 1.0  # gumbel: temperature of the softmax relaxation behind the straight-through gradient
     prompts: str = "train"  # train | held-out | all | animals | animals-held-out | a .txt (one a line) or .json file
     eval_prompts: str = "held-out"  # prompts of the fixed evaluation set
     eval_samples: int = 96  # evaluation samples (fixed prompts and seeds)

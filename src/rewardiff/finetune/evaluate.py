@@ -1,7 +1,9 @@
 """Evaluation on a fixed set of prompts and seeds: reward, the judge, diversity, a grid.
 
 The judge (shapes world only) never feeds any reward, so a rising reward with a flat or
-falling judge accuracy is reward hacking, and the report shows it as such.
+falling judge accuracy is reward hacking, and the report shows it as such. Token models
+(molecules) are judged the same way by RDKit (:func:`evaluate_tokens`): the true QED and SA
+of the samples, the true counterpart of a reward-model reward, validity, uniqueness, novelty.
 """
 
 from __future__ import annotations
@@ -92,4 +94,44 @@ def evaluate(model: DiffusionModel, reward: Reward | None, prompts: list[str], s
         k = min(48, len(images))
         # one column per prompt (they cycle), so a column reads as one prompt across seeds
         save_grid(images[:k], grid_path, nrow=min(8, len(set(prompts))), labels=labels[:k] if labels else None)
+    return out
+
+
+# the RDKit reward that each reward-model reward stands in for
+TRUE_REWARDS = {"chem-rm-qed": "qed", "chem-rm-sa": "sa", "chem-rm-logp": "logp", "chem-rm": "qed-sa"}
+TOKEN_GRID = 24  # molecules drawn in a token model's sample grid
+
+
+@torch.no_grad()
+def evaluate_tokens(model, reward: Reward | None, seeds: list[int], *, num_inference_steps: int, reward_name: str = "",
+                    samples_path: Path | None = None, grid_path: Path | None = None) -> dict[str, float]:
+    """Sample a token model (molecules) at fixed seeds and measure the molecules with RDKit.
+
+    Returns the training reward's mean (``reward_mean``), the true RDKit value of a
+    reward-model reward (``true_reward_mean``, see ``TRUE_REWARDS``), mean QED and SA, and
+    validity, uniqueness and novelty against the training molecules. Writes the SMILES (one a
+    line) to ``samples_path`` and drawings of the first molecules to ``grid_path`` when asked.
+    """
+    from rewardiff.report.molecules import save_molecule_grid
+    from rewardiff.rewards import get_reward
+    from rewardiff.rewards.chem import property_values
+    from rewardiff.worlds import molecules
+
+    prompts = [""] * len(seeds)
+    ids = model.generate(prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=1.0).to(model.device)
+    smiles = model.texts(ids)
+    qed = property_values("qed", smiles)
+    out: dict[str, float] = {"qed": float(qed.mean()), "sa": float(property_values("sa", smiles).mean())}
+    for key, fn in (("reward", reward), ("true_reward", get_reward(TRUE_REWARDS[reward_name]) if reward_name in TRUE_REWARDS else None)):
+        if fn is not None:
+            r = torch.cat([fn(ids[i : i + 64], prompts[i : i + 64]) for i in range(0, len(prompts), 64)]).float()
+            out[f"{key}_mean"], out[f"{key}_std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0
+    _, train = molecules.data("train")
+    out.update(validity=molecules.validity(smiles), uniqueness=molecules.uniqueness(smiles), novelty=molecules.novelty(smiles, train))
+    if samples_path is not None:
+        from rewardiff.io import atomic_write_text
+
+        atomic_write_text(samples_path, "\n".join(smiles) + "\n")
+    if grid_path is not None:
+        save_molecule_grid(smiles[:TOKEN_GRID], grid_path, legends=[f"QED {q:.2f}" if m else "(empty)" for m, q in zip(smiles, qed[:TOKEN_GRID].tolist())])
     return out

@@ -1,4 +1,5 @@
-"""report.html of a fine-tuning run: curves, before/after grids, the judge, diversity."""
+"""report.html of a fine-tuning run: curves, before/after grids, the judge, diversity (token
+models: RDKit's measures of the molecules and their drawings)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,27 @@ _ROWS = [
     ("eval_diversity", "diversity (pairwise RMS within a prompt)"),
     ("eval_kl_to_base", "KL to the base model (nats per sample, eta = 1 paths)"),
 ]
-_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base")  # not on the judge/diversity axes
+_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base", "eval_true_reward_mean")  # not on the judge/diversity axes
+_TOKEN_ROWS = [
+    ("eval_reward_mean", "training reward (fixed seeds)"),
+    ("eval_true_reward_mean", "true reward: RDKit's value of what the reward model predicts"),
+    ("eval_qed", "QED (RDKit)"),
+    ("eval_sa", "SA as (10 - SA) / 9 (RDKit)"),
+    ("eval_validity", "validity"),
+    ("eval_uniqueness", "uniqueness"),
+    ("eval_novelty", "novelty against the training molecules"),
+    ("eval_kl_to_base", "KL to the base model (nats per sample, on its own samples)"),
+]
+
+
+def _rows(before: dict) -> list[tuple[str, str]]:
+    """The measures of the run: a token model's when its evaluation has a validity."""
+    return _TOKEN_ROWS if "eval_validity" in before else _ROWS
 
 
 def comparison_table(before: dict, after: dict) -> list[list[str]]:
     rows = [["measure", "before", "after"]]
-    for key, label in _ROWS:
+    for key, label in _rows(before):
         if key in before and key in after:
             rows.append([label, f"{before[key]:.3f}", f"{after[key]:.3f}"])
     return rows
@@ -30,8 +46,8 @@ def eval_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Pat
     from rewardiff.report import plot_curves
 
     last = metrics[-1]["step"] if metrics else 0
-    points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r] + [(last, after)]
-    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _ROWS if key not in _OWN_AXES}
+    points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r or "eval_validity" in r] + [(last, after)]
+    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _rows(before) if key not in _OWN_AXES}
     path = out / "eval_curve.png"
     plot_curves({k: v for k, v in series.items() if v}, path, "step", "held-out value", "held-out evaluations")
     return path
@@ -59,6 +75,8 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
     plot_reward_curve(metrics, curve)
     evals = eval_curve(out, metrics, before, after)
     kl = kl_curve(out, metrics, before, after)
+    if "eval_validity" in before:
+        return _write_token_report(out, cfg, before, after, [curve, evals], kl)
     text = (
         "The judge is a classical counter (color segmentation and connected components) that no reward uses. "
         "A reward that rises while the judge's accuracy does not is reward hacking."
@@ -75,6 +93,30 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
                 images=[out / "samples_before.png"]),
         Section("Samples after fine-tuning", "Same prompts and seeds as above.", images=[out / "samples_after.png"]),
     ]
-    head = {"method": cfg.method, "reward": cfg.reward, "steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr,
+    return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta=_head(cfg))
+
+
+def _head(cfg: FinetuneConfig) -> dict:
+    return {"method": cfg.method, "reward": cfg.reward, "steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr,
             "lora_rank": cfg.lora_rank, "k": cfg.k, "kl_weight": cfg.kl_weight, "seed": cfg.seed}
-    return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta=head)
+
+
+def _write_token_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict, curves: list[Path], kl: Path | None) -> Path:
+    """The report of a token model (molecules): RDKit's measures and drawings instead of the judge."""
+    from rewardiff.report import Section, write_report
+
+    text = ("RDKit measures the molecules of the fixed seeds; training sees only the training reward. A training reward "
+            "that rises more than its true RDKit value is reward hacking of the reward model; falling uniqueness or "
+            "validity is collapse.")
+    sections = [
+        Section("Before and after, on fixed seeds", text, table=comparison_table(before, after)),
+        Section("Training reward and held-out evaluations", "Mean reward of each training batch; RDKit measures of "
+                "the fixed seeds as training goes.", images=curves),
+        *([Section("Distance from the base model", "KL of the fine-tuned model's sequences to the base model's, "
+                   "on the fine-tuned model's own samples.", images=[kl])] if kl else []),
+        Section("Molecules before fine-tuning", "The first samples of the fixed seeds, with their QED; every SMILES is "
+                "in samples_before.txt.", images=[out / "samples_before.png"]),
+        Section("Molecules after fine-tuning", "Same seeds; every SMILES is in samples_after.txt.", images=[out / "samples_after.png"]),
+    ]
+    model = {"model": cfg.model, **({"gumbel_tau": cfg.gumbel_tau} if cfg.method == "gumbel" else {})}
+    return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta={**model, **_head(cfg)})

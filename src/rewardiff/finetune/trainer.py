@@ -12,6 +12,10 @@ effective batch is ``N * batch_size``; gradients are averaged across ranks (DDP)
 rank holds the same weights. Only the main process writes files (metrics, checkpoints,
 evaluations, the report); logged metrics are means over the global batch. Checkpoints are
 collective: every rank reaches the save and waits until the main process has written it.
+
+Token models (``molecules-ar``, ``hf:PATH``, ``molecules``) are unconditional: every prompt
+is "", and their evaluation measures the molecules of the fixed seeds with RDKit
+(:func:`~rewardiff.finetune.evaluate.evaluate_tokens`) instead of the shapes judge.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import kl_to_base
 from rewardiff.finetune.draft import LossOut
-from rewardiff.finetune.methods import check_method, make_method, needs_reward_gradient
-from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, prompt_set
+from rewardiff.finetune.methods import check_method, check_model, is_token_model, make_method, needs_reward_gradient
+from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, evaluate_tokens, prompt_set
 from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.models.base import DiffusionModel
@@ -52,6 +56,11 @@ class Run:
         self.eval_prompts, self.eval_seeds = eval_set(prompt_set(cfg.eval_prompts), cfg.eval_samples)
         torch.manual_seed(cfg.seed)
         self.model: DiffusionModel = base_model(cfg.model)
+        check_model(cfg.method, self.model)
+        self.tokens = is_token_model(self.model)
+        if self.tokens:  # molecules are unconditional: every prompt is ""
+            self.train_prompts = [""]
+            self.eval_prompts, self.eval_seeds = eval_set([""], cfg.eval_samples)
         attach_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
         self._setup_accelerate()
         self.method = make_method(cfg, self.model, self.acc)
@@ -196,6 +205,8 @@ class Run:
         self.model.net = self.acc.unwrap_model(wrapped)
         try:
             self.model.net.eval()
+            if self.tokens:
+                return {f"eval_{k}": v for k, v in self._evaluate_tokens(tag).items()}
             grid = self.out / f"samples_{tag}.png" if self.acc.is_main_process else None
             res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
                            guidance_scale=self.cfg.guidance_scale, grid_path=grid)
@@ -204,6 +215,17 @@ class Run:
         finally:
             self.model.net = wrapped
         return {f"eval_{k}": v for k, v in res.items()}
+
+    def _evaluate_tokens(self, tag: str) -> dict:
+        """The fixed seeds of a token model: RDKit measures, SMILES and drawings, KL to the base."""
+        from rewardiff.finetune.gumbel import kl_to_base_tokens
+
+        main = self.acc.is_main_process
+        res = evaluate_tokens(self.model, self.reward, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
+                              reward_name=self.cfg.reward, samples_path=self.out / f"samples_{tag}.txt" if main else None,
+                              grid_path=self.out / f"samples_{tag}.png" if main else None)
+        res["kl_to_base"] = float(kl_to_base_tokens(self.model, self.eval_seeds, self.cfg).mean())
+        return res
 
     def train(self, resume: bool = False) -> dict:
         """Run (or continue) training; returns the summary also written to ``summary.json``."""

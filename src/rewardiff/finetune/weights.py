@@ -26,11 +26,15 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv
 
 
 def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
-    """Freeze the net and add LoRA adapters (peft) to its UNet; ``rank`` 0 trains every weight."""
+    """Freeze the net and add LoRA adapters (peft) to its UNet (token models: to their
+    ``lora_targets`` layers); ``rank`` 0 trains every weight."""
     net = model.net
     if rank <= 0:
         net.requires_grad_(True)
         model.reference = _frozen_copy(net)
+        return
+    if not hasattr(net, "unet"):
+        attach_layer_lora(model, rank, alpha)
         return
     from peft import LoraConfig
 
@@ -52,6 +56,43 @@ class AdapterOff:
             return self.net(x, t, cond)
         finally:
             self.net.unet.enable_adapters()
+
+
+def attach_layer_lora(model, rank: int, alpha: float) -> None:
+    """LoRA on the named layers of a token model's net (``model.lora_targets``), injected by peft;
+    the reference is the same net with its adapters disabled."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(getattr(model, "lora_targets", None) or [])
+    if not targets:
+        raise UserError(f"no LoRA layers known for model {model.name!r}; fine-tune every weight with lora_rank=0")
+    net = model.net
+    net.requires_grad_(False)
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in net.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets, fan_in_fan_out=conv1d)
+    inject_adapter_in_model(cfg, net)  # lora_B starts at zero: the adapted model equals the base
+    model.reference = LayerAdapterOff(net)
+
+
+class LayerAdapterOff:
+    """The base model seen through a net with peft LoRA layers: every adapter disabled for the call."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def _switch(self, on: bool) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in self.net.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.enable_adapters(on)
+
+    def __call__(self, *args, **kwargs):
+        self._switch(False)
+        try:
+            return self.net(*args, **kwargs)
+        finally:
+            self._switch(True)
 
 
 def _frozen_copy(net: nn.Module) -> nn.Module:
@@ -116,9 +157,13 @@ def load_trainable(directory: Path, net: nn.Module) -> None:
 
 
 def base_model(name: str) -> DiffusionModel:
-    """The model a config names: ``shapes``, ``diffusers:PATH`` (a saved diffusers pipeline)
-    or a directory with a saved shapes base model."""
+    """The model a config names: ``shapes``, ``diffusers:PATH`` (a saved diffusers pipeline),
+    ``molecules-ar`` (the autoregressive molecules model, a TokenModel), ``hf:PATH`` (a saved
+    Hugging Face causal language model, a TokenModel), ``molecules`` (the masked-diffusion
+    molecules model), or a directory with a saved shapes, molecules-ar or molecules model."""
     from rewardiff.models.base import shapes_model
+    from rewardiff.models.molecules import is_masked_dir, molecules_model
+    from rewardiff.models.molecules_ar import is_ar_dir, molecules_ar_model
 
     if name == "shapes":
         return shapes_model()
@@ -126,9 +171,19 @@ def base_model(name: str) -> DiffusionModel:
         from rewardiff.models.sd import sd_model
 
         return sd_model(name.removeprefix("diffusers:"))
+    if name.startswith("hf:"):
+        from rewardiff.models.hf import hf_model
+
+        return hf_model(name.removeprefix("hf:"))
+    if name == "molecules-ar" or is_ar_dir(name):
+        return molecules_ar_model(None if name == "molecules-ar" else name)
+    if name == "molecules" or is_masked_dir(name):
+        return molecules_model(None if name == "molecules" else name)
     if Path(name).is_dir():
         return shapes_model(name)
-    raise UserError(f"unknown model {name!r}; use 'shapes', diffusers:PIPELINE_DIR, or a directory holding model.safetensors")
+    raise UserError(f"unknown model {name!r}; use 'shapes', diffusers:PIPELINE_DIR, 'molecules-ar', hf:MODEL_DIR, "
+                    "'molecules', or a directory holding model.safetensors")
+
 
 
 def weights_dir(directory: str | Path) -> Path:

@@ -124,8 +124,11 @@ class Method:
             return self.reward(self.output(x0), prompts).float()
 
 
-def candidates(ctx: StepContext, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def candidates(ctx: StepContext, m: int, gen: torch.Generator, process: Any) -> tuple[Tensor, Tensor]:
     """``m`` draws of the base transition p(x_{t-1} | x_t) per particle, the rollout's own first.
+
+    The draws are the process's own (``process.noise_like`` and ``process.draw``: Gaussian
+    mean + std * z, or categorical tokens for masked diffusion).
 
     Returns (cands [B*m, ...] particle-major, rows [B*m]: the particle each came from).
     Candidate 0 of each particle is ``ctx.out.prev`` itself, so one candidate reproduces the
@@ -136,8 +139,9 @@ def candidates(ctx: StepContext, m: int, gen: torch.Generator) -> tuple[Tensor, 
     rows = torch.arange(B, device=out.prev.device).repeat_interleave(m)
     if m == 1:
         return out.prev, rows
-    z = torch.randn((B, m - 1) + tuple(out.prev.shape[1:]), generator=gen).to(out.prev)
-    extra = out.mean.unsqueeze(1) + out.std.to(out.prev) * z
+    like = out.prev.repeat_interleave(m - 1, 0)  # [B*(m-1), ...], particle-major
+    z = process.noise_like(like, gen)
+    extra = process.draw(out.mean.repeat_interleave(m - 1, 0), out.std, z).unflatten(0, (B, m - 1))
     cands = torch.cat([out.prev.unsqueeze(1), extra], 1).flatten(0, 1)
     return cands, rows
 

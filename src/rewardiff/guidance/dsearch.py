@@ -129,7 +129,7 @@ class DSearch(Method):
         G, nb, na, ei = B // n[i], n[i], n[i + 1], e[i]
         if ei * nb == na:  # nothing to choose: every particle has one child and all survive
             return None
-        cands, rows = candidates(ctx, ei, self.gen)
+        cands, rows = candidates(ctx, ei, self.gen, self.process)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
         v = self.score(x0, ctx.prompts, rows).double().cpu()

@@ -71,7 +71,7 @@ class Free2Guide(Method):
             ctx = self._choose_start(ctx)
         if i + 1 >= min(self.window, ctx.num_steps) or i == ctx.num_steps - 1:
             return ctx.out.prev if i == 0 else None
-        cands, rows = candidates(ctx, self.n, self.gen)
+        cands, rows = candidates(ctx, self.n, self.gen, self.process)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
         v = self.score(x0, ctx.prompts, rows)

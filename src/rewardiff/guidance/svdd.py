@@ -67,7 +67,7 @@ class SVDD(Method):
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         if self.m == 1 or ctx.index == ctx.num_steps - 1:
             return None
-        cands, rows = candidates(ctx, self.m, self.gen)
+        cands, rows = candidates(ctx, self.m, self.gen, self.process)
         if self.value is None:
             assert ctx.predict is not None
             model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)

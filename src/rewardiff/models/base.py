@@ -33,6 +33,10 @@ class DiffusionModel:
         name: a short label for reports.
         output_range: the range decoded outputs are clamped to ((-1, 1) for images; None
             for outputs with no fixed range).
+        conditional: whether prompts condition the net (False: every prompt is "" and
+            classifier-free guidance has nothing to do).
+        texts: outputs -> one string each, for models whose outputs are text (token ids),
+            e.g. SMILES; None for images.
     """
 
     def __init__(
@@ -44,9 +48,11 @@ class DiffusionModel:
         decode: Callable[[Tensor], Tensor] | None = None,
         name: str = "model",
         output_range: tuple[float, float] | None = (-1.0, 1.0),
+        conditional: bool = True,
+        texts: Callable[[Tensor], list[str]] | None = None,
     ):
         self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
-        self.output_range = output_range
+        self.output_range, self.conditional, self.texts = output_range, conditional, texts
         self.decode = decode or (lambda x: x)
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
 
@@ -55,8 +61,9 @@ class DiffusionModel:
         return next(self.net.parameters()).device
 
     def noise(self, seeds: list[int]) -> Tensor:
-        """Initial noise, one generator per sample so that a seed names the same sample in any batch."""
-        xs = [torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        """Initial states x_T (the process's prior: Gaussian noise, or all-mask tokens), one
+        generator per sample so that a seed names the same sample in any batch."""
+        xs = [self.process.prior(self.shape, torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(xs).to(self.device)
 
     def output(self, x: Tensor) -> Tensor:
@@ -65,7 +72,7 @@ class DiffusionModel:
         return y.clamp(*self.output_range) if self.output_range is not None else y
 
     def step_generators(self, seeds: list[int]) -> list[torch.Generator]:
-        """One generator of step noise (eta > 0) per sample, seeded from the sample's seed."""
+        """One generator of step noise (eta > 0, or any masked step) per sample, seeded from the sample's seed."""
         return [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
 
     def sample(
@@ -93,7 +100,7 @@ class DiffusionModel:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
-        gen = self.step_generators(seeds) if eta > 0 else None
+        gen = self.step_generators(seeds) if self.process.is_stochastic(eta) else None
         ts = self.process.timesteps(num_inference_steps)
         x_T = self.noise(seeds) if x_T is None else x_T
         ref = self.reference if kl else None

@@ -97,6 +97,30 @@ class GaussianProcess:
         """The timestep after each step: the next one in ``ts``, and -1 (clean) after the last."""
         return ts[1:] + [-1]
 
+    # ------------------------------------------------------------------ randomness
+
+    @staticmethod
+    def is_stochastic(eta: float) -> bool:
+        """Whether a step with this eta draws noise (DDIM with eta = 0 is deterministic)."""
+        return eta > 0
+
+    @staticmethod
+    def prior(shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
+        """x_T for one sample of ``shape``: standard normal."""
+        return torch.randn(shape, generator=generator)
+
+    @staticmethod
+    def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The randomness of one step for states ``x`` [B, ...]: standard normal of x's shape,
+        drawn on the generator's device (the CPU without one), returned on x's device and dtype."""
+        device = "cpu" if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
+
+    @staticmethod
+    def draw(mean: Tensor, std: Tensor, noise: Tensor) -> Tensor:
+        """A sample of N(mean, std^2 I) from a standard normal ``noise`` of mean's shape."""
+        return mean + std.to(mean) * noise
+
     # ------------------------------------------------------------------ forward process
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ uninterrupted run would. Checkpoints hold the weights, their exponential moving 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +60,40 @@ def _load_checkpoint(out: Path, model, ema, opt) -> int:
     return int(json.loads((ckpt / "state.json").read_text())["step"])
 
 
+def resumable_loop(out: Path, model, ema, opt, *, steps: int, checkpoint_every: int, ema_decay: float,
+                   train_step: Callable[[int], tuple[float, dict]], desc: str, progress: bool) -> None:
+    """The pretraining loop of every world: resume from ``out``'s checkpoint, then for each step
+    call ``train_step(step) -> (loss, extra metrics)``, update the EMA, log a metrics row, and
+    checkpoint every ``checkpoint_every`` steps and at the end.
+
+    Rows after the checkpoint are dropped on resume, so ``metrics.jsonl`` holds each step once.
+    """
+    start = _load_checkpoint(out, model, ema, opt)
+    truncate_jsonl(out / "metrics.jsonl", start)  # steps after the checkpoint are redone
+    losses: list[float] = []
+    model.train()
+    with (out / "metrics.jsonl").open("a") as log:
+        bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=desc)
+        for step in bar:
+            t0 = time.time()
+            loss, extra = train_step(step)
+            _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+            losses.append(loss)
+            log.write(json.dumps({"step": step + 1, "loss": loss, **extra, "seconds": time.time() - t0}) + "\n")
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                log.flush()
+                _save_checkpoint(out, step + 1, model, ema, opt, losses)
+
+
+def warmup_cosine(lr: float, warmup: int, steps: int, step: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr / 10`` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> ShapesDenoiser:
     """Train (or resume) the base model in ``out``; returns the EMA model."""
     out = Path(out)
@@ -70,22 +106,9 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     process = model.process()
-    start = _load_checkpoint(out, model, ema, opt)
-    truncate_jsonl(out / "metrics.jsonl", start)  # steps after the checkpoint are redone
-    losses: list[float] = []
-    log = (out / "metrics.jsonl").open("a")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="pretrain shapes")
-    for step in bar:
-        t0 = time.time()
-        loss = _train_step(cfg, step, model, process, opt)
-        _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-        losses.append(loss)
-        log.write(json.dumps({"step": step + 1, "loss": loss, "seconds": time.time() - t0}) + "\n")
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            log.flush()
-            _save_checkpoint(out, step + 1, model, ema, opt, losses)
-    log.close()
+    resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
+                   train_step=lambda step: (_train_step(cfg, step, model, process, opt), {}), desc="pretrain shapes",
+                   progress=progress)
     return ema
 
 

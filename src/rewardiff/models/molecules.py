@@ -1,0 +1,139 @@
+"""The molecules world's masked-diffusion denoiser: a small bidirectional transformer.
+
+``MaskedDenoiser(x_t [B, L] long, t [B], cond) -> logits [B, L, V]`` over SELFIES token ids:
+token embeddings plus fixed sinusoidal positions, plus an embedding of the continuous time
+s = (t + 1) / N (its last layer starts at zero) added to every token state, then a pre-norm
+transformer encoder. Molecules are unconditional: the condition is a zeros tensor [B, 1] that the net
+ignores (it exists so that the rollout's condition handling works unchanged), and
+classifier-free guidance does not apply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rewardiff.errors import UserError
+from rewardiff.processes.masked import MaskedProcess
+
+FORMAT = "rewardiff-masked-denoiser"  # the ``format`` field of config.json
+WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-mdm"
+
+
+@dataclass
+class MaskedModelConfig:
+    vocab_size: int = 41  # V, special tokens included
+    max_len: int = 56  # L, the fixed sequence length
+    mask_id: int = 1  # the absorbing mask token
+    dim: int = 128  # width of the token states
+    layers: int = 3  # transformer encoder layers
+    heads: int = 4  # attention heads
+    ff_mult: int = 4  # feed-forward width = ff_mult * dim
+    dropout: float = 0.0  # dropout inside the transformer layers (training only)
+    schedule: str = "linear"  # masking schedule of the process: linear or cosine
+    num_train_timesteps: int = 1000  # N, training timesteps of the process
+
+
+def sinusoidal(p: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features [B, dim] of positions p [B] (frequencies 1 down to 1/1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=p.device) / half)
+    angles = p.float()[:, None] * freqs[None]  # [B, half]
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class MaskedDenoiser(nn.Module):
+    """``forward(x_t [B, L] long, t [B], cond) -> logits [B, L, V]`` (cond is ignored)."""
+
+    def __init__(self, config: MaskedModelConfig | None = None):
+        super().__init__()
+        self.config = c = config or MaskedModelConfig()
+        self.tok = nn.Embedding(c.vocab_size, c.dim)
+        self.register_buffer("pos", sinusoidal(torch.arange(c.max_len), c.dim), persistent=False)  # [L, D]
+        self.time = nn.Sequential(nn.Linear(c.dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        nn.init.zeros_(self.time[2].weight)  # time starts silent: it must not drown tokens and positions
+        nn.init.zeros_(self.time[2].bias)
+        layer = nn.TransformerEncoderLayer(c.dim, c.heads, c.ff_mult * c.dim, c.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.vocab_size)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        B, L = x_t.shape
+        t = torch.as_tensor(t, device=x_t.device).expand(B)
+        s = (t.float() + 1) / self.config.num_train_timesteps  # [B]
+        h = self.tok(x_t) + self.pos[:L] + self.time(sinusoidal(1000.0 * s, self.config.dim))[:, None]  # [B, L, D]
+        return self.head(self.norm(self.encoder(h)))  # [B, L, V]
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """The (empty) condition of unconditional sampling: zeros [B, 1]."""
+        return torch.zeros(len(prompts), 1, device=self.head.weight.device)
+
+    def process(self) -> MaskedProcess:
+        c = self.config
+        return MaskedProcess(c.vocab_size, c.mask_id, c.schedule, c.num_train_timesteps)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (atomically) into ``directory``."""
+        from rewardiff.io import save_module
+
+        save_module(directory, self, {"format": FORMAT, **asdict(self.config)})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MaskedDenoiser:
+        """Read a denoiser written by :meth:`save` (in eval mode).
+
+        Raises:
+            UserError: missing or malformed files.
+        """
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not is_masked_dir(d):
+            raise UserError(f"no masked-diffusion model in {d} (expected model.safetensors and config.json)")
+        cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "format"}
+        try:
+            net = cls(MaskedModelConfig(**cfg))
+            net.load_state_dict(load_file(str(d / "model.safetensors")))
+        except (TypeError, RuntimeError) as e:
+            raise UserError(f"cannot load the model in {d}: {str(e).splitlines()[0]}") from None
+        return net.eval()
+
+
+def is_masked_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a saved :class:`MaskedDenoiser`."""
+    d = Path(directory)
+    try:
+        return (d / "model.safetensors").is_file() and json.loads((d / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def molecules_model(directory: str | Path | None = None):
+    """The molecules world's masked-diffusion model (shipped weights unless ``directory``).
+
+    Samples are SELFIES token ids [B, L]; x_T is all mask. ``output`` returns its input
+    unchanged (ids stay ids; x0_hat probabilities [B, L, V] stay probabilities, which the
+    chemistry rewards read by argmax); ``texts`` decodes ids to canonical SMILES.
+    """
+    from rewardiff.models.base import DiffusionModel
+    from rewardiff.worlds import molecules
+
+    d = Path(directory) if directory else WEIGHTS
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"no molecules model weights in {d}; train them with: rewardiff pretrain molecules")
+    net = MaskedDenoiser.load(d)
+    tok = molecules.Tokenizer.load(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else molecules.tokenizer()
+    c = net.config
+    if tok.size != c.vocab_size or tok.max_len != c.max_len or tok.mask_id != c.mask_id:
+        raise UserError(f"the tokenizer (V={tok.size}, L={tok.max_len}) does not fit the model in {d} (V={c.vocab_size}, L={c.max_len})")
+    return DiffusionModel(net, net.process(), net.encode, (c.max_len,), name="molecules", output_range=None,
+                          conditional=False, texts=tok.decode_batch)
