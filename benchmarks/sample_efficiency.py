@@ -58,8 +58,11 @@ def run_one(suite_name: str, name: str, seed: int, out_root: Path) -> dict:
     suite = SUITES[suite_name]
     out = out_root / suite_name / f"{name}-seed{seed}"
     prog_path = out / "progress.json"
-    if prog_path.is_file() and json.loads(prog_path.read_text()).get("done"):
-        return json.loads(prog_path.read_text())
+    if prog_path.is_file():
+        prev = json.loads(prog_path.read_text())
+        raised = prev["target"] < suite["target"] and prev["queries"] < suite["budgets"].get(name, suite["budget"])
+        if prev.get("done") and not raised:  # a raised target reopens a finished run where it stopped
+            return prev
     cfg = _config(suite, name, seed)
     budget = suite["budgets"].get(name, suite["budget"])
     every = suite["eval_queries_by"].get(name, suite["eval_queries"])
@@ -71,6 +74,7 @@ def run_one(suite_name: str, name: str, seed: int, out_root: Path) -> dict:
             "queries": 0, "seconds": 0.0, "nfe": 0, "done": False}
     if step and prog_path.is_file():
         prog = json.loads(prog_path.read_text())
+        prog.update(target=suite["target"], done=False)
     if step == 0:
         truncate_jsonl(out / "metrics.jsonl", 0)
     if not prog["points"]:
