@@ -155,7 +155,8 @@ def _qed(smiles: list[str]) -> list[float]:
     return [float(QED.qed(m)) for m in mols if m is not None]
 
 
-def _summary(values: list[float]) -> dict[str, float]:
+def quantile_summary(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and the 10/25/50/75/90 % quantiles of a card's measure."""
     v = torch.tensor(values, dtype=torch.float64)
     q = torch.quantile(v, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
     return {"mean": float(v.mean()), "std": float(v.std()), "q10": q[0], "q25": q[1], "q50": q[2], "q75": q[3], "q90": q[4]}
@@ -177,7 +178,7 @@ def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> 
         "samples": n, "sampler_steps": steps,
         "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles),
         "novelty": molecules.novelty(smiles, train),
-        "qed_samples": _summary(_qed(smiles)), "qed_held_out": _summary(_qed(held)),
+        "qed_samples": quantile_summary(_qed(smiles)), "qed_held_out": quantile_summary(_qed(held)),
     }
 
 
@@ -251,8 +252,9 @@ def _card_md(card: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def export(ema: MaskedDenoiser, directory: str | Path) -> Path:
-    """Save the trained denoiser with a copy of the world's tokenizer (what ``molecules_model`` loads)."""
+def export(ema, directory: str | Path) -> Path:
+    """Save a trained molecules model (masked denoiser or autoregressive) with a copy of the
+    world's tokenizer, as ``molecules_model`` and ``molecules_ar_model`` load it."""
     from rewardiff.worlds import molecules
 
     d = Path(directory)

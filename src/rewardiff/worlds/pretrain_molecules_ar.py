@@ -24,6 +24,7 @@ from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
 from rewardiff.worlds.pretrain import resumable_loop, warmup_cosine
+from rewardiff.worlds.pretrain_molecules import export, quantile_summary  # noqa: F401  (export: re-exported)
 
 CARD_SAMPLES = 512  # samples measured for the card
 CARD_SEED = 10_000  # first seed of the card's samples
@@ -107,22 +108,6 @@ def _lr(cfg, step: int) -> float:
 # ----------------------------------------------------------------------------- export and card
 
 
-def export(ema: ARTransformer, directory: str | Path) -> Path:
-    """Save the trained model with a copy of the world's tokenizer (what ``molecules_ar_model`` loads)."""
-    from rewardiff.worlds import molecules
-
-    d = Path(directory)
-    ema.save(d)
-    molecules.tokenizer().save(d / "tokenizer.json")
-    return d
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    v = torch.tensor(values, dtype=torch.float64)
-    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    return {"mean": float(v.mean()), "std": float(v.std()), "q25": q[0], "q50": q[1], "q75": q[2]}
-
-
 def measure(model_dir: Path, n: int = CARD_SAMPLES) -> dict:
     """Validity, uniqueness, novelty and QED of ``n`` samples (seeds from ``CARD_SEED``), beside
     the QED of the held-out molecules; writes the samples' SMILES (``samples.txt``) and a
@@ -142,7 +127,7 @@ def measure(model_dir: Path, n: int = CARD_SAMPLES) -> dict:
     return {
         "samples": n, "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles),
         "novelty": molecules.novelty(smiles, train),
-        "qed_samples": _summary(property_values("qed", valid).tolist()), "qed_held_out": _summary(property_values("qed", held).tolist()),
+        "qed_samples": quantile_summary(property_values("qed", valid).tolist()), "qed_held_out": quantile_summary(property_values("qed", held).tolist()),
     }
 
 
