@@ -239,4 +239,5 @@ def test_sample_command_writes_smiles_with_svdd_on_qed(tmp_path):
     assert summary["guidance_scale"] == 1.0 and summary["nfe_per_sample"] == 1 + 3 * 7
     assert len(summary["texts"]) == 4 and all(summary["texts"])
     assert (tmp_path / "samples.txt").read_text().split() == summary["texts"]
+    assert (tmp_path / "grid.png").is_file()  # the molecules drawn
     assert 0.0 < summary["reward_mean"] <= 1.0

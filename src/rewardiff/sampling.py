@@ -51,7 +51,8 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
                   width: int | None = None, nfe_budget: int | None = None, value: Path | None = None,
                   options: dict[str, Any] | None = None) -> dict:
     """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``
-    (for a model of text outputs, e.g. molecules, ``samples.txt`` instead of the images).
+    (for a model of text outputs, e.g. molecules, ``samples.txt`` instead of the images, and
+    for molecules ``grid.png`` of their drawings).
 
     The summary holds ``nfe`` (denoiser evaluations, classifier-free guidance counting 2),
     ``nfe_per_sample``, with a reward ``reward_mean`` and ``reward_std``, and for text outputs
@@ -97,6 +98,10 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     if m.texts is not None:
         summary["texts"] = m.texts(x)
         atomic_write_text(out / "samples.txt", "\n".join(summary["texts"]) + "\n")
+        if m.name.startswith("molecules"):  # SMILES: their drawings, 48 at most
+            from rewardiff.report.molecules import save_molecule_grid
+
+            save_molecule_grid(summary["texts"][:48], out / "grid.png")
     else:
         (out / "samples").mkdir(exist_ok=True)
         for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
