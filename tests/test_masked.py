@@ -241,3 +241,19 @@ def test_sample_command_writes_smiles_with_svdd_on_qed(tmp_path):
     assert (tmp_path / "samples.txt").read_text().split() == summary["texts"]
     assert (tmp_path / "grid.png").is_file()  # the molecules drawn
     assert 0.0 < summary["reward_mean"] <= 1.0
+
+
+def test_free2guide_refuses_the_masked_process():
+    """Free2Guide picks among Gaussian initial noises: on tokens it says so in one line."""
+    from rewardiff.errors import UserError
+    from rewardiff.guidance import guided_sample, make_method
+
+    from rewardiff.models.molecules import WEIGHTS, molecules_model
+    from rewardiff.rewards import get_reward
+
+    if not (WEIGHTS / "model.safetensors").is_file():
+        pytest.skip("no shipped molecules weights")
+
+    with pytest.raises(UserError, match="free2guide"):
+        guided_sample(molecules_model(), make_method("free2guide", get_reward("qed"), width=2), [""], [0], 4,
+                      guidance_scale=1.0, eta=1.0)

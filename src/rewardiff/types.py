@@ -89,7 +89,9 @@ class StepContext(NamedTuple):
             (classifier-free guided) denoiser at any states, each row using the condition of
             particle ``rows[n]`` (None: row n uses particle n). Its evaluations are counted in
             the rollout's NFE, so look-ahead costs are never missed.
-        noise: the standard normal draw of this step [B, ...] (None when eta = 0).
+        noise: this step's random draw, as the process's ``noise_like`` makes it (standard
+            normal [B, ...] for the Gaussian process, uniform [B, L, V] for the masked one;
+            None when the step is deterministic).
         num_steps: T, the number of steps of the rollout.
     """
 

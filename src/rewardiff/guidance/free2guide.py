@@ -51,6 +51,13 @@ class Free2Guide(Method):
             raise UserError(f"free2guide: n must be at least 1, got {width}")
         self.n = int(width)
 
+    def begin(self, num_samples: int, model, eta: float) -> None:
+        from rewardiff.processes.gaussian import GaussianProcess
+
+        if not isinstance(model.process, GaussianProcess):
+            raise UserError(f"{self.name} chooses among Gaussian initial noises; it does not run on {type(model.process).__name__}")
+        super().begin(num_samples, model, eta)
+
     def _off(self) -> bool:
         return self.n == 1 or math.isinf(self.lam)
 
