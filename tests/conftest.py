@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny shapes denoiser saved to disk, small enough for CPU tests."""
+"""Shared fixtures: a tiny shapes denoiser and a tiny random GPT-2 saved to disk, small enough for CPU tests."""
 
 from __future__ import annotations
 
@@ -27,3 +27,19 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)  # tiny models: one thread avoids spin-waiting when cores are shared
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 over the molecules vocabulary, saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rewardiff.worlds import molecules
+
+    tok = molecules.tokenizer()
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tok.size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.mask_id,
+                        eos_token_id=tok.pad_id)
+    GPT2LMHeadModel(config).save_pretrained(d)
+    return d

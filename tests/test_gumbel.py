@@ -34,19 +34,6 @@ def ar_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    """A tiny random GPT-2 over the molecules vocabulary, saved with save_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = molecules.tokenizer()
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tok.size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.mask_id, eos_token_id=tok.pad_id)
-    GPT2LMHeadModel(config).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def masked_dir(tmp_path_factory):
     """A tiny random masked-diffusion molecules denoiser on disk."""
     from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
@@ -196,12 +183,10 @@ def test_missing_hf_folder_is_a_one_line_user_error(tmp_path):
     assert "no Hugging Face model in" in res.stderr
 
 
-def test_methods_and_models_must_fit(ar_dir, tiny_model_dir, masked_dir):
+def test_methods_and_models_must_fit(ar_dir, tiny_model_dir):
     with pytest.raises(UserError, match="samples tokens"):
         Run(FinetuneConfig(model=str(tiny_model_dir), method="gumbel", reward="brightness"), "unused", progress=False)
     with pytest.raises(UserError, match="use method 'gumbel'"):
         Run(_cfg(str(ar_dir), method="draft-k"), "unused", progress=False)
     with pytest.raises(UserError, match="gumbel_tau"):
         gumbel(base_model(str(ar_dir)), get_reward("chem-rm-qed"), [""], [1], _cfg(str(ar_dir), gumbel_tau=0.0), torch.Generator())
-    with pytest.raises(UserError, match="lora_rank=0"):
-        attach_lora(base_model(str(masked_dir)), 4, 4.0)

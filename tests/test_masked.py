@@ -235,7 +235,7 @@ def test_sample_command_writes_smiles_with_svdd_on_qed(tmp_path):
 
     if not (WEIGHTS / "model.safetensors").is_file():
         pytest.skip("no shipped molecules weights")
-    summary = sample_to_dir(tmp_path, "molecules", None, ["ignored"], 4, 0, "qed", 8, 2.0, None, "svdd-pm", 3)
+    summary = sample_to_dir(tmp_path, "molecules", None, ["ignored"], 4, 0, "qed", 8, None, None, "svdd-pm", 3)
     assert summary["guidance_scale"] == 1.0 and summary["nfe_per_sample"] == 1 + 3 * 7
     assert len(summary["texts"]) == 4 and all(summary["texts"])
     assert (tmp_path / "samples.txt").read_text().split() == summary["texts"]

@@ -52,16 +52,16 @@ def finetune(
 @app.command()
 def sample(
     out: Annotated[Path, typer.Option(help="output directory")],
-    model: Annotated[str, typer.Option(help="model name")] = "shapes",
+    model: Annotated[str, typer.Option(help="model: shapes, molecules, molecules-ar, hf:DIR, diffusers:DIR or a model directory")] = "shapes",
     checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(help="prompt (repeat for several)")] = None,
     n: Annotated[int, typer.Option("-n", help="samples per prompt")] = 8,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
     reward: Annotated[Optional[str], typer.Option(help="reward to steer toward and to score the samples with")] = None,
-    steps: Annotated[int, typer.Option(help="DDIM steps")] = 15,
-    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
+    steps: Annotated[int, typer.Option(help="DDIM steps (autoregressive models take one step a token)")] = 15,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (default: 2; unconditional models take none)")] = None,
     eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the method's: 0 for base, best-of-n, gradient; 1 for svdd, dsearch, free2guide, smc)")] = None,
-    method: Annotated[str, typer.Option(help="base, best-of-n, gradient, svdd-pm, svdd-mc, dsearch, dsearch-r, free2guide, smc")] = "base",
+    method: Annotated[str, typer.Option(help="base, best-of-n, gradient, svdd-pm, svdd-mc, dsearch, dsearch-r, free2guide, smc (autoregressive models: base, best-of-n)")] = "base",
     width: Annotated[Optional[int], typer.Option(help="the method's width: best-of-n N, svdd M, dsearch k0, free2guide n, smc K")] = None,
     nfe_budget: Annotated[Optional[int], typer.Option(help="denoiser evaluations per sample: sets the width")] = None,
     value: Annotated[Optional[Path], typer.Option(help="value model directory (svdd-mc, smc), from rewardiff train-value")] = None,
@@ -137,13 +137,13 @@ def train_reward(
 def train_value_cmd(
     reward: Annotated[str, typer.Option(help="reward the value predicts (a name, module:function or weighted sum)")],
     out: Annotated[Path, typer.Option(help="output directory (value.safetensors, value.json)")],
-    model: Annotated[str, typer.Option(help="base model: shapes or a directory holding model.safetensors")] = "shapes",
+    model: Annotated[str, typer.Option(help="base model: shapes, molecules (token value net), or a directory holding model.safetensors")] = "shapes",
     checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory to sample instead")] = None,
     trajectories: Annotated[int, typer.Option(help="base-model rollouts to regress on (10% held out)")] = 2048,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 1500,
     seed: Annotated[int, typer.Option(help="seed of the rollouts, the split and the training")] = 0,
     num_inference_steps: Annotated[int, typer.Option(help="sampler steps: the timesteps the value is fitted at")] = 15,
-    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale of the sampler")] = 2.0,
+    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale of the sampler (1 for unconditional models)")] = 2.0,
     eta: Annotated[float, typer.Option(help="DDIM eta of the sampler (1: DDPM-like)")] = 1.0,
 ) -> None:
     """Train a value model (SVDD-MC) that predicts the final reward from a noisy sampler state."""

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from rewardiff.processes.gaussian import GaussianProcess
-from rewardiff.types import Denoiser, Selection, StepContext, StepHook, StepOut, Trajectory
+from rewardiff.types import Denoiser, Process, Selection, StepContext, StepHook, StepOut, Trajectory
 
 
 def _cat_cond(uncond: Any, cond: Any) -> Any:
@@ -54,7 +53,7 @@ def guided_output(model: Denoiser, x: Tensor, t: int, cond: Any, uncond: Any | N
 
 def rollout(
     model: Denoiser,
-    process: GaussianProcess,
+    process: Process,
     x_T: Tensor,
     cond: Any,
     timesteps: list[int],
@@ -75,7 +74,7 @@ def rollout(
 
     Args:
         model: the denoiser ``model(x_t, t[B], cond) -> prediction``.
-        process: the diffusion math (DDIM steps).
+        process: the diffusion math (DDIM steps, or masked-diffusion unmasking steps).
         x_T: the starting particles [B, ...] (pure noise, or a re-noised sample).
         cond: the model condition for the batch; ``uncond`` the unconditional one.
         timesteps: training timesteps to visit, in sampling order.
@@ -147,7 +146,7 @@ def rollout(
     return Trajectory(x, xs, torch.stack(log_probs, 1), list(timesteps), nfe, kl)
 
 
-def _reselect(process: GaussianProcess, out: StepOut, prev: Tensor, parents: Tensor | None) -> StepOut:
+def _reselect(process: Process, out: StepOut, prev: Tensor, parents: Tensor | None) -> StepOut:
     """The step's output for replacement particles ``prev`` descending from rows ``parents``.
 
     The log-probability is the base transition's density of the new particle given its
@@ -180,7 +179,7 @@ class _Particles:
         self.cond, self.uncond, self.prompts = cond, uncond, prompts
         self.gens = generator
 
-    def noise(self, like: Tensor, process: GaussianProcess) -> Tensor:
+    def noise(self, like: Tensor, process: Process) -> Tensor:
         """The step's noise for particles ``like`` [B, ...], as ``process.noise_like`` draws it."""
         g = self.gens
         if isinstance(g, list):

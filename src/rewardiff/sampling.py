@@ -11,15 +11,35 @@ import torch
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
+from rewardiff.models.tokens import TokenModel
 
 
-def load_model(model: str, checkpoint: Path | None = None) -> DiffusionModel:
+DEFAULT_GUIDANCE_SCALE = 2.0  # classifier-free guidance of conditional models when none is given
+
+
+def load_model(model: str, checkpoint: Path | None = None) -> DiffusionModel | TokenModel:
     """The base model by name, or the fine-tuned model in ``checkpoint``."""
     from rewardiff.finetune.weights import base_model, load_finetuned
 
     if checkpoint is not None:
         return load_finetuned(checkpoint)
     return base_model(model)
+
+
+def resolve_guidance_scale(m: DiffusionModel | TokenModel, guidance_scale: float | None) -> float:
+    """The classifier-free guidance scale to sample ``m`` with: the one given, or by default
+    2 for a conditional model and 1 (none) for an unconditional one.
+
+    Raises:
+        UserError: a scale other than 1 given for an unconditional model, which has no
+            prompts to guide by.
+    """
+    if m.conditional:
+        return DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    if guidance_scale is not None and guidance_scale != 1.0:
+        raise UserError(f"--guidance-scale {guidance_scale:g} does not apply: model {m.name!r} is unconditional "
+                        "(no prompts to guide by); leave --guidance-scale out")
+    return 1.0
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -47,7 +67,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[str], n: int, seed: int,
-                  reward: str | None, steps: int, guidance_scale: float, eta: float | None, method: str = "base",
+                  reward: str | None, steps: int, guidance_scale: float | None, eta: float | None, method: str = "base",
                   width: int | None = None, nfe_budget: int | None = None, value: Path | None = None,
                   options: dict[str, Any] | None = None) -> dict:
     """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``
@@ -57,13 +77,14 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     The summary holds ``nfe`` (denoiser evaluations, classifier-free guidance counting 2),
     ``nfe_per_sample``, with a reward ``reward_mean`` and ``reward_std``, and for text outputs
     ``texts``. An unconditional model samples with "" for every prompt and no classifier-free
-    guidance (guidance scale 1).
+    guidance (``guidance_scale`` None; see :func:`resolve_guidance_scale`). An autoregressive
+    model (``molecules-ar``, ``hf:DIR``) samples with ``base`` or ``best-of-n``
+    (:func:`~rewardiff.guidance.sample.token_sample`), one net evaluation per token: ``steps``
+    and ``eta`` do not apply to it.
     """
-    from PIL import Image
-
-    from rewardiff.guidance import budget_plan, guided_sample, make_method
+    from rewardiff.guidance import budget_plan, make_method
+    from rewardiff.guidance.sample import check_token_method
     from rewardiff.guidance.value import load_value
-    from rewardiff.report import save_grid
     from rewardiff.rewards import get_reward
     from rewardiff.worlds import shapes
 
@@ -79,34 +100,24 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     value_fn = load_value(value) if value is not None else None
     meth = make_method(method, reward_fn, width=width, seed=seed, value=value_fn, **(options or {}))
     m = load_model(model, checkpoint)
-    if not m.conditional:  # prompts and classifier-free guidance mean nothing to it
-        prompts, guidance_scale = [""] * len(prompts), 1.0
-    if nfe_budget is not None:
-        budget_plan(meth, nfe_budget, steps, guidance_scale)
-    meth.check(meth.default_eta if eta is None else eta)
+    guidance_scale = resolve_guidance_scale(m, guidance_scale)
+    if not m.conditional:  # prompts mean nothing to it
+        prompts = [""] * len(prompts)
+    tokens = isinstance(m, TokenModel)
+    if tokens:
+        check_token_method(meth, m)
+    if nfe_budget is not None:  # an autoregressive model takes L steps, one a token
+        budget_plan(meth, nfe_budget, m.max_len if tokens else steps, guidance_scale)
+    meth.check(meth.default_eta if eta is None else eta, None if tokens else m.process)
     if m.name == "shapes":  # the shapes world's text encoder knows its own words only
         try:
             shapes.tokenize(prompts)
         except ValueError as e:
             raise UserError(str(e)) from None
     all_prompts = [p for p in prompts for _ in range(n)]
-    seeds = [seed + i for i in range(len(all_prompts))]
-    with progress_bar(len(all_prompts), f"sampling ({meth.name})") as bar:
-        x, info = guided_sample(m, meth, all_prompts, seeds, steps, guidance_scale=guidance_scale, eta=eta, progress=bar)
-    out.mkdir(parents=True, exist_ok=True)
+    x, info = _sample(m, meth, all_prompts, [seed + i for i in range(len(all_prompts))], steps, guidance_scale, eta)
     summary: dict = {"prompts": prompts, "n": len(all_prompts), **info}
-    if m.texts is not None:
-        summary["texts"] = m.texts(x)
-        atomic_write_text(out / "samples.txt", "\n".join(summary["texts"]) + "\n")
-        if m.name.startswith("molecules"):  # SMILES: their drawings, 48 at most
-            from rewardiff.report.molecules import save_molecule_grid
-
-            save_molecule_grid(summary["texts"][:48], out / "grid.png")
-    else:
-        (out / "samples").mkdir(exist_ok=True)
-        for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
-            Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
-        save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
+    _write_samples(out, m, x, n, summary)
     if nfe_budget is not None:
         summary["nfe_budget"] = nfe_budget
     if reward_fn is not None:
@@ -115,6 +126,41 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
         summary.update(reward=reward, reward_mean=float(r.mean()), reward_std=float(r.std()) if len(r) > 1 else 0.0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _sample(m: DiffusionModel | TokenModel, meth: Any, prompts: list[str], seeds: list[int], steps: int,
+            guidance_scale: float, eta: float | None) -> tuple[torch.Tensor, dict]:
+    """Outputs [N, ...] (images in [-1, 1], or token ids) and the sampler's info, with a progress bar."""
+    from rewardiff.guidance import guided_sample
+    from rewardiff.guidance.sample import token_sample
+
+    with progress_bar(len(prompts), f"sampling ({meth.name})") as bar:
+        if isinstance(m, TokenModel):
+            return token_sample(m, meth, seeds, progress=bar)
+        return guided_sample(m, meth, prompts, seeds, steps, guidance_scale=guidance_scale, eta=eta, progress=bar)
+
+
+def _write_samples(out: Path, m: DiffusionModel | TokenModel, x: torch.Tensor, n: int, summary: dict) -> None:
+    """Text outputs: ``samples.txt`` (and ``texts`` in the summary), molecules drawn in ``grid.png``;
+    images: ``samples/NNNN.png`` and ``grid.png`` (``n`` a row, 16 at most)."""
+    from PIL import Image
+
+    from rewardiff.report import save_grid
+    from rewardiff.worlds import shapes
+
+    out.mkdir(parents=True, exist_ok=True)
+    if m.texts is not None:
+        summary["texts"] = m.texts(x)
+        atomic_write_text(out / "samples.txt", "\n".join(summary["texts"]) + "\n")
+        if isinstance(m, TokenModel) or m.name.startswith("molecules"):  # SMILES: their drawings, 48 at most
+            from rewardiff.report.molecules import save_molecule_grid
+
+            save_molecule_grid(summary["texts"][:48], out / "grid.png")
+        return
+    (out / "samples").mkdir(exist_ok=True)
+    for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
+        Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
+    save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
 
 
 class progress_bar:

@@ -56,6 +56,36 @@ class Denoiser(Protocol):
 
 
 @runtime_checkable
+class Process(Protocol):
+    """The diffusion math the rollout drives: what it calls of a process, and nothing more.
+
+    Both :class:`~rewardiff.processes.gaussian.GaussianProcess` (DDPM/DDIM on continuous states)
+    and :class:`~rewardiff.processes.masked.MaskedProcess` (absorbing-state diffusion on token
+    ids) fit it; ``t`` and ``t_prev`` are training timesteps (-1: the clean sample).
+    """
+
+    def is_stochastic(self, eta: float) -> bool:
+        """Whether a step with this eta draws randomness (then ``noise_like`` supplies it)."""
+        ...
+
+    def noise_like(self, x: Tensor, generator: Any = None) -> Tensor:
+        """One step's randomness for states ``x`` [B, ...] (a torch.Generator or None)."""
+        ...
+
+    def step(self, model_out: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = ..., noise: Tensor | None = None) -> StepOut:
+        """One reverse step x_t -> x_{t_prev} from the denoiser's output at (x_t, t)."""
+        ...
+
+    def split(self, model_out: Tensor, x_t: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x0_hat, the noise estimate or None) from the denoiser's output at (x_t, t)."""
+        ...
+
+    def log_prob(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """log p(x | x_t) [B] of states ``x`` [B, ...] under a step's ``mean`` and ``std``."""
+        ...
+
+
+@runtime_checkable
 class Reward(Protocol):
     """``reward(x, prompts) -> Tensor[B]``, higher is better, with metadata.
 
@@ -149,4 +179,4 @@ class ValueFn(Protocol):
     def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]
+__all__ = ["StepOut", "Trajectory", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]

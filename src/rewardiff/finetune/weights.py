@@ -26,8 +26,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv
 
 
 def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
-    """Freeze the net and add LoRA adapters (peft) to its UNet (token models: to their
-    ``lora_targets`` layers); ``rank`` 0 trains every weight."""
+    """Freeze the net and add LoRA adapters (peft) to its UNet (token models and the masked
+    molecules model: to their ``lora_targets``); ``rank`` 0 trains every weight."""
     net = model.net
     if rank <= 0:
         net.requires_grad_(True)
@@ -59,8 +59,14 @@ class AdapterOff:
 
 
 def attach_layer_lora(model, rank: int, alpha: float) -> None:
-    """LoRA on the named layers of a token model's net (``model.lora_targets``), injected by peft;
-    the reference is the same net with its adapters disabled."""
+    """LoRA on the named layers of a net without a UNet (``model.lora_targets``: token models,
+    the masked molecules model), injected by peft; the reference is the same net with its
+    adapters disabled.
+
+    A target that names a parameter rather than a layer (the masked model's
+    ``self_attn.in_proj_weight``) goes to peft's ``target_parameters``: the adapter is added to
+    that weight for the duration of its module's forward call.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(getattr(model, "lora_targets", None) or [])
@@ -68,16 +74,24 @@ def attach_layer_lora(model, rank: int, alpha: float) -> None:
         raise UserError(f"no LoRA layers known for model {model.name!r}; fine-tune every weight with lora_rank=0")
     net = model.net
     net.requires_grad_(False)
-    conv1d = any(type(m).__name__ == "Conv1D" for n, m in net.named_modules() if n.rsplit(".", 1)[-1] in targets)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets, fan_in_fan_out=conv1d)
+    params = [t for t in targets if any(n == t or n.endswith("." + t) for n, _ in net.named_parameters())]
+    layers = [t for t in targets if t not in params]
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in net.named_modules() if n.rsplit(".", 1)[-1] in layers)
+    extra = {"target_parameters": params} if params else {}
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=layers, fan_in_fan_out=conv1d, **extra)
     inject_adapter_in_model(cfg, net)  # lora_B starts at zero: the adapted model equals the base
     model.reference = LayerAdapterOff(net)
 
 
-class LayerAdapterOff:
-    """The base model seen through a net with peft LoRA layers: every adapter disabled for the call."""
+class LayerAdapterOff(nn.Module):
+    """The base model seen through a net with peft LoRA layers: every adapter disabled for the call.
+
+    A module over the same net (no copy), so that code walking the reference's modules (the
+    Gumbel method's soft token inputs) finds the net's own layers.
+    """
 
     def __init__(self, net: nn.Module):
+        super().__init__()
         self.net = net
 
     def _switch(self, on: bool) -> None:
@@ -87,7 +101,7 @@ class LayerAdapterOff:
             if isinstance(m, BaseTunerLayer):
                 m.enable_adapters(on)
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         self._switch(False)
         try:
             return self.net(*args, **kwargs)
@@ -114,6 +128,8 @@ def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
     atomic_write(directory / "trainable.safetensors", lambda p: save_file(state, str(p)))
     if cfg.model.startswith("diffusers:") and cfg.lora_rank > 0:
         save_diffusers_lora(directory, net)
+    if cfg.model.startswith("hf:") and cfg.lora_rank > 0:
+        save_peft_adapter(directory, net, cfg.model.removeprefix("hf:"))
     atomic_write_text(directory / "finetune.json", json.dumps(asdict(cfg), indent=2))
 
 
@@ -139,6 +155,30 @@ def save_diffusers_lora(directory: Path, net: nn.Module) -> None:
         os.replace(tmp / DIFFUSERS_LORA, directory / DIFFUSERS_LORA)  # atomic: old file or new, never half
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def save_peft_adapter(directory: Path, net: nn.Module, base_dir: str) -> None:
+    """A Hugging Face model's LoRA in the layout ``PeftModel.save_pretrained`` writes, so that
+    plain peft and transformers reproduce the fine-tuned model:
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), directory)``.
+
+    ``adapter_model.safetensors`` holds the factors as ``base_model.model.<layer>.lora_A.weight``
+    (the layer's name in the language model, the adapter name left out) and
+    ``adapter_config.json`` the LoraConfig they were trained with, its base model recorded.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(net)  # "lm.<layer>.lora_A.weight": ``net`` is the HFCausalLM wrapper
+    layers = {"base_model.model." + k.removeprefix("lm."): v.detach().contiguous() for k, v in state.items()}
+    cfg = copy.deepcopy(net.peft_config["default"])
+    cfg.base_model_name_or_path, cfg.task_type, cfg.inference_mode = str(Path(base_dir).resolve()), "CAUSAL_LM", True
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.to_dict().items()}
+    atomic_write(directory / PEFT_WEIGHTS, lambda p: save_file(layers, str(p), metadata={"format": "pt"}))
+    atomic_write_text(directory / PEFT_CONFIG, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_trainable(directory: Path, net: nn.Module) -> None:

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
-from rewardiff.types import Reward, Selection, StepContext
+from rewardiff.processes.gaussian import GaussianProcess
+from rewardiff.types import Process, Reward, Selection, StepContext
 
 
 class Method:
@@ -68,9 +69,15 @@ class Method:
         self.gen = torch.Generator().manual_seed(self.seed)
         self.stats = {"reward_calls": 0}
 
-    def check(self, eta: float) -> None:
-        """Raise UserError when the method cannot run with this reward or eta."""
-        if self.needs_stochastic and eta <= 0:
+    def check(self, eta: float, process: Process | None = None) -> None:
+        """Raise UserError when the method cannot run with this reward, eta and process.
+
+        Whether the sampler draws at each step is the process's to say
+        (``process.is_stochastic(eta)``): DDIM draws only with eta > 0, masked diffusion draws
+        at every step whatever eta. Without a process the Gaussian rule (eta > 0) applies.
+        """
+        stochastic = (process if process is not None else GaussianProcess).is_stochastic(eta)
+        if self.needs_stochastic and not stochastic:
             raise UserError(f"{self.name} draws candidates from the stochastic sampler: it needs --eta > 0 (got {eta})")
         if self.reward is not None and not self.black_box_ok and not self.reward.differentiable:
             raise UserError(f"{self.name} needs a differentiable reward; {self.reward.name!r} is black-box")

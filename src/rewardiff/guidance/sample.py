@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.base import Method
+from rewardiff.guidance.base import Method, pick_per_parent
 from rewardiff.guidance.best_of_n import BestOfN
 from rewardiff.guidance.dsearch import DSearch
 from rewardiff.guidance.free2guide import Free2Guide
@@ -22,6 +22,7 @@ from rewardiff.rollout import evaluations_per_call
 from rewardiff.types import Reward
 
 METHODS = ("base", "best-of-n", "gradient", "svdd-pm", "svdd-mc", "dsearch", "dsearch-r", "free2guide", "smc")
+TOKEN_METHODS = ("base", "best-of-n")  # what an autoregressive model samples with: it has no diffusion chain to steer
 
 
 class Base(Method):
@@ -117,7 +118,7 @@ def guided_sample(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     eta = method.default_eta if eta is None else float(eta)
-    method.check(eta)
+    method.check(eta, model.process)
     T = num_inference_steps
     c = evaluations_per_call(guidance_scale)
     k = method.particles
@@ -148,6 +149,51 @@ def guided_sample(
         **{f"{key}_per_sample": val / n for key, val in stats.items()},
     }
     return torch.cat(images), info
+
+
+def check_token_method(method: Method, model: Any) -> None:
+    """A UserError unless ``method`` is one an autoregressive ``model`` samples with (:data:`TOKEN_METHODS`)."""
+    if method.name not in TOKEN_METHODS:
+        raise UserError(f"method {method.name} steers a diffusion sampler; the autoregressive model {model.name} "
+                        f"samples with --method {' or '.join(TOKEN_METHODS)}")
+
+
+def token_sample(model: Any, method: Method, seeds: list[int], *, batch_size: int = 64, progress: Any = None) -> tuple[Tensor, dict]:
+    """One sequence per seed from an autoregressive model (a :class:`~rewardiff.models.tokens.TokenModel`)
+    with ``base`` or ``best-of-n``.
+
+    Best-of-N draws N sequences per request with :meth:`TokenModel.sample` (the request's own
+    seed first, then :func:`particle_seeds`, as for diffusion models, so N = 1 is the base
+    sampler) and keeps the one the reward scores highest. A sequence costs L net evaluations
+    (one per position, with the key/value cache), so NFE per sample is N * L: the method's
+    cost formula with T = L steps.
+
+    Returns:
+        (token ids [N, L] (long), info) with the fields of :func:`guided_sample`'s info but eta.
+    """
+    check_token_method(method, model)
+    k, L = method.particles, model.max_len
+    method.stats = {"reward_calls": 0}
+    per_batch = max(1, batch_size // k)
+    out, nfe = [], 0
+    for s in range(0, len(seeds), per_batch):
+        req = seeds[s : s + per_batch]
+        ps = [x for sd in req for x in particle_seeds(int(sd), k)]  # k particles per request, request-major
+        ids = model.generate([""] * len(ps), ps, batch_size=len(ps))  # [len(req) * k, L]
+        nfe += len(ps) * L
+        if k > 1:
+            best = pick_per_parent(method.score(ids, [""] * len(ps)), k, 0.0, method.gen)  # [len(req)]
+            ids = ids[best]
+        out.append(ids)
+        if progress is not None:
+            progress(len(req))
+    n = len(seeds)
+    info = {
+        "method": method.name, "options": method.options(), "num_inference_steps": L, "guidance_scale": 1.0,
+        "nfe": nfe, "nfe_per_sample": nfe / n, "expected_nfe_per_sample": method.cost(L, 1),
+        **{f"{key}_per_sample": val / n for key, val in method.stats.items()},
+    }
+    return torch.cat(out), info
 
 
 def budget_plan(method: Method, budget: int, num_inference_steps: int, guidance_scale: float) -> None:

@@ -37,6 +37,8 @@ class DiffusionModel:
             classifier-free guidance has nothing to do).
         texts: outputs -> one string each, for models whose outputs are text (token ids),
             e.g. SMILES; None for images.
+        lora_targets: what LoRA adapts in a net without a ``.unet``: names of its layers, or of
+            parameters (e.g. ``self_attn.in_proj_weight``); None when LoRA is not supported.
     """
 
     def __init__(
@@ -50,9 +52,11 @@ class DiffusionModel:
         output_range: tuple[float, float] | None = (-1.0, 1.0),
         conditional: bool = True,
         texts: Callable[[Tensor], list[str]] | None = None,
+        lora_targets: list[str] | None = None,
     ):
         self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
         self.output_range, self.conditional, self.texts = output_range, conditional, texts
+        self.lora_targets = list(lora_targets) if lora_targets else None
         self.decode = decode or (lambda x: x)
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
 

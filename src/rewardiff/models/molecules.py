@@ -6,12 +6,27 @@ s = (t + 1) / N (its last layer starts at zero) added to every token state, then
 transformer encoder. Molecules are unconditional: the condition is a zeros tensor [B, 1] that the net
 ignores (it exists so that the rollout's condition handling works unchanged), and
 classifier-free guidance does not apply.
+
+Every call computes the same way, in eval or train mode, with or without gradient, so that LoRA
+adapters take effect and a model and its frozen copy agree to the bit (a KL to the base of
+exactly 0 when nothing has changed):
+
+1. The encoder runs PyTorch's per-operation path, never the fused "fast path" that
+   ``nn.TransformerEncoderLayer`` takes in eval mode without gradient: the fused kernel reads
+   the layers' weights directly and so skips LoRA adapters (which act in the layers' forward
+   calls), and it rounds differently (~1e-7) from the path that runs with gradient.
+2. The layers read sequence-first states [L, B, D], contiguous: a batch-first layer hands the
+   attention's input projection a strided [L, B, D] view, and PyTorch's matmul then takes a
+   route that depends on whether the weights require grad (frozen copy or not), which rounds
+   differently again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +38,12 @@ from rewardiff.processes.masked import MaskedProcess
 
 FORMAT = "rewardiff-masked-denoiser"  # the ``format`` field of config.json
 WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-mdm"
+# what LoRA adapts in every encoder layer: the attention's query/key/value projection (a parameter
+# of nn.MultiheadAttention, adapted through peft's parameter targeting) and the feed-forward layers.
+# The attention's out_proj is left alone: MultiheadAttention never calls its forward, and peft's
+# wrapper of the whole attention merges and unmerges the base weights in place at every call,
+# which drifts the frozen weights by rounding (no bit-identical resume).
+LORA_TARGETS = ["self_attn.in_proj_weight", "linear1", "linear2"]
 
 
 @dataclass
@@ -37,6 +58,17 @@ class MaskedModelConfig:
     dropout: float = 0.0  # dropout inside the transformer layers (training only)
     schedule: str = "linear"  # masking schedule of the process: linear or cosine
     num_train_timesteps: int = 1000  # N, training timesteps of the process
+
+
+@contextmanager
+def per_op_path() -> Iterator[None]:
+    """PyTorch's fused transformer fast path off while active (a global switch; restored after)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def sinusoidal(p: Tensor, dim: int) -> Tensor:
@@ -59,7 +91,7 @@ class MaskedDenoiser(nn.Module):
         nn.init.zeros_(self.time[2].weight)  # time starts silent: it must not drown tokens and positions
         nn.init.zeros_(self.time[2].bias)
         layer = nn.TransformerEncoderLayer(c.dim, c.heads, c.ff_mult * c.dim, c.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+                                           batch_first=False, norm_first=True)  # sequence-first: see the module doc
         self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.vocab_size)
@@ -69,7 +101,11 @@ class MaskedDenoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).expand(B)
         s = (t.float() + 1) / self.config.num_train_timesteps  # [B]
         h = self.tok(x_t) + self.pos[:L] + self.time(sinusoidal(1000.0 * s, self.config.dim))[:, None]  # [B, L, D]
-        return self.head(self.norm(self.encoder(h)))  # [B, L, V]
+        h = h.transpose(0, 1).contiguous()  # [L, B, D]: module doc, step 2
+        with per_op_path():  # module doc, step 1
+            for layer in self.encoder.layers:  # = self.encoder(h), whose own checks read attributes a LoRA wrapper hides
+                h = layer(h)  # [L, B, D]
+        return self.head(self.norm(h.transpose(0, 1)))  # [B, L, V]
 
     def encode(self, prompts: list[str]) -> Tensor:
         """The (empty) condition of unconditional sampling: zeros [B, 1]."""
@@ -136,4 +172,4 @@ def molecules_model(directory: str | Path | None = None):
     if tok.size != c.vocab_size or tok.max_len != c.max_len or tok.mask_id != c.mask_id:
         raise UserError(f"the tokenizer (V={tok.size}, L={tok.max_len}) does not fit the model in {d} (V={c.vocab_size}, L={c.max_len})")
     return DiffusionModel(net, net.process(), net.encode, (c.max_len,), name="molecules", output_range=None,
-                          conditional=False, texts=tok.decode_batch)
+                          conditional=False, texts=tok.decode_batch, lora_targets=LORA_TARGETS)
