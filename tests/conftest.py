@@ -43,3 +43,24 @@ def gpt2_dir(tmp_path_factory):
                         eos_token_id=tok.pad_id)
     GPT2LMHeadModel(config).save_pretrained(d)
     return d
+
+
+def _scramble(net, seed: int = 0):
+    """A value network (ValueNet or TokenValueNet) with random values in every tensor, the
+    zero-initialized head included, so that an untrained net is a fair baseline."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        net.target_mean.fill_(0.3)
+        net.target_std.fill_(2.0)
+        if getattr(net, "image", False):
+            net.stat_mean.copy_(torch.randn(net.stat_mean.shape, generator=g))
+            net.stat_std.copy_(torch.rand(net.stat_std.shape, generator=g) + 0.5)
+    return net.eval()
+
+
+@pytest.fixture
+def scrambled_value():
+    """``scrambled_value(net, seed=0)``: the net with random values in every tensor (see _scramble)."""
+    return _scramble

@@ -19,26 +19,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 TINY_WIDTHS = (8, 16, 16)
 
 
-def _scrambled(net: ValueNet, seed: int = 0) -> ValueNet:
-    """Random values in every tensor (the zero-initialized head and FiLM layers included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        net.target_mean.fill_(0.3)
-        net.target_std.fill_(2.0)
-        if net.image:
-            net.stat_mean.copy_(torch.randn(net.stat_mean.shape, generator=g))
-            net.stat_std.copy_(torch.rand(net.stat_std.shape, generator=g) + 0.5)
-    return net.eval()
-
-
-def test_value_net_images_and_vectors():
+def test_value_net_images_and_vectors(scrambled_value):
     """Images of any size pool to one value per row; vectors use the MLP; gradients reach x_t."""
     default = ValueNet((3, 32, 32), 64)
     assert 100_000 <= sum(p.numel() for p in default.parameters()) <= 300_000
 
-    net = _scrambled(ValueNet((3, 16, 24), 16, widths=TINY_WIDTHS))
+    net = scrambled_value(ValueNet((3, 16, 24), 16, widths=TINY_WIDTHS))
     x = torch.randn(5, 3, 16, 24, requires_grad=True)
     tokens = torch.randn(5, 4, 16)
     v = net(x, 500, tokens)
@@ -48,7 +34,7 @@ def test_value_net_images_and_vectors():
     v.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
-    vec = _scrambled(ValueNet((2,), 1))
+    vec = scrambled_value(ValueNet((2,), 1))
     y = vec(torch.randn(7, 2), 10, torch.randn(7, 1))
     assert y.shape == (7,) and torch.isfinite(y).all()
     assert torch.allclose(vec(torch.ones(3, 2), 10, torch.zeros(3)), vec(torch.ones(3, 2), 10, torch.zeros(3, 1)))
@@ -62,8 +48,8 @@ def test_dict_conditions_pool_each_part_in_key_order():
     torch.testing.assert_close(got, want)
 
 
-def test_save_load_round_trip_gives_identical_predictions(tmp_path):
-    net = _scrambled(ValueNet((3, 32, 32), 16, widths=TINY_WIDTHS))
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, scrambled_value):
+    net = scrambled_value(ValueNet((3, 32, 32), 16, widths=TINY_WIDTHS))
     card = save_value(net, {"reward": "brightness", "model": "tiny", "metrics": {}}, tmp_path / "v")
     assert (tmp_path / "v" / "value.safetensors").is_file()
     assert json.loads((tmp_path / "v" / "value.json").read_text()) == card
@@ -79,7 +65,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     value(xg, 333, cond).sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
-    vec = _scrambled(ValueNet((2,), 1))
+    vec = scrambled_value(ValueNet((2,), 1))
     save_value(vec, {"reward": "toy"}, tmp_path / "vec")
     z, c = torch.randn(4, 2), torch.randn(4, 1)
     assert torch.equal(load_value(tmp_path / "vec")(z, 7, c), vec(z, 7, c))

@@ -11,8 +11,14 @@ their predicted value instead of decoding and scoring them.
     value = load_value("runs/value-brightness")
     v = value(x_t, t, model.encode(prompts))  # float [B], in reward units
 
+The network follows the model's process: a ``ValueNet`` (CNN or MLP) for float states of a
+Gaussian process, a ``TokenValueNet`` (``rewardiff.guidance.token_value``: a small
+transformer over token ids, mask included) for a masked discrete process, which has a
+``vocab_size``. Both are trained, saved and loaded by the same functions.
+
 On disk a value model is a directory with ``value.safetensors`` (the network's tensors,
-target standardization included) and ``value.json`` (its configuration and held-out metrics).
+target standardization included) and ``value.json`` (its configuration and held-out metrics;
+``kind: tokens`` marks a token network, no ``kind`` the float one).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -31,6 +37,9 @@ from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.types import Reward
+
+if TYPE_CHECKING:
+    from rewardiff.guidance.token_value import TokenValueNet
 
 WEIGHTS_FILE = "value.safetensors"
 CONFIG_FILE = "value.json"
@@ -233,6 +242,9 @@ class ValueNet(nn.Module):
         return self.standardized(x_t, t, cond) * self.target_std + self.target_mean
 
 
+AnyValueNet = Union["ValueNet", "TokenValueNet"]  # what train_value fits and load_value returns inside LearnedValue
+
+
 class LearnedValue:
     """A loaded value model: ``value(x_t, t, cond) -> Tensor[B]`` (the ``ValueFn`` protocol).
 
@@ -241,13 +253,14 @@ class LearnedValue:
     a call with ``x_t`` on another device moves the network there.
 
     Attributes:
-        net: the ``ValueNet``.
+        net: the ``ValueNet`` (float states) or ``TokenValueNet`` (token ids [B, L] or
+            probabilities [B, L, V]).
         reward: the reward spec the value was trained on.
         config: the contents of ``value.json``.
         path: the directory it was loaded from.
     """
 
-    def __init__(self, net: ValueNet, config: dict, path: Path | None = None):
+    def __init__(self, net: AnyValueNet, config: dict, path: Path | None = None):
         self.net, self.config, self.path = net.eval(), config, path
         self.reward: str = str(config.get("reward", ""))
         self.net.requires_grad_(False)
@@ -308,8 +321,8 @@ def _collect(model: DiffusionModel, reward: Reward, prompts: list[str], seeds: l
     """Sample base-model trajectories and score them.
 
     Returns:
-        states [N, T, ...] (x_T .. x_1, on the CPU), pooled conditions [N, D], rewards [N],
-        and the T timesteps of the states.
+        states [N, T, ...] (x_T .. x_1, on the CPU; float32, or the ids' own integer dtype
+        for token states), pooled conditions [N, D], rewards [N], and the T timesteps of the states.
     """
     from tqdm import tqdm
 
@@ -328,9 +341,10 @@ def _collect(model: DiffusionModel, reward: Reward, prompts: list[str], seeds: l
             raise NonFiniteError(f"reward {getattr(reward, 'name', reward)!r} gave a non-finite value on trajectories {i}..{i + len(p) - 1}")
         xs = traj.xs[:-1]  # x_T .. x_1 (x_0 is scored, not kept)
         if states is None:
-            states = torch.empty((len(prompts), len(xs), *xs[0].shape[1:]), dtype=torch.float32)
+            dtype = torch.float32 if xs[0].is_floating_point() else xs[0].dtype
+            states = torch.empty((len(prompts), len(xs), *xs[0].shape[1:]), dtype=dtype)
         for j, x in enumerate(xs):
-            states[i : i + len(p), j] = x.detach().float().cpu()
+            states[i : i + len(p), j] = x.detach().cpu()
         conds.append(pool_cond(model.encode(p)).float().cpu())
         rewards.append(r.cpu())
         bar.update(len(p))
@@ -339,7 +353,23 @@ def _collect(model: DiffusionModel, reward: Reward, prompts: list[str], seeds: l
     return states, torch.cat(conds), torch.cat(rewards), timesteps
 
 
-def _predict(net: ValueNet, states: Tensor, conds: Tensor, ts: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+def _new_net(model: DiffusionModel, shape: tuple[int, ...], cond_dim: int, widths: tuple[int, ...] | None) -> AnyValueNet:
+    """The value network for ``model``'s states: a ``TokenValueNet`` when its process is
+    discrete (it has a ``vocab_size``; states are ids [L]), else a ``ValueNet`` of ``shape``."""
+    vocab = getattr(model.process, "vocab_size", None)
+    if vocab is None:
+        return ValueNet(shape, cond_dim, widths=widths)
+    from rewardiff.guidance.token_value import TokenValueNet
+
+    if len(shape) != 1:
+        raise UserError(f"a value model of token states needs ids [L] per sample; model {model.name!r} has states of shape {shape}")
+    try:
+        return TokenValueNet(int(vocab), shape[0], cond_dim, widths=widths)
+    except ValueError as e:
+        raise UserError(f"widths: {e}") from None
+
+
+def _predict(net: AnyValueNet, states: Tensor, conds: Tensor, ts: Tensor, rows: Tensor, device: torch.device) -> Tensor:
     """Predictions in reward units for every state of the trajectories ``rows`` -> [len(rows), T] (CPU)."""
     T = states.shape[1]
     flat = (rows[:, None] * T + torch.arange(T)[None]).reshape(-1)
@@ -374,12 +404,17 @@ def train_value(
 
     1. Sample ``trajectories`` rollouts (batches of 64, no gradient), keeping every state
        x_t at the T sampled timesteps (not x_0); score each decoded x_0 (clamped to [-1, 1]
-       for images) once with ``reward``.
+       for images; token ids for a masked model) once with ``reward``. An unconditional
+       model (``model.conditional`` False, e.g. molecules) samples with the prompt "" and
+       no classifier-free guidance (scale 1, recorded so in the card), as ``rewardiff sample`` does.
     2. Hold out 10% of the trajectories (whole trajectories, so no state of a held-out
        chain is seen in training); standardize the training targets.
     3. Regress every (x_t, t, prompt) on its trajectory's reward: AdamW, MSE, cosine-decayed
        learning rate, shuffled minibatches from a generator seeded by ``seed``.
     4. Report held-out R^2 overall, per third of the chain (early = noisiest) and per step.
+
+    The network follows the process (see the module doc): a ``TokenValueNet`` over token ids
+    for masked discrete diffusion, else a ``ValueNet``.
 
     The same seed (and the same model, reward and arguments) gives the same value model.
 
@@ -394,17 +429,19 @@ def train_value(
         num_inference_steps: sampler steps T; the value is fitted at those timesteps.
         guidance_scale: classifier-free guidance scale of the sampler.
         eta: DDIM stochasticity of the sampler (1: DDPM-like, the setting SVDD assumes).
-        prompts: prompts cycled over the trajectories (default: the shapes world's training prompts).
+        prompts: prompts cycled over the trajectories (default: the shapes world's training
+            prompts; ignored by unconditional models).
         seed: seeds the sampling noise, the split, the initialization and the minibatches.
         progress: show progress bars.
         model_name: recorded as ``model`` in the card (default ``model.name``).
-        widths: the network's widths (default: ``ValueNet``'s, (32, 64, 64) for images).
+        widths: the network's widths (default: ``ValueNet``'s, (32, 64, 64) for images;
+            for token states the transformer width once per layer, all equal, default (64, 64)).
 
     Returns:
         The card written to ``value.json``: configuration, target mean/std and ``metrics``.
 
     Raises:
-        UserError: arguments out of range, or no prompts.
+        UserError: arguments out of range (widths included), or no prompts.
         NonFiniteError: a non-finite reward or training loss.
     """
     from tqdm import tqdm
@@ -413,6 +450,11 @@ def train_value(
 
     _check_args(trajectories, steps, batch_size, lr, num_inference_steps, guidance_scale, eta)
     reward_fn: Reward = get_reward(reward) if isinstance(reward, str) else reward
+    if not getattr(model, "conditional", True):  # prompts and CFG mean nothing to it
+        prompts, guidance_scale = [""], 1.0
+    if getattr(model.process, "vocab_size", None) is not None:  # token widths: refuse before sampling
+        with torch.random.fork_rng(devices=[]):
+            _new_net(model, tuple(model.shape), 1, widths)
     if prompts is None:
         from rewardiff.worlds import shapes
 
@@ -442,7 +484,7 @@ def train_value(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        net = ValueNet(tuple(states.shape[2:]), conds.shape[1], widths=widths)
+        net = _new_net(model, tuple(states.shape[2:]), conds.shape[1], widths)
     net.target_mean.fill_(mean)
     net.target_std.fill_(std)
     if net.image:  # standardize the input statistics the head reads, over every training state
@@ -519,11 +561,12 @@ def train_value(
     return save_value(net, card, out)
 
 
-def save_value(net: ValueNet, card: dict, out_dir: str | Path) -> dict:
+def save_value(net: AnyValueNet, card: dict, out_dir: str | Path) -> dict:
     """Write ``value.safetensors`` and ``value.json`` atomically into ``out_dir``.
 
     Args:
-        net: the network; its tensors (target and input standardization included) are saved.
+        net: the network (``ValueNet`` or ``TokenValueNet``); its tensors (target and input
+            standardization included) are saved.
         card: what ``value.json`` records besides the architecture (reward, model, metrics ...);
             the architecture keys and ``format``/``version`` are filled in from ``net``.
         out_dir: the directory (created when missing).
@@ -553,7 +596,9 @@ def load_value(path: str | Path) -> LearnedValue:
 
     Returns:
         A ``LearnedValue`` on the CPU, in eval mode: ``value(x_t, t, cond) -> Tensor[B]``,
-        with ``value.reward`` (the reward spec) and ``value.config`` (``value.json``).
+        with ``value.reward`` (the reward spec) and ``value.config`` (``value.json``). Its
+        network is the one ``value.json`` names: a ``TokenValueNet`` for ``kind: tokens``,
+        else a ``ValueNet``.
 
     Raises:
         UserError: the path is missing, or the files are absent, unreadable or do not fit together.
@@ -571,10 +616,7 @@ def load_value(path: str | Path) -> LearnedValue:
         config = json.loads(cfile.read_text())
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
-        net = ValueNet(
-            tuple(config["shape"]), int(config["cond_dim"]), in_channels=int(config["in_channels"]),
-            widths=tuple(config["widths"]), emb_dim=int(config.get("emb_dim", EMB_DIM)),
-        )
+        net = _net_from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"malformed value model config {cfile}: {e}") from None
     try:
@@ -584,6 +626,21 @@ def load_value(path: str | Path) -> LearnedValue:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load value weights {wfile}: {msg}") from None
     return LearnedValue(net, config, d)
+
+
+def _net_from_config(config: dict) -> AnyValueNet:
+    """The architecture ``value.json`` describes (ValueError, KeyError or TypeError when it cannot)."""
+    from rewardiff.guidance.token_value import KIND, TokenValueNet
+
+    kind = config.get("kind")
+    if kind == KIND:
+        return TokenValueNet.from_config(config)
+    if kind is not None:
+        raise ValueError(f"unknown kind {kind!r} (known: {KIND}, or none for float states)")
+    return ValueNet(
+        tuple(config["shape"]), int(config["cond_dim"]), in_channels=int(config["in_channels"]),
+        widths=tuple(config["widths"]), emb_dim=int(config.get("emb_dim", EMB_DIM)),
+    )
 
 
 __all__ = ["ValueNet", "LearnedValue", "pool_cond", "time_embedding", "train_value", "save_value", "load_value"]
