@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.gumbel import gumbel, masked_sample, straight_through_gumbel
+from rewardiff.finetune.gumbel import gumbel, masked_sample, relaxed_pick, straight_through_gumbel
 from rewardiff.finetune.trainer import Run, finetune
 from rewardiff.finetune.weights import attach_lora, base_model
 from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
@@ -93,27 +93,60 @@ def test_autoregressive_sampler_pad_absorbing_cache_and_seeds(ar_dir):
     assert len(model.texts(ids)) == len(SEEDS)
 
 
-def test_masked_chain_draws_the_samplers_tokens(masked_dir):
+@pytest.mark.parametrize("estimator", ["straight-through", "relaxed"])
+def test_masked_chain_draws_the_samplers_tokens(masked_dir, estimator):
+    """Both estimators draw the sampler's tokens; straight-through returns them one-hot, relaxed
+    returns relaxations whose argmax they are (rows summing to 1, not one-hot)."""
     model = base_model(str(masked_dir))
-    cfg = _cfg(str(masked_dir))
+    cfg = _cfg(str(masked_dir), gumbel_estimator=estimator)
     with torch.no_grad():
         want = model.sample([""] * 4, SEEDS, cfg.num_inference_steps).x0
     tokens, _, _ = masked_sample(model, SEEDS, cfg, cfg.k, kl=False)
     assert torch.equal(tokens.argmax(-1), want)
-    assert torch.equal(tokens, F.one_hot(want, model.process.vocab_size).float())
+    one_hot = F.one_hot(want, model.process.vocab_size).float()
+    if estimator == "straight-through":
+        assert torch.equal(tokens, one_hot)
+    else:
+        assert torch.allclose(tokens.sum(-1), torch.ones(tokens.shape[:2]), atol=1e-5)
+        assert (tokens - one_hot).abs().amax() > 1e-3
+
+
+def test_relaxed_sample_reads_back_the_drawn_tokens(ar_dir):
+    """The relaxed estimator's sequence, recomputed independently: the drawn tokens are those of
+    the plain sampler with the same seeds, and each row is softmax((l + g) / tau) of the logits
+    that a teacher-forced pass over the drawn tokens gives (pad after the end)."""
+    model, tau = base_model(str(ar_dir)), 0.5
+    with torch.no_grad():
+        plain = model.sample(SEEDS)
+        s = model.sample(SEEDS, relaxed_pick(tau), drawn_back=True)
+        logits = model.teacher_forced_logits(model.net, plain.tokens)
+    assert torch.equal(s.tokens.argmax(-1), plain.tokens.argmax(-1)) and torch.equal(s.alive, plain.alive)
+    want = ((logits + model.noise(SEEDS)) / tau).softmax(-1)
+    alive = s.alive.bool()
+    assert torch.allclose(s.tokens[alive], want[alive], atol=1e-5)
+    assert (s.tokens[alive] - plain.tokens[alive]).abs().amax() > 1e-3  # relaxed, not one-hot
+    assert torch.equal(s.tokens[~alive].argmax(-1), torch.full(((~alive).sum(),), model.pad_id))
+
+
+def test_unknown_estimator_is_a_user_error(ar_dir):
+    with pytest.raises(UserError, match="gumbel_estimator"):
+        gumbel(base_model(str(ar_dir)), get_reward("chem-rm-qed"), [""], [1], _cfg(str(ar_dir), gumbel_estimator="exact"),
+               torch.Generator())
 
 
 # ----------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("estimator", ["relaxed", "straight-through"])
 @pytest.mark.parametrize("kind", ["ar", "gpt2", "masked"])
-def test_gradient_reaches_the_generator(kind, ar_dir, gpt2_dir, masked_dir):
-    """Through the reward model, the relaxed tokens and (AR) the input embedding of fed-back tokens."""
+def test_gradient_reaches_the_generator(kind, estimator, ar_dir, gpt2_dir, masked_dir):
+    """Through the reward model and the relaxed tokens into the generator's weights."""
     name = {"ar": str(ar_dir), "gpt2": f"hf:{gpt2_dir}", "masked": str(masked_dir)}[kind]
     rank = 4 if kind == "gpt2" else 0
     model = base_model(name)
     attach_lora(model, rank, 4.0)
-    out = gumbel(model, get_reward("chem-rm-qed"), [""] * 4, SEEDS, _cfg(name, lora_rank=rank, kl_weight=0.0), torch.Generator())
+    cfg = _cfg(name, lora_rank=rank, kl_weight=0.0, gumbel_estimator=estimator)
+    out = gumbel(model, get_reward("chem-rm-qed"), [""] * 4, SEEDS, cfg, torch.Generator())
     out.loss.backward()
     grads = {n: p.grad for n, p in model.net.named_parameters() if p.requires_grad}
     if kind == "gpt2":
@@ -122,7 +155,7 @@ def test_gradient_reaches_the_generator(kind, ar_dir, gpt2_dir, masked_dir):
     else:
         assert sum(float(g.abs().sum()) > 0 for g in grads.values() if g is not None) >= len(grads) // 2
         embedding = "tok.weight"
-        assert float(grads[embedding].abs().sum()) > 0  # the relaxed tokens reach the input embedding
+        assert float(grads[embedding].abs().sum()) > 0
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -1,26 +1,37 @@
 """Gumbel-softmax reward fine-tuning of token generators (DiffRO 2025).
 
 DiffRO scores generated tokens with a differentiable token-level reward model and makes the
-reward differentiable with respect to the generator by feeding it Gumbel-softmax relaxations
-of the sampled tokens (Jang et al. 2017, "Categorical Reparameterization with Gumbel-Softmax";
-Maddison et al. 2017, "The Concrete Distribution"). Straight-through estimator, at every
-sampled position with logits l and Gumbel noise g:
+reward differentiable with respect to the generator through Gumbel-softmax relaxations of the
+sampled tokens (Jang et al. 2017, "Categorical Reparameterization with Gumbel-Softmax";
+Maddison et al. 2017, "The Concrete Distribution"). At every sampled position, with logits l
+and Gumbel noise g, the drawn token is one_hot(argmax(l + g)), an exact draw from softmax(l),
+and its relaxation is softmax((l + g) / tau). Two estimators (``gumbel_estimator``):
 
-    forward:  y = one_hot(argmax(l + g))                (an exact draw from softmax(l))
-    backward: dy/dl = d softmax((l + g) / tau) / dl     (the relaxation's gradient)
+- ``relaxed`` (default): the reward reads the relaxations [B, L, V]; the generator reads back
+  the drawn tokens, without gradient. The gradient is exact for the relaxed objective
+  E_g[r(softmax((l + g) / tau))], which tends to the true one as tau -> 0, and each position's
+  gradient acts on its own distribution only.
+- ``straight-through``: the reward reads the drawn one-hot tokens, with the relaxation's
+  gradient (forward one_hot, backward d softmax((l + g) / tau) / dl), and the generator reads
+  them back with that gradient, so that it flows into every later position.
+
+Measured on the molecules world (benchmarks/RESULTS.md): a step along the straight-through
+gradient lowered the expected reward on QED, while the relaxed estimator raised it; both
+rose on logP, a sum of atom contributions. A multi-token chain of SELFIES symbols, whose
+meaning depends on what precedes them, is where the straight-through linearization fails.
+Either way the reward model's gradient must predict what a token swap does: see
+:mod:`rewardiff.rewards.chem_rm` for how the shipped one is trained for that.
 
 One training step of the method ``gumbel``:
 
-1. Autoregressive models (:class:`~rewardiff.models.tokens.TokenModel`): sample L tokens;
-   each straight-through one-hot is fed back as the next input embedding (``y @ E``), so
-   the relaxed gradient of a token flows into every later position.
-   Masked diffusion models (``molecules``): run the unmasking chain, each step's tokens drawn
-   with the straight-through estimator from the step's transition probabilities and fed
-   back as probabilities; only the last K (``k``) steps carry gradient.
+1. Autoregressive models (:class:`~rewardiff.models.tokens.TokenModel`): sample L tokens as
+   above. Masked diffusion models (``molecules``): run the unmasking chain, each step's
+   tokens drawn from the step's transition probabilities the same way; only the last K
+   (``k``) steps carry gradient.
 2. Score the whole sequence [B, L, V] with the differentiable reward (``chem-rm``, ...).
 3. Penalty to the frozen base model: per-token KL(p_theta || p_base) of the next-token
-   distributions along the sampled sequence, summed over positions, both models reading the
-   (detached) sampled tokens in one teacher-forced pass (masked diffusion: the KL of each
+   distributions along the drawn sequence, summed over positions, both models reading the
+   drawn tokens (detached) in one teacher-forced pass (masked diffusion: the KL of each
    gradient step's transition probabilities, summed over positions and steps).
 4. Minimize -mean(r) + kl_weight * mean(KL).
 
@@ -59,9 +70,27 @@ def straight_through_gumbel(logits: Tensor, g: Tensor, tau: float) -> Tensor:
     return hard + (soft - soft.detach())  # soft - soft.detach() is exactly 0 in the forward pass
 
 
+def relaxed_gumbel(logits: Tensor, g: Tensor, tau: float) -> Tensor:
+    """The Gumbel-softmax relaxation softmax((logits + g) / tau) [..., V]: its argmax is the drawn token."""
+    return ((logits + g) / tau).softmax(-1)
+
+
+ESTIMATORS = {"relaxed": relaxed_gumbel, "straight-through": straight_through_gumbel}
+
+
 def straight_through_pick(tau: float) -> Pick:
     """The token pick of :meth:`TokenModel.sample` with the straight-through gradient at temperature ``tau``."""
     return lambda logits, g: straight_through_gumbel(logits, g, tau)
+
+
+def relaxed_pick(tau: float) -> Pick:
+    """The token pick of :meth:`TokenModel.sample` that returns the relaxation at temperature ``tau``."""
+    return lambda logits, g: relaxed_gumbel(logits, g, tau)
+
+
+def hard(tokens: Tensor) -> Tensor:
+    """One-hot rows [..., V] of the argmax of token rows (drawn tokens from their relaxations), no gradient."""
+    return F.one_hot(tokens.detach().argmax(-1), tokens.shape[-1]).to(tokens.dtype)
 
 
 def categorical_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -78,6 +107,8 @@ def probs_kl(p: Tensor, q: Tensor) -> Tensor:
 def _check(cfg: FinetuneConfig) -> None:
     if not cfg.gumbel_tau > 0:
         raise UserError(f"config field 'gumbel_tau' must be positive, got {cfg.gumbel_tau}")
+    if cfg.gumbel_estimator not in ESTIMATORS:
+        raise UserError(f"config field 'gumbel_estimator' must be one of {', '.join(ESTIMATORS)}; got {cfg.gumbel_estimator!r}")
 
 
 # ----------------------------------------------------------------------------- autoregressive models
@@ -87,12 +118,13 @@ def token_kl(model: TokenModel, tokens: Tensor, alive: Tensor) -> Tensor:
     """Per-sequence KL to the base model [B]: per-token KL of the next-token distributions along
     ``tokens`` [B, L, V], summed over the positions where a token was drawn (``alive`` [B, L]).
 
-    Both models read the (detached) tokens in one teacher-forced pass, so the KL is exactly 0
-    while the weights are the base model's; its gradient reaches the generator's weights.
+    Both models read the drawn tokens (the argmax of each row, detached) in one teacher-forced
+    pass, so the KL is exactly 0 while the weights are the base model's; its gradient reaches
+    the generator's weights.
     """
     if model.reference is None:
         return torch.zeros(tokens.shape[0], device=tokens.device)
-    tokens = tokens.detach()
+    tokens = hard(tokens)
     with torch.no_grad():
         ref = model.teacher_forced_logits(model.reference, tokens)  # [B, L, V]
     return (categorical_kl(model.teacher_forced_logits(model.net, tokens), ref) * alive).sum(1)
@@ -100,7 +132,9 @@ def token_kl(model: TokenModel, tokens: Tensor, alive: Tensor) -> Tensor:
 
 def autoregressive_loss(model: TokenModel, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig) -> LossOut:
     """Steps 1-4 of the module doc for an autoregressive model."""
-    s = model.sample(seeds, straight_through_pick(cfg.gumbel_tau))  # 1. tokens [B, L, V]
+    relaxed = cfg.gumbel_estimator == "relaxed"
+    pick = (relaxed_pick if relaxed else straight_through_pick)(cfg.gumbel_tau)
+    s = model.sample(seeds, pick, drawn_back=relaxed)  # 1. tokens [B, L, V]
     r = reward_fn(s.tokens, prompts)  # 2.
     kl = token_kl(model, s.tokens, s.alive) if cfg.kl_weight > 0 else torch.zeros_like(r)  # 3.
     loss = -r.mean() + cfg.kl_weight * kl.mean()  # 4.
@@ -150,7 +184,10 @@ def masked_sample(model, seeds: list[int], cfg: FinetuneConfig, k: int, kl: bool
     proc, V = model.process, model.process.vocab_size
     ts = proc.timesteps(cfg.num_inference_steps)
     gens = model.step_generators(seeds)
-    x = F.one_hot(model.noise(seeds), V).float()  # x_T: all mask
+    relaxed = cfg.gumbel_estimator == "relaxed"
+    draw = ESTIMATORS[cfg.gumbel_estimator]
+    x = F.one_hot(model.noise(seeds), V).float()  # x_T: all mask; what the net reads
+    out = x  # what the reward reads: the relaxations (relaxed) or x itself (straight-through)
     cond = model.encode([""] * len(seeds))
     total = torch.zeros(len(seeds), device=x.device)
     nfe = 0
@@ -159,16 +196,17 @@ def masked_sample(model, seeds: list[int], cfg: FinetuneConfig, k: int, kl: bool
         with torch.set_grad_enabled(j >= len(ts) - k and torch.is_grad_enabled()):
             mean = _transition(model, model.net, x, t, t_prev, cond)
             g = -(-u.clamp(min=TINY).log()).log()  # the Gumbel noise of process.draw
-            y = straight_through_gumbel(mean.clamp(min=TINY).log(), g, cfg.gumbel_tau)  # the draw of model.sample
+            y = draw(mean.clamp(min=TINY).log(), g, cfg.gumbel_tau)  # argmax: the draw of model.sample
             if kl and model.reference is not None and j >= len(ts) - k:
                 with torch.no_grad():
                     ref_mean = _transition(model, model.reference, x.detach(), t, t_prev, cond)
                 total = total + probs_kl(mean, ref_mean).sum(1)
                 nfe += len(seeds)
             masked = (x.argmax(-1) == proc.mask_id).unsqueeze(-1)
-            x = torch.where(masked, y, x)  # carry-over keeps the earlier draws (and their gradient)
+            out = torch.where(masked, y, out)  # carry-over keeps the earlier draws (and their gradient)
+            x = torch.where(masked, hard(y), x) if relaxed else out
         nfe += len(seeds)
-    return x, total, nfe
+    return out, total, nfe
 
 
 def masked_loss(model, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig) -> LossOut:

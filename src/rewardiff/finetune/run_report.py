@@ -118,5 +118,5 @@ def _write_token_report(out: Path, cfg: FinetuneConfig, before: dict, after: dic
                 "in samples_before.txt.", images=[out / "samples_before.png"]),
         Section("Molecules after fine-tuning", "Same seeds; every SMILES is in samples_after.txt.", images=[out / "samples_after.png"]),
     ]
-    model = {"model": cfg.model, **({"gumbel_tau": cfg.gumbel_tau} if cfg.method == "gumbel" else {})}
+    model = {"model": cfg.model, **({"gumbel_tau": cfg.gumbel_tau, "gumbel_estimator": cfg.gumbel_estimator} if cfg.method == "gumbel" else {})}
     return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta={**model, **_head(cfg)})

@@ -102,8 +102,14 @@ class TokenModel:
         """Logits with the start token ``<mask>`` made impossible."""
         return logits.float().index_fill(-1, torch.tensor([self.bos_id], device=logits.device), NEVER)
 
-    def sample(self, seeds: list[int], pick: Pick = hard_pick, net: nn.Module | None = None) -> TokenSample:
-        """Sample one sequence per seed with ``net`` (the model's own by default); see the module doc."""
+    def sample(self, seeds: list[int], pick: Pick = hard_pick, net: nn.Module | None = None, drawn_back: bool = False) -> TokenSample:
+        """Sample one sequence per seed with ``net`` (the model's own by default); see the module doc.
+
+        ``drawn_back``: the net reads back (and pad ends on) the drawn token, the one-hot of
+        argmax(l_i + g_i), without gradient, whatever ``pick`` returns; the returned tokens are
+        ``pick``'s (a relaxed pick's probabilities, say). By default the net reads ``pick``'s
+        row itself, gradient included.
+        """
         net = self.net if net is None else net
         g = self.noise(seeds)  # [B, L, V]
         B = len(seeds)
@@ -113,13 +119,15 @@ class TokenModel:
         for i in range(self.max_len):
             out, cache = net(x, cache)  # 1. logits of the next token
             l_i = self._never(out[:, -1])  # [B, V]
-            y = pick(l_i, g[:, i])  # 2. the token, one-hot
+            y = pick(l_i, g[:, i])  # 2. the token, one-hot (or its relaxation)
             alive.append(1.0 - ended.detach())
+            back = F.one_hot((l_i + g[:, i]).argmax(-1), self.vocab_size).to(y.dtype) if drawn_back else y
             y = ended * e_pad + (1.0 - ended) * y  # 3. pad is absorbing
-            ended = y[:, self.pad_id : self.pad_id + 1]
+            back = ended * e_pad + (1.0 - ended) * back
+            ended = back[:, self.pad_id : self.pad_id + 1]
             tokens.append(y)
             logits.append(l_i)
-            x = y[:, None]
+            x = back[:, None]
         return TokenSample(torch.stack(tokens, 1), torch.stack(logits, 1), torch.cat(alive, 1))
 
     def teacher_forced_logits(self, net: nn.Module | Callable, tokens: Tensor) -> Tensor:
