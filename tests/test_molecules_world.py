@@ -103,3 +103,26 @@ def test_metrics():
     # distinct valid: CCO, benzene, CCN; CCO is in the training set -> 2 of 3 novel
     assert molecules.novelty(generated, ["CCO", "CCCC"]) == pytest.approx(2 / 3)
     assert molecules.validity([]) == molecules.uniqueness([""]) == molecules.novelty([""], ["C"]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", ["molecules", "molecules-ar"])
+def test_pretraining_cli_writes_a_card_that_matches_its_metrics(world, tmp_path):
+    """`rewardiff pretrain` for 3 steps: the card's head agrees with the run's own files
+    (steps, the mean loss of metrics.jsonl, the exported net's parameter count)."""
+    from typer.testing import CliRunner
+
+    from rewardiff.cli import app
+    from rewardiff.models.molecules import MaskedDenoiser
+    from rewardiff.models.molecules_ar import ARTransformer
+    from rewardiff.report import read_metrics
+
+    res = CliRunner().invoke(app, ["pretrain", world, "--out", str(tmp_path), "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    rows = read_metrics(tmp_path)
+    net = (MaskedDenoiser if world == "molecules" else ARTransformer).load(tmp_path / "model")
+    assert card["steps_done"] == 3 and card["training"]["steps"] == 3
+    assert card["final_loss_mean_last_200"] == pytest.approx(sum(r["loss"] for r in rows) / len(rows))
+    assert card["parameters"] == sum(p.numel() for p in net.parameters())
+    assert 0 <= card["validity"] <= 1 and (tmp_path / "model" / "card.md").is_file()

@@ -200,29 +200,38 @@ def evaluate(net: MaskedDenoiser, split: str, limit: int = 1024, passes: int = 4
     return {"nelbo": nelbo, "masked_ce": ce}
 
 
-def write_card(model_dir: str | Path, train_dir: str | Path) -> dict:
-    """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
+def card_head(train_dir: str | Path, net: torch.nn.Module, means: tuple[str, ...]) -> tuple[dict, dict]:
+    """What every molecules model card starts with: (the training config, the card's first
+    fields: the data, the config, the parameters of ``net``, steps done, training seconds, and
+    the mean of each metric in ``means`` over the last 200 steps)."""
     from rewardiff.report import read_metrics
     from rewardiff.worlds import molecules
 
-    model_dir, train_dir = Path(model_dir), Path(train_dir)
+    train_dir = Path(train_dir)
     cfg = json.loads((train_dir / "config.json").read_text())
     by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
     rows = [by_step[k] for k in sorted(by_step)]
-    last = rows[-200:] or [{"loss": float("nan"), "nelbo": float("nan"), "masked_ce": float("nan")}]
+    last = rows[-200:] or [dict.fromkeys(means, float("nan"))]
     n_train, n_held = len(molecules.data("train")[1]), len(molecules.data("held-out")[1])
-    net = MaskedDenoiser.load(model_dir)
-    card = {
+    tok = molecules.tokenizer()
+    head = {
         "data": f"RDKit's NCI first_5K.smi as SELFIES tokens (rewardiff.worlds.molecules): {n_train} training, "
-                f"{n_held} held-out molecules, L = {molecules.tokenizer().max_len}, V = {molecules.tokenizer().size}",
+                f"{n_held} held-out molecules, L = {tok.max_len}, V = {tok.size}",
         "training": cfg,
         "parameters": sum(p.numel() for p in net.parameters()),
         "steps_done": rows[-1]["step"] if rows else 0,
         "train_seconds": sum(r.get("seconds", 0.0) for r in rows),
-        **{f"final_{k}_mean_last_200": sum(r[k] for r in last) / len(last) for k in ("loss", "nelbo", "masked_ce")},
-        "eval_train": evaluate(net, "train"), "eval_held_out": evaluate(net, "held-out"),
-        **measure(model_dir),
+        **{f"final_{k}_mean_last_200": sum(r[k] for r in last) / len(last) for k in means},
     }
+    return cfg, head
+
+
+def write_card(model_dir: str | Path, train_dir: str | Path) -> dict:
+    """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
+    model_dir = Path(model_dir)
+    net = MaskedDenoiser.load(model_dir)
+    cfg, head = card_head(train_dir, net, ("loss", "nelbo", "masked_ce"))
+    card = {**head, "eval_train": evaluate(net, "train"), "eval_held_out": evaluate(net, "held-out"), **measure(model_dir)}
     atomic_write_text(model_dir / "card.json", json.dumps(card, indent=2))
     atomic_write_text(model_dir / "card.md", _card_md(card, cfg))
     return card

@@ -24,7 +24,7 @@ from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
 from rewardiff.worlds.pretrain import resumable_loop, warmup_cosine
-from rewardiff.worlds.pretrain_molecules import export, quantile_summary  # noqa: F401  (export: re-exported)
+from rewardiff.worlds.pretrain_molecules import card_head, export, quantile_summary  # noqa: F401  (export: re-exported)
 
 CARD_SAMPLES = 512  # samples measured for the card
 CARD_SEED = 10_000  # first seed of the card's samples
@@ -133,27 +133,9 @@ def measure(model_dir: Path, n: int = CARD_SAMPLES) -> dict:
 
 def write_card(model_dir: str | Path, train_dir: str | Path) -> dict:
     """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
-    from rewardiff.report import read_metrics
-    from rewardiff.worlds import molecules
-
-    model_dir, train_dir = Path(model_dir), Path(train_dir)
-    cfg = json.loads((train_dir / "config.json").read_text())
-    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
-    rows = [by_step[k] for k in sorted(by_step)]
-    last = rows[-200:] or [{"loss": float("nan")}]
-    n_train, n_held = len(molecules.data("train")[1]), len(molecules.data("held-out")[1])
-    tok = molecules.tokenizer()
-    card = {
-        "data": f"RDKit's NCI first_5K.smi as SELFIES tokens (rewardiff.worlds.molecules): {n_train} training, "
-                f"{n_held} held-out molecules, L = {tok.max_len}, V = {tok.size}",
-        "training": cfg,
-        "parameters": sum(p.numel() for p in ARTransformer.load(model_dir).parameters()),
-        "steps_done": rows[-1]["step"] if rows else 0,
-        "train_seconds": sum(r.get("seconds", 0.0) for r in rows),
-        "final_loss_mean_last_200": sum(r["loss"] for r in last) / len(last),
-        "held_out_loss": held_out_loss(model_dir),
-        **measure(model_dir),
-    }
+    model_dir = Path(model_dir)
+    cfg, head = card_head(train_dir, ARTransformer.load(model_dir), ("loss",))
+    card = {**head, "held_out_loss": held_out_loss(model_dir), **measure(model_dir)}
     atomic_write_text(model_dir / "card.json", json.dumps(card, indent=2))
     atomic_write_text(model_dir / "card.md", _card_md(card, cfg))
     return card
