@@ -229,12 +229,15 @@ def plot(suite_name: str, out_root: Path, seeds: list[int]) -> list[Path]:
             if "eval_judge_count" in pts[0]:
                 judge[label] = [(max(x["queries"], 1), x["eval_judge_count"]) for x in pts]
     d = out_root / suite_name
+    method = lambda label: label.rsplit(" s", 1)[0]  # noqa: E731  (one colour per method, a line style per seed)
+    target = dict(group=method, hline=suite["target"])
     paths = [plot_curves(by_q, d / "reward_vs_queries.png", "reward queries (samples scored)", f"held-out {suite['reward']}",
-                         f"target {suite['target']}"),
+                         f"target {suite['target']} (dashed)", **target),
              plot_curves(by_s, d / "reward_vs_seconds.png", "training seconds (2-core CPU)", f"held-out {suite['reward']}",
-                         f"target {suite['target']}")]
+                         f"target {suite['target']} (dashed)", **target)]
     if judge:
-        paths.append(plot_curves(judge, d / "judge_vs_queries.png", "reward queries", "judge: count correct", "read by the judge"))
+        paths.append(plot_curves(judge, d / "judge_vs_queries.png", "reward queries", "judge: count correct", "read by the judge",
+                                 group=method))
     return paths
 
 

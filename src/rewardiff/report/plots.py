@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ def _number(v: Any) -> float | None:
 
 
 def plot_curves(series: Mapping[str, Sequence[Point]], path: str | os.PathLike, xlabel: str = "step",
-                ylabel: str = "value", title: str = "") -> Path:
+                ylabel: str = "value", title: str = "", group: Callable[[str], str] | None = None,
+                hline: float | None = None) -> Path:
     """Plot one line per named series, with a legend, and write a PNG atomically.
 
     Args:
@@ -59,20 +60,38 @@ def plot_curves(series: Mapping[str, Sequence[Point]], path: str | os.PathLike, 
         xlabel: Label of the x axis.
         ylabel: Label of the y axis.
         title: Title above the plot.
+        group: maps a series name to its group (say, a method for its seeds): a group shares
+            one colour, its members differ by line style, and the legend names groups,
+            beside the axes.
+        hline: draw a dashed horizontal line there (a target).
 
     Returns:
         The path written.
     """
-    fig = _new_figure()
+    fig = _new_figure(width=8.5 if group else 7.0)
     ax = fig.add_subplot(1, 1, 1)
+    groups: dict[str, int] = {}
+    members: dict[str, int] = {}
     for name, points in series.items():
         pts = sorted((float(x), float(y)) for x, y in points)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=name, marker="o" if len(pts) <= 20 else None, markersize=4)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        style: dict[str, Any] = {"label": name}
+        if group is not None:
+            g = group(name)
+            first = g not in groups
+            groups.setdefault(g, len(groups))
+            members[g] = members.get(g, -1) + 1
+            style = {"label": g if first else None, "color": f"C{groups[g] % 10}", "linestyle": ("-", "--", ":", "-.")[members[g] % 4]}
+        ax.plot(xs, ys, marker="o" if len(pts) <= 20 else None, markersize=3 if group else 4, **style)
+    if hline is not None:
+        ax.axhline(hline, color="black", linestyle="--", linewidth=0.8)
     _decorate(ax, xlabel, ylabel, title)
     if not any(len(p) for p in series.values()):
         _no_data(ax)
+    elif series and group is not None:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="line style: seed", title_fontsize=8)
     elif series:
         ax.legend(loc="best", fontsize=9)
     return _save_png(fig, path)
