@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny shapes denoiser and a tiny random GPT-2 saved to disk, small enough for CPU tests."""
+"""Shared fixtures: a tiny shapes denoiser, a tiny random GPT-2 and a tiny masked molecules denoiser saved to disk, and a value-net scrambler."""
 
 from __future__ import annotations
 
@@ -64,3 +64,17 @@ def _scramble(net, seed: int = 0):
 def scrambled_value():
     """``scrambled_value(net, seed=0)``: the net with random values in every tensor (see _scramble)."""
     return _scramble
+
+
+@pytest.fixture(scope="module")
+def masked_dir(tmp_path_factory):
+    """A tiny random masked-diffusion molecules denoiser on disk (two layers, so that LoRA has
+    layers to compose)."""
+    from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
+    from rewardiff.worlds import molecules
+
+    tok = molecules.tokenizer()
+    d = tmp_path_factory.mktemp("tiny-masked")
+    torch.manual_seed(0)
+    MaskedDenoiser(MaskedModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=2, heads=2)).save(d)
+    return d

@@ -33,18 +33,6 @@ def ar_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def masked_dir(tmp_path_factory):
-    """A tiny random masked-diffusion molecules denoiser on disk."""
-    from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
-
-    tok = molecules.tokenizer()
-    d = tmp_path_factory.mktemp("tiny-masked")
-    torch.manual_seed(0)
-    MaskedDenoiser(MaskedModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=1, heads=2)).save(d)
-    return d
-
-
 def _cfg(model: str, **kw) -> FinetuneConfig:
     base = dict(model=model, reward="chem-rm-qed", method="gumbel", steps=4, batch_size=4, lr=1e-2, lora_rank=4, lora_alpha=4.0,
                 kl_weight=0.1, eval_samples=8, eval_every=0, checkpoint_every=2, num_inference_steps=8, k=2, seed=3)

@@ -21,17 +21,6 @@ from rewardiff.worlds import molecules
 SEEDS = [1, 2, 3, 4]
 
 
-@pytest.fixture(scope="module")
-def masked_dir(tmp_path_factory):
-    """A tiny random masked-diffusion molecules denoiser on disk (two layers, so that LoRA has
-    layers to compose)."""
-    tok = molecules.tokenizer()
-    d = tmp_path_factory.mktemp("tiny-masked")
-    torch.manual_seed(0)
-    MaskedDenoiser(MaskedModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=2, heads=2)).save(d)
-    return d
-
-
 def _gumbel_cfg(model: str, **kw) -> FinetuneConfig:
     base = dict(model=model, reward="chem-rm-qed", method="gumbel", steps=2, batch_size=4, lr=1e-2, lora_rank=4,
                 lora_alpha=8.0, kl_weight=0.1, eval_samples=4, eval_every=0, checkpoint_every=0, num_inference_steps=4, k=4,
