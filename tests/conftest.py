@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny shapes denoiser, a tiny random GPT-2 and a tiny masked molecules denoiser saved to disk, and a value-net scrambler."""
+"""Shared fixtures, small enough for CPU tests: a tiny shapes denoiser, a tiny random GPT-2 and a
+tiny masked molecules denoiser saved to disk, and a value-net scrambler."""
 
 from __future__ import annotations
 
