@@ -88,3 +88,40 @@ def save_module(directory: str | os.PathLike, module, config: dict) -> Path:
     atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
     atomic_write_text(d / "config.json", json.dumps(config, indent=2))
     return d
+
+
+def is_module_dir(directory: str | os.PathLike, fmt: str) -> bool:
+    """Whether ``directory`` holds a module that :func:`save_module` wrote with ``format`` ``fmt``."""
+    import json
+
+    d = Path(directory)
+    try:
+        return (d / "model.safetensors").is_file() and json.loads((d / "config.json").read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_module(directory: str | os.PathLike, fmt: str, build, missing: str):
+    """The module in ``directory`` written by :func:`save_module` with ``format`` ``fmt``:
+    ``build(**config)`` (the config without its ``format``) with the saved tensors, in eval mode.
+
+    Raises:
+        UserError: ``missing`` when the folder holds no such module; one line when the
+            config or the tensors do not fit ``build``.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from rewardiff.errors import UserError
+
+    d = Path(directory)
+    if not is_module_dir(d, fmt):
+        raise UserError(missing)
+    cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "format"}
+    try:
+        net = build(**cfg)
+        net.load_state_dict(load_file(str(d / "model.safetensors")))
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"cannot load the model in {d}: {str(e).splitlines()[0]}") from None
+    return net.eval()

@@ -23,7 +23,6 @@ exactly 0 when nothing has changed):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,27 +129,17 @@ class MaskedDenoiser(nn.Module):
         Raises:
             UserError: missing or malformed files.
         """
-        from safetensors.torch import load_file
+        from rewardiff.io import load_module
 
-        d = Path(directory)
-        if not is_masked_dir(d):
-            raise UserError(f"no masked-diffusion model in {d} (expected model.safetensors and config.json)")
-        cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "format"}
-        try:
-            net = cls(MaskedModelConfig(**cfg))
-            net.load_state_dict(load_file(str(d / "model.safetensors")))
-        except (TypeError, RuntimeError) as e:
-            raise UserError(f"cannot load the model in {d}: {str(e).splitlines()[0]}") from None
-        return net.eval()
+        return load_module(directory, FORMAT, lambda **c: cls(MaskedModelConfig(**c)),
+                           f"no masked-diffusion model in {Path(directory)} (expected model.safetensors and config.json)")
 
 
 def is_masked_dir(directory: str | Path) -> bool:
     """Whether ``directory`` holds a saved :class:`MaskedDenoiser`."""
-    d = Path(directory)
-    try:
-        return (d / "model.safetensors").is_file() and json.loads((d / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    from rewardiff.io import is_module_dir
+
+    return is_module_dir(directory, FORMAT)
 
 
 def molecules_model(directory: str | Path | None = None):
@@ -167,9 +156,7 @@ def molecules_model(directory: str | Path | None = None):
     if not (d / "model.safetensors").is_file():
         raise UserError(f"no molecules model weights in {d}; train them with: rewardiff pretrain molecules")
     net = MaskedDenoiser.load(d)
-    tok = molecules.Tokenizer.load(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else molecules.tokenizer()
     c = net.config
-    if tok.size != c.vocab_size or tok.max_len != c.max_len or tok.mask_id != c.mask_id:
-        raise UserError(f"the tokenizer (V={tok.size}, L={tok.max_len}) does not fit the model in {d} (V={c.vocab_size}, L={c.max_len})")
+    tok = molecules.model_tokenizer(d, c.vocab_size, c.max_len, c.mask_id)
     return DiffusionModel(net, net.process(), net.encode, (c.max_len,), name="molecules", output_range=None,
                           conditional=False, texts=tok.decode_batch, lora_targets=LORA_TARGETS)

@@ -16,7 +16,6 @@ token at a time costs one position per step (with gradient, in Gumbel-softmax fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewardiff.errors import UserError
 
 FORMAT = "rewardiff-molecules-ar"  # the ``format`` field of config.json
 WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-ar"
@@ -115,28 +113,18 @@ class ARTransformer(nn.Module):
         Raises:
             UserError: missing or malformed files.
         """
-        from safetensors.torch import load_file
+        from rewardiff.io import load_module
 
-        d = Path(directory)
-        if not is_ar_dir(d):
-            raise UserError(f"no molecules autoregressive model in {d} (expected model.safetensors and config.json); "
-                            "train one with: rewardiff pretrain molecules-ar")
-        cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "format"}
-        try:
-            net = cls(ARModelConfig(**cfg))
-            net.load_state_dict(load_file(str(d / "model.safetensors")))
-        except (TypeError, RuntimeError) as e:
-            raise UserError(f"cannot load the model in {d}: {str(e).splitlines()[0]}") from None
-        return net.eval()
+        return load_module(directory, FORMAT, lambda **c: cls(ARModelConfig(**c)),
+                           f"no molecules autoregressive model in {Path(directory)} (expected model.safetensors and "
+                           "config.json); train one with: rewardiff pretrain molecules-ar")
 
 
 def is_ar_dir(directory: str | Path) -> bool:
     """Whether ``directory`` holds a saved :class:`ARTransformer`."""
-    d = Path(directory)
-    try:
-        return (d / "model.safetensors").is_file() and json.loads((d / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    from rewardiff.io import is_module_dir
+
+    return is_module_dir(directory, FORMAT)
 
 
 def molecules_ar_model(directory: str | Path | None = None):
@@ -151,8 +139,6 @@ def molecules_ar_model(directory: str | Path | None = None):
 
     d = Path(directory) if directory else WEIGHTS
     net = ARTransformer.load(d)
-    tok = molecules.Tokenizer.load(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else molecules.tokenizer()
     c = net.config
-    if tok.size != c.vocab_size or tok.max_len != c.max_len or tok.mask_id != c.bos_id:
-        raise UserError(f"the tokenizer (V={tok.size}, L={tok.max_len}) does not fit the model in {d} (V={c.vocab_size}, L={c.max_len})")
+    tok = molecules.model_tokenizer(d, c.vocab_size, c.max_len, c.bos_id)
     return TokenModel(net, tok, name="molecules-ar", lora_targets=LORA_TARGETS)

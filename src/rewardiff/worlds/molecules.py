@@ -248,6 +248,20 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.load(TOKENIZER_FILE)
 
 
+def model_tokenizer(directory: str | Path, vocab_size: int, max_len: int, start_id: int) -> Tokenizer:
+    """The tokenizer of the model saved in ``directory``: its ``tokenizer.json`` if it has one,
+    else the world's; ``start_id`` is the model's id of ``<mask>`` (x_T or the start token).
+
+    Raises:
+        UserError: a tokenizer whose size, length or ``<mask>`` id differs from the model's.
+    """
+    d = Path(directory)
+    tok = Tokenizer.load(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else tokenizer()
+    if tok.size != vocab_size or tok.max_len != max_len or tok.mask_id != start_id:
+        raise UserError(f"the tokenizer (V={tok.size}, L={tok.max_len}) does not fit the model in {d} (V={vocab_size}, L={max_len})")
+    return tok
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
@@ -86,6 +87,34 @@ def resumable_loop(out: Path, model, ema, opt, *, steps: int, checkpoint_every: 
                 _save_checkpoint(out, step + 1, model, ema, opt, losses)
 
 
+def start_run(out: str | Path, cfg, make_net: Callable[[], nn.Module], weight_decay: float) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """The start of every world's pretraining run in ``out``: the folder, its ``config.json``
+    (the dataclass ``cfg``), then, seeded with ``cfg.seed``, the net (``make_net()``), its EMA
+    copy (frozen, equal to it) and AdamW. Returns (model, ema, optimizer) for :func:`resumable_loop`,
+    which restores a checkpoint over them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model = make_net()
+    ema = make_net()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    return model, ema, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, lr: float) -> float:
+    """One update of every pretraining loop: set the learning rate, backpropagate ``loss``, clip
+    the gradient norm at 1 and step. Returns the loss as a float."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def warmup_cosine(lr: float, warmup: int, steps: int, step: int) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``lr / 10`` at the last step."""
     if step < warmup:
@@ -97,14 +126,8 @@ def warmup_cosine(lr: float, warmup: int, steps: int, step: int) -> float:
 def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> ShapesDenoiser:
     """Train (or resume) the base model in ``out``; returns the EMA model."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    model = ShapesDenoiser(ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels)))
-    ema = ShapesDenoiser(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels))
+    model, ema, opt = start_run(out, cfg, lambda: ShapesDenoiser(config), weight_decay=0.0)
     process = model.process()
     resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
                    train_step=lambda step: (_train_step(cfg, step, model, process, opt), {}), desc="pretrain shapes",
@@ -122,13 +145,7 @@ def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
     x_t = process.add_noise(x0, noise, t)
     pred = model(x_t, t, model.encode(prompts))
     loss = (pred - process.target(x0, noise, t)).pow(2).mean()
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach())
+    return optimizer_step(model, opt, loss, cfg.lr * min(1.0, (step + 1) / cfg.warmup))
 
 
 @torch.no_grad()

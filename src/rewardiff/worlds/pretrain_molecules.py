@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
-from rewardiff.worlds.pretrain import resumable_loop, warmup_cosine
+from rewardiff.worlds.pretrain import optimizer_step, resumable_loop, start_run, warmup_cosine
 
 CARD_SAMPLES = 512  # samples measured for the card
 CARD_STEPS = 64  # sampler steps of the card's samples
@@ -81,15 +81,9 @@ def pretrain_molecules(cfg: MoleculesPretrainConfig, out: str | Path, progress: 
 
     _check(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     data, _ = molecules.data("train")
-    torch.manual_seed(cfg.seed)
-    model = MaskedDenoiser(_model_config(cfg))
-    ema = MaskedDenoiser(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    config = _model_config(cfg)
+    model, ema, opt = start_run(out, cfg, lambda: MaskedDenoiser(config), cfg.weight_decay)
     resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
                    train_step=lambda step: _train_step(cfg, step, model, data, opt), desc="pretrain molecules", progress=progress)
     return ema.eval()
@@ -129,17 +123,8 @@ def _train_step(cfg: MoleculesPretrainConfig, step: int, model: MaskedDenoiser, 
         logits = model(x_t, t, None)
     nelbo, ce = masked_diffusion_loss(logits, x0, x_t, t, process)
     loss = nelbo if cfg.weighting == "elbo" else ce
-    for g in opt.param_groups:
-        g["lr"] = _lr(cfg, step)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach()), {"nelbo": float(nelbo.detach()), "masked_ce": float(ce.detach())}
-
-
-def _lr(cfg, step: int) -> float:
-    return warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step)
+    lr = warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step)
+    return optimizer_step(model, opt, loss, lr), {"nelbo": float(nelbo.detach()), "masked_ce": float(ce.detach())}
 
 
 # ----------------------------------------------------------------------------- the card
@@ -162,24 +147,29 @@ def quantile_summary(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "q10": q[0], "q25": q[1], "q50": q[2], "q75": q[3], "q90": q[4]}
 
 
-def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> dict:
-    """Validity, uniqueness, novelty and QED of ``n`` samples (seeds from ``CARD_SEED``),
-    beside the QED of the held-out molecules; the samples' SMILES go to ``samples.txt``."""
-    from rewardiff.models.molecules import molecules_model
+def sample_measures(model_dir: Path, smiles: list[str]) -> dict:
+    """What every molecules card says of a model's samples: validity, uniqueness, novelty
+    against the training set and the QED distribution, beside the held-out molecules' QED;
+    the SMILES go to ``samples.txt`` in ``model_dir``."""
     from rewardiff.worlds import molecules
 
-    model = molecules_model(model_dir)
-    ids = model.generate([""] * n, [CARD_SEED + i for i in range(n)], batch_size=128, num_inference_steps=steps)
-    smiles = model.texts(ids)
     atomic_write_text(model_dir / "samples.txt", "\n".join(smiles) + "\n")
     _, train = molecules.data("train")
     _, held = molecules.data("held-out")
     return {
-        "samples": n, "sampler_steps": steps,
         "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles),
         "novelty": molecules.novelty(smiles, train),
         "qed_samples": quantile_summary(_qed(smiles)), "qed_held_out": quantile_summary(_qed(held)),
     }
+
+
+def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> dict:
+    """:func:`sample_measures` of ``n`` samples (seeds from ``CARD_SEED``, ``steps`` sampler steps)."""
+    from rewardiff.models.molecules import molecules_model
+
+    model = molecules_model(model_dir)
+    ids = model.generate([""] * n, [CARD_SEED + i for i in range(n)], batch_size=128, num_inference_steps=steps)
+    return {"samples": n, "sampler_steps": steps, **sample_measures(model_dir, model.texts(ids))}
 
 
 @torch.no_grad()

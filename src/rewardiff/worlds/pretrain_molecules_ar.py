@@ -13,7 +13,7 @@ those tokens. The pads after it are left out: the sampler forces them (``<pad>``
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,11 +23,8 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
-from rewardiff.worlds.pretrain import resumable_loop, warmup_cosine
-from rewardiff.worlds.pretrain_molecules import card_head, export, quantile_summary  # noqa: F401  (export: re-exported)
-
-CARD_SAMPLES = 512  # samples measured for the card
-CARD_SEED = 10_000  # first seed of the card's samples
+from rewardiff.worlds.pretrain import optimizer_step, resumable_loop, start_run, warmup_cosine
+from rewardiff.worlds.pretrain_molecules import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures  # noqa: F401  (export: re-exported)
 
 
 @dataclass
@@ -61,15 +58,9 @@ def pretrain_molecules_ar(cfg: MoleculesARPretrainConfig, out: str | Path, progr
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError(f"steps and batch_size must be at least 1, got {cfg.steps} and {cfg.batch_size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     data, _ = molecules.data("train")
-    torch.manual_seed(cfg.seed)
-    model = ARTransformer(_model_config(cfg))
-    ema = ARTransformer(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    config = _model_config(cfg)
+    model, ema, opt = start_run(out, cfg, lambda: ARTransformer(config), cfg.weight_decay)
     resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
                    train_step=lambda step: (_train_step(cfg, step, model, data, opt), {}), desc="pretrain molecules-ar", progress=progress)
     return ema.eval()
@@ -91,44 +82,22 @@ def _train_step(cfg: MoleculesARPretrainConfig, step: int, model: ARTransformer,
     with torch.random.fork_rng(devices=[]):  # dropout masks: a function of (seed, step)
         torch.manual_seed(cfg.seed * 1_000_003 + step + 500_009)
         logits, _ = model(torch.cat([bos, x0[:, :-1]], 1))
-    loss = next_token_loss(logits, x0, 0)
-    for g in opt.param_groups:
-        g["lr"] = _lr(cfg, step)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach())
-
-
-def _lr(cfg, step: int) -> float:
-    return warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step)
+    return optimizer_step(model, opt, next_token_loss(logits, x0, 0), warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step))
 
 
 # ----------------------------------------------------------------------------- export and card
 
 
 def measure(model_dir: Path, n: int = CARD_SAMPLES) -> dict:
-    """Validity, uniqueness, novelty and QED of ``n`` samples (seeds from ``CARD_SEED``), beside
-    the QED of the held-out molecules; writes the samples' SMILES (``samples.txt``) and a
-    drawing of the first 24 (``samples.png``)."""
+    """:func:`~rewardiff.worlds.pretrain_molecules.sample_measures` of ``n`` samples (seeds from
+    ``CARD_SEED``), and a drawing of the first 24 (``samples.png``)."""
     from rewardiff.models.molecules_ar import molecules_ar_model
     from rewardiff.report.molecules import save_molecule_grid
-    from rewardiff.rewards.chem import property_values
-    from rewardiff.worlds import molecules
 
     model = molecules_ar_model(model_dir)
     smiles = model.texts(model.generate([""] * n, [CARD_SEED + i for i in range(n)], batch_size=128))
-    atomic_write_text(model_dir / "samples.txt", "\n".join(smiles) + "\n")
     save_molecule_grid(smiles[:24], model_dir / "samples.png")
-    _, train = molecules.data("train")
-    _, held = molecules.data("held-out")
-    valid = [s for s in smiles if s]
-    return {
-        "samples": n, "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles),
-        "novelty": molecules.novelty(smiles, train),
-        "qed_samples": quantile_summary(property_values("qed", valid).tolist()), "qed_held_out": quantile_summary(property_values("qed", held).tolist()),
-    }
+    return {"samples": n, **sample_measures(model_dir, smiles)}
 
 
 def write_card(model_dir: str | Path, train_dir: str | Path) -> dict:
