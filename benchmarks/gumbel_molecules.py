@@ -60,7 +60,7 @@ def ascent_check(model_name: str, reward: str, truth: str, estimators: list[tupl
     import torch
 
     from rewardiff.finetune.gumbel import relaxed_pick, straight_through_pick
-    from rewardiff.finetune.weights import base_model
+    from rewardiff.models.registry import base_model
     from rewardiff.rewards import get_reward
 
     model, reward_fn, true_fn = base_model(model_name), get_reward(reward), get_reward(truth)

@@ -47,7 +47,7 @@ def plan_points(args: argparse.Namespace) -> list[dict]:
 
 def compose_points(args: argparse.Namespace) -> list[dict]:
     """Base and fine-tuned model, each plain and with each steering method at ``--compose-mult``."""
-    from rewardiff.worlds import shapes
+    from rewardiff.worlds.shapes import data as shapes
 
     held = shapes.held_out_prompts()
     pts = []
@@ -74,8 +74,8 @@ def run_point(p: dict, args: argparse.Namespace, cache: dict) -> dict:
     from rewardiff.guidance.value import load_value
     from rewardiff.rewards import get_reward
     from rewardiff.sampling import load_model
-    from rewardiff.worlds import shapes
-    from rewardiff.worlds.judge import judge
+    from rewardiff.worlds.shapes import data as shapes
+    from rewardiff.worlds.shapes.judge import judge
 
     ck = p.get("checkpoint")
     if ("model", ck) not in cache:

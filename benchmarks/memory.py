@@ -32,7 +32,7 @@ def measure(k: int, steps: int, batch: int, checkpoint: bool) -> dict:
     import torch
 
     from rewardiff.models.base import DiffusionModel
-    from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
+    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser, ShapesModelConfig
     from rewardiff.rewards import get_reward
     from rewardiff.rollout import last_k
 

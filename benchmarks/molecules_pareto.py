@@ -39,8 +39,8 @@ def run_point(model, reward_name: str, method: str, width: int, n: int, value=No
 
     from rewardiff.guidance import guided_sample, make_method
     from rewardiff.rewards import get_reward
-    from rewardiff.rewards.chem import property_values
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules.chem import property_values
+    from rewardiff.worlds.molecules import data as molecules
 
     reward = get_reward(reward_name)
     m = make_method(method, reward, width=width, value=value)
@@ -124,7 +124,7 @@ def main() -> None:
 
     from rewardiff.guidance import make_method
     from rewardiff.guidance.value import load_value
-    from rewardiff.models.molecules import molecules_model
+    from rewardiff.worlds.molecules.masked import molecules_model
 
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -111,9 +111,9 @@ def inference_points(suite_name: str, out_root: Path) -> list[dict]:
     (base model, eta = 1): reward against NFE per sample. Cached in ``inference.json``."""
     import torch
 
-    from rewardiff.finetune.evaluate import eval_set, prompt_set
+    from rewardiff.prompts import eval_set, prompt_set
     from rewardiff.guidance import guided_sample, make_method
-    from rewardiff.models.base import shapes_model
+    from rewardiff.worlds.shapes.denoiser import shapes_model
     from rewardiff.rewards import get_reward
 
     path = out_root / suite_name / "inference.json"

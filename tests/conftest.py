@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
+from rewardiff.worlds.shapes.denoiser import ShapesDenoiser, ShapesModelConfig
 
 TINY = ShapesModelConfig(block_out_channels=(8, 16, 16), cross_attention_dim=16, attention_head_dim=4)
 
@@ -35,7 +35,7 @@ def gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 over the molecules vocabulary, saved with save_pretrained."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     tok = molecules.tokenizer()
     d = tmp_path_factory.mktemp("tiny-gpt2")
@@ -71,8 +71,8 @@ def scrambled_value():
 def masked_dir(tmp_path_factory):
     """A tiny random masked-diffusion molecules denoiser on disk (two layers, so that LoRA has
     layers to compose)."""
-    from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules.masked import MaskedDenoiser, MaskedModelConfig
+    from rewardiff.worlds.molecules import data as molecules
 
     tok = molecules.tokenizer()
     d = tmp_path_factory.mktemp("tiny-masked")

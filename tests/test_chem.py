@@ -14,8 +14,9 @@ from rdkit import Chem, RDConfig
 from rdkit.Chem import Crippen, Descriptors, rdMolDescriptors
 
 from rewardiff.errors import UserError
-from rewardiff.rewards import chem, chem_rm, get_reward, list_rewards
-from rewardiff.worlds import molecules
+from rewardiff.rewards import get_reward, list_rewards
+from rewardiff.worlds.molecules import chem, reward_model as chem_rm
+from rewardiff.worlds.molecules import data as molecules
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 # Bickerton et al. 2012, Nature Chemistry 4, 90, table 1: desirability function parameters

@@ -65,7 +65,7 @@ def test_draft_lv_gradient_matches_closed_form():
 
 
 def test_draft_k_with_k_equal_t_is_draft(tiny_model_dir):
-    from rewardiff.models.base import shapes_model
+    from rewardiff.worlds.shapes.denoiser import shapes_model
 
     cfg = _cfg(tiny_model_dir, k=3)
     reward = get_reward("brightness")
@@ -174,7 +174,7 @@ def test_every_shipped_preset_loads():
 def test_pretraining_resumes_bit_identically(tmp_path):
     from safetensors.torch import load_file
 
-    from rewardiff.worlds.pretrain import PretrainConfig, pretrain_shapes
+    from rewardiff.worlds.shapes.pretrain import PretrainConfig, pretrain_shapes
 
     def cfg(steps: int) -> PretrainConfig:
         return PretrainConfig(steps=steps, batch_size=4, warmup=2, checkpoint_every=2, block_out_channels=(8, 16, 16))

@@ -15,10 +15,11 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.gumbel import gumbel, masked_sample, relaxed_pick, straight_through_gumbel
 from rewardiff.finetune.trainer import Run, finetune
-from rewardiff.finetune.weights import attach_lora, base_model
-from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
+from rewardiff.finetune.weights import attach_lora
+from rewardiff.models.registry import base_model
+from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
 from rewardiff.rewards import get_reward
-from rewardiff.worlds import molecules
+from rewardiff.worlds.molecules import data as molecules
 
 SEEDS = [1, 2, 3, 4]
 

@@ -10,10 +10,10 @@ import torch
 
 from rewardiff.guidance import guided_sample, make_method
 from rewardiff.models.base import DiffusionModel
-from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
+from rewardiff.worlds.molecules.masked import MaskedDenoiser, MaskedModelConfig
 from rewardiff.processes.masked import MaskedProcess
 from rewardiff.rewards.base import RewardFn
-from rewardiff.worlds.pretrain_molecules import masked_diffusion_loss
+from rewardiff.worlds.molecules.pretrain_masked import masked_diffusion_loss
 
 V, L, MASK = 8, 6, 1
 
@@ -119,7 +119,7 @@ def test_elbo_loss_weights_and_perfect_prediction():
 
 
 def test_molecules_pretraining_resumes_bit_identically(tmp_path):
-    from rewardiff.worlds.pretrain_molecules import MoleculesPretrainConfig, pretrain_molecules
+    from rewardiff.worlds.molecules.pretrain_masked import MoleculesPretrainConfig, pretrain_molecules
 
     def cfg(steps):
         return MoleculesPretrainConfig(steps=steps, batch_size=8, warmup=2, checkpoint_every=2, dim=16, layers=1, heads=2)
@@ -217,8 +217,8 @@ def test_svdd_mc_with_the_exact_value_equals_svdd_pm():
 
 
 def test_shipped_molecules_model_samples_valid_smiles():
-    from rewardiff.models.molecules import WEIGHTS, molecules_model
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules.masked import WEIGHTS, molecules_model
+    from rewardiff.worlds.molecules import data as molecules
 
     if not (WEIGHTS / "model.safetensors").is_file():
         pytest.skip("no shipped molecules weights")
@@ -230,7 +230,7 @@ def test_shipped_molecules_model_samples_valid_smiles():
 
 
 def test_sample_command_writes_smiles_with_svdd_on_qed(tmp_path):
-    from rewardiff.models.molecules import WEIGHTS
+    from rewardiff.worlds.molecules.masked import WEIGHTS
     from rewardiff.sampling import sample_to_dir
 
     if not (WEIGHTS / "model.safetensors").is_file():
@@ -248,7 +248,7 @@ def test_free2guide_refuses_the_masked_process():
     from rewardiff.errors import UserError
     from rewardiff.guidance import guided_sample, make_method
 
-    from rewardiff.models.molecules import WEIGHTS, molecules_model
+    from rewardiff.worlds.molecules.masked import WEIGHTS, molecules_model
     from rewardiff.rewards import get_reward
 
     if not (WEIGHTS / "model.safetensors").is_file():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rewardiff.errors import UserError
-from rewardiff.worlds import molecules
+from rewardiff.worlds.molecules import data as molecules
 
 
 def test_data_figures():
@@ -113,8 +113,8 @@ def test_pretraining_cli_writes_a_card_that_matches_its_metrics(world, tmp_path)
     from typer.testing import CliRunner
 
     from rewardiff.cli import app
-    from rewardiff.models.molecules import MaskedDenoiser
-    from rewardiff.models.molecules_ar import ARTransformer
+    from rewardiff.worlds.molecules.masked import MaskedDenoiser
+    from rewardiff.worlds.molecules.autoregressive import ARTransformer
     from rewardiff.report import read_metrics
 
     res = CliRunner().invoke(app, ["pretrain", world, "--out", str(tmp_path), "--steps", "3"])

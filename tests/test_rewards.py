@@ -14,8 +14,8 @@ from PIL import Image
 from rewardiff.errors import UserError
 from rewardiff.rewards import RewardFn, get_reward, list_rewards
 from rewardiff.rewards.ensemble import WeightedSum, parse_weighted
-from rewardiff.rewards.shapes_rm import WEIGHTS_DIR
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes.reward_model import WEIGHTS_DIR
+from rewardiff.worlds.shapes import data as shapes
 
 BUILTIN = {"brightness", "saturation", "jpeg-compressibility", "jpeg-incompressibility", "shapes-count", "shapes-color"}
 HAVE_WEIGHTS = (WEIGHTS_DIR / "model.safetensors").is_file()
@@ -217,7 +217,7 @@ def test_shapes_reward_gradient_reaches_image_not_weights():
     r = get_reward("shapes-count")
     r(x, prompts).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    from rewardiff.rewards.shapes_rm import load_reward_model
+    from rewardiff.worlds.shapes.reward_model import load_reward_model
 
     assert all(p.grad is None and not p.requires_grad for p in load_reward_model().parameters())
 
@@ -231,7 +231,7 @@ def test_shapes_reward_rejects_foreign_prompts():
 def test_tiny_training_run_writes_weights_and_card(tmp_path, monkeypatch):
     import json
 
-    from rewardiff.rewards import shapes_rm
+    from rewardiff.worlds.shapes import reward_model as shapes_rm
 
     x, prompts, _ = shapes.make_batch(24, seed=5)
     monkeypatch.setattr(shapes_rm, "base_model_samples", lambda n, seed: (x[:n], prompts[:n]))
@@ -252,10 +252,10 @@ SIX = ("shapes-count", "shapes-color", "jpeg-compressibility", "jpeg-incompressi
 
 
 def _shipped_stats() -> dict:
-    """The shipped statistics file read here, independently of ``rewardiff.rewards.stats``."""
+    """The shipped statistics file read here, independently of ``rewardiff.worlds.shapes.stats``."""
     import json
 
-    from rewardiff.rewards.stats import STATS_FILE
+    from rewardiff.worlds.shapes.stats import STATS_FILE
 
     return json.loads(STATS_FILE.read_text())["rewards"]
 
@@ -310,7 +310,7 @@ def test_z_without_stats_names_the_reward(tmp_path, monkeypatch):
         with pytest.raises(UserError) as e:
             get_reward(spec)
         msg = str(e.value)
-        assert "'my_unmeasured_mod:f'" in msg and "python -m rewardiff.rewards.stats" in msg and "\n" not in msg
+        assert "'my_unmeasured_mod:f'" in msg and "python -m rewardiff.worlds.shapes.stats" in msg and "\n" not in msg
     with pytest.raises(UserError, match="unknown reward 'nope'"):
         get_reward("z(nope)")
     sys.modules.pop("my_unmeasured_mod", None)
@@ -329,8 +329,8 @@ def test_gradient_flows_through_z_brightness():
 def test_measure_and_save_reward_stats(tmp_path, tiny_model_dir):
     import json
 
-    from rewardiff.models.base import shapes_model
-    from rewardiff.rewards.stats import load_reward_stats, measure_reward_stats, reward_stats, save_reward_stats, stats_prompts
+    from rewardiff.worlds.shapes.denoiser import shapes_model
+    from rewardiff.worlds.shapes.stats import load_reward_stats, measure_reward_stats, reward_stats, save_reward_stats, stats_prompts
 
     model = shapes_model(tiny_model_dir)
     got = measure_reward_stats(["brightness", "saturation"], n=5, seed=3, batch_size=2, model=model)

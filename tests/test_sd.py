@@ -156,7 +156,7 @@ def test_missing_pipeline_is_a_user_error(tmp_path):
 
 
 def test_prompt_sets_from_names_text_and_json(tmp_path):
-    from rewardiff.finetune.evaluate import ANIMALS, ANIMALS_HELD_OUT, prompt_set
+    from rewardiff.prompts import ANIMALS, ANIMALS_HELD_OUT, prompt_set
 
     assert prompt_set("animals") == ANIMALS and not set(ANIMALS) & set(ANIMALS_HELD_OUT)
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")

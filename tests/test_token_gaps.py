@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from rewardiff.cli import app
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.weights import attach_lora, base_model
-from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
-from rewardiff.worlds import molecules
+from rewardiff.finetune.weights import attach_lora
+from rewardiff.models.registry import base_model
+from rewardiff.worlds.molecules.masked import MaskedDenoiser, MaskedModelConfig
+from rewardiff.worlds.molecules import data as molecules
 
 SEEDS = [1, 2, 3, 4]
 
@@ -172,7 +173,7 @@ def _count_twos():
 
 
 def _shipped_ar():
-    from rewardiff.models.molecules_ar import WEIGHTS
+    from rewardiff.worlds.molecules.autoregressive import WEIGHTS
 
     if not (WEIGHTS / "model.safetensors").is_file():
         pytest.skip("no shipped molecules-ar weights")
@@ -189,7 +190,7 @@ def test_sample_molecules_ar_best_of_n_keeps_the_best_candidate_by_rdkit_qed(tmp
     from rdkit.Chem import QED
 
     from rewardiff.guidance.sample import particle_seeds
-    from rewardiff.models.molecules_ar import molecules_ar_model
+    from rewardiff.worlds.molecules.autoregressive import molecules_ar_model
 
     _shipped_ar()
     res = _invoke("--model", "molecules-ar", "--method", "best-of-n", "--width", "3", "-n", "4", "--seed", "5", "--reward", "qed",
@@ -213,7 +214,7 @@ def test_sample_molecules_ar_best_of_n_keeps_the_best_candidate_by_rdkit_qed(tmp
 
 def test_sample_molecules_ar_base_is_token_model_sample(tmp_path):
     """``--method base`` (and best-of-n with N = 1) writes exactly TokenModel.sample's sequences of the seeds."""
-    from rewardiff.models.molecules_ar import molecules_ar_model
+    from rewardiff.worlds.molecules.autoregressive import molecules_ar_model
 
     _shipped_ar()
     m = molecules_ar_model()
@@ -254,7 +255,7 @@ def test_sample_autoregressive_refuses_diffusion_methods_in_one_line(model, gpt2
 
 @pytest.mark.parametrize("model", ["molecules", "molecules-ar"])
 def test_explicit_guidance_scale_on_an_unconditional_model_is_a_user_error(model, tmp_path):
-    from rewardiff.models.molecules import WEIGHTS
+    from rewardiff.worlds.molecules.masked import WEIGHTS
 
     if model == "molecules" and not (WEIGHTS / "model.safetensors").is_file():
         pytest.skip("no shipped molecules weights")

@@ -119,9 +119,9 @@ def test_svdd_mc_with_a_trained_value_on_the_molecules_model(tmp_path):
     from typer.testing import CliRunner
 
     from rewardiff.cli import app
-    from rewardiff.models.molecules import WEIGHTS
+    from rewardiff.worlds.molecules.masked import WEIGHTS
     from rewardiff.sampling import sample_to_dir
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     if not (WEIGHTS / "model.safetensors").is_file():
         pytest.skip("no shipped molecules weights")

@@ -12,7 +12,7 @@ import torch
 
 from rewardiff.errors import UserError
 from rewardiff.guidance.value import LearnedValue, ValueNet, load_value, pool_cond, save_value, train_value
-from rewardiff.models.base import shapes_model
+from rewardiff.worlds.shapes.denoiser import shapes_model
 from rewardiff.types import ValueFn
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

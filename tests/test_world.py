@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewardiff.worlds import judge, shapes
+from rewardiff.worlds.shapes import data as shapes, judge
 
 
 def test_world_is_deterministic():

@@ -83,40 +83,10 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train a world's base model (resumable), then export it with its card to OUT/model."""
-    from rewardiff.worlds.card import write_card
-    from rewardiff.worlds.pretrain import PretrainConfig, pretrain_shapes
+    from rewardiff import plugins
 
-    if world not in ("shapes", "molecules", "molecules-ar"):
-        raise UserError(f"unknown world {world!r}; valid worlds: shapes, molecules, molecules-ar")
-    out = out or Path(f"runs/pretrain-{world}")
-    if world == "molecules":
-        _pretrain_molecules(out, steps, seed)
-        return
-    if world == "molecules-ar":
-        _pretrain_molecules_ar(out, steps, seed)
-        return
-    ema = pretrain_shapes(PretrainConfig(steps=PretrainConfig.steps if steps is None else steps, seed=seed), out)
-    ema.save(out / "model")
-    card = write_card(out / "model", out)
-    typer.echo(f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}")
-
-
-def _pretrain_molecules(out: Path, steps: int | None, seed: int) -> None:
-    from rewardiff.worlds.pretrain_molecules import MoleculesPretrainConfig, export, pretrain_molecules, write_card
-
-    ema = pretrain_molecules(MoleculesPretrainConfig(steps=MoleculesPretrainConfig.steps if steps is None else steps, seed=seed), out)
-    card = write_card(export(ema, out / "model"), out)
-    typer.echo(f"model and card: {out / 'model'}; validity {card['validity']:.1%}, uniqueness {card['uniqueness']:.1%}, "
-               f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
-
-
-def _pretrain_molecules_ar(out: Path, steps: int | None, seed: int) -> None:
-    from rewardiff.worlds.pretrain_molecules_ar import MoleculesARPretrainConfig, export, pretrain_molecules_ar, write_card
-
-    cfg = MoleculesARPretrainConfig(steps=MoleculesARPretrainConfig.steps if steps is None else steps, seed=seed)
-    card = write_card(export(pretrain_molecules_ar(cfg, out), out / "model"), out)
-    typer.echo(f"model and card: {out / 'model'}; validity {card['validity']:.1%}, uniqueness {card['uniqueness']:.1%}, "
-               f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
+    command = plugins.resolve(plugins.PRETRAIN, world, "world")
+    typer.echo(command(out or Path(f"runs/pretrain-{world}"), steps, seed))
 
 
 @app.command("train-reward")
@@ -127,9 +97,9 @@ def train_reward(
     base_samples: Annotated[int, typer.Option(help="base-model samples labelled by the judge to train on")] = 2048,
 ) -> None:
     """Train the shapes reward model (count and color heads)."""
-    from rewardiff.rewards.shapes_rm import train_with_base_samples
+    from rewardiff import plugins
 
-    card = train_with_base_samples(out, steps, seed, base_samples)
+    card = plugins.resolve(plugins.REWARD_TRAINERS, "shapes", "reward trainer")(out, steps, seed, base_samples)
     typer.echo(json.dumps(card, indent=2))
 
 

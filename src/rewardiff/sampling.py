@@ -10,23 +10,23 @@ import torch
 
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
-from rewardiff.models.base import DiffusionModel
-from rewardiff.models.tokens import TokenModel
+from rewardiff.types import AUTOREGRESSIVE, Generator
 
 
 DEFAULT_GUIDANCE_SCALE = 2.0  # classifier-free guidance of conditional models when none is given
 
 
-def load_model(model: str, checkpoint: Path | None = None) -> DiffusionModel | TokenModel:
+def load_model(model: str, checkpoint: Path | None = None) -> Generator:
     """The base model by name, or the fine-tuned model in ``checkpoint``."""
-    from rewardiff.finetune.weights import base_model, load_finetuned
+    from rewardiff.finetune.weights import load_finetuned
+    from rewardiff.models.registry import base_model
 
     if checkpoint is not None:
         return load_finetuned(checkpoint)
     return base_model(model)
 
 
-def resolve_guidance_scale(m: DiffusionModel | TokenModel, guidance_scale: float | None) -> float:
+def resolve_guidance_scale(m: Generator, guidance_scale: float | None) -> float:
     """The classifier-free guidance scale to sample ``m`` with: the one given, or by default
     2 for a conditional model and 1 (none) for an unconditional one.
 
@@ -72,7 +72,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
                   options: dict[str, Any] | None = None) -> dict:
     """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``
     (for a model of text outputs, e.g. molecules, ``samples.txt`` instead of the images, and
-    for molecules ``grid.png`` of their drawings).
+    for a world that draws its texts, e.g. molecules, ``grid.png`` of their drawings).
 
     The summary holds ``nfe`` (denoiser evaluations, classifier-free guidance counting 2),
     ``nfe_per_sample``, with a reward ``reward_mean`` and ``reward_std``, and for text outputs
@@ -86,8 +86,6 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     from rewardiff.guidance.sample import check_token_method
     from rewardiff.guidance.value import load_value
     from rewardiff.rewards import get_reward
-    from rewardiff.worlds import shapes
-
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     if steps < 1:
@@ -103,17 +101,14 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     guidance_scale = resolve_guidance_scale(m, guidance_scale)
     if not m.conditional:  # prompts mean nothing to it
         prompts = [""] * len(prompts)
-    tokens = isinstance(m, TokenModel)
+    tokens = AUTOREGRESSIVE in m.capabilities
     if tokens:
         check_token_method(meth, m)
     if nfe_budget is not None:  # an autoregressive model takes L steps, one a token
         budget_plan(meth, nfe_budget, m.max_len if tokens else steps, guidance_scale)
     meth.check(meth.default_eta if eta is None else eta, None if tokens else m.process)
-    if m.name == "shapes":  # the shapes world's text encoder knows its own words only
-        try:
-            shapes.tokenize(prompts)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    if getattr(m, "check_prompts", None) is not None:  # e.g. a text encoder that knows its own words only
+        m.check_prompts(prompts)
     all_prompts = [p for p in prompts for _ in range(n)]
     x, info = _sample(m, meth, all_prompts, [seed + i for i in range(len(all_prompts))], steps, guidance_scale, eta)
     summary: dict = {"prompts": prompts, "n": len(all_prompts), **info}
@@ -128,37 +123,36 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     return summary
 
 
-def _sample(m: DiffusionModel | TokenModel, meth: Any, prompts: list[str], seeds: list[int], steps: int,
+def _sample(m: Generator, meth: Any, prompts: list[str], seeds: list[int], steps: int,
             guidance_scale: float, eta: float | None) -> tuple[torch.Tensor, dict]:
     """Outputs [N, ...] (images in [-1, 1], or token ids) and the sampler's info, with a progress bar."""
     from rewardiff.guidance import guided_sample
     from rewardiff.guidance.sample import token_sample
 
     with progress_bar(len(prompts), f"sampling ({meth.name})") as bar:
-        if isinstance(m, TokenModel):
+        if AUTOREGRESSIVE in m.capabilities:
             return token_sample(m, meth, seeds, progress=bar)
         return guided_sample(m, meth, prompts, seeds, steps, guidance_scale=guidance_scale, eta=eta, progress=bar)
 
 
-def _write_samples(out: Path, m: DiffusionModel | TokenModel, x: torch.Tensor, n: int, summary: dict) -> None:
+def _write_samples(out: Path, m: Generator, x: torch.Tensor, n: int, summary: dict) -> None:
     """Text outputs: ``samples.txt`` (and ``texts`` in the summary), molecules drawn in ``grid.png``;
     images: ``samples/NNNN.png`` and ``grid.png`` (``n`` a row, 16 at most)."""
     from PIL import Image
 
+    from rewardiff import plugins
     from rewardiff.report import save_grid
-    from rewardiff.worlds import shapes
+    from rewardiff.report.grid import to_uint8_hwc
 
     out.mkdir(parents=True, exist_ok=True)
     if m.texts is not None:
         summary["texts"] = m.texts(x)
         atomic_write_text(out / "samples.txt", "\n".join(summary["texts"]) + "\n")
-        if isinstance(m, TokenModel) or m.name.startswith("molecules"):  # SMILES: their drawings, 48 at most
-            from rewardiff.report.molecules import save_molecule_grid
-
-            save_molecule_grid(summary["texts"][:48], out / "grid.png")
+        if getattr(m, "world", None) in plugins.TEXT_GRIDS:  # e.g. molecules drawn from their SMILES, 48 at most
+            plugins.load(plugins.TEXT_GRIDS[m.world])(summary["texts"][:48], out / "grid.png")
         return
     (out / "samples").mkdir(exist_ok=True)
-    for i, im in enumerate(shapes.to_uint8(x)):  # any [-1, 1] RGB batch
+    for i, im in enumerate(to_uint8_hwc(x)):  # any [-1, 1] RGB batch
         Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
     save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
 

@@ -167,6 +167,72 @@ class StepHook(Protocol):
     def __call__(self, ctx: StepContext) -> Tensor | Selection | None: ...
 
 
+class Evaluation(NamedTuple):
+    """What a world's evaluation hook (``rewardiff.plugins.EVALUATIONS``) reads in a set of samples.
+
+    Fields:
+        metrics: judge measures, means over the samples (``judge_count``, ``validity``, ...).
+        labels: one short label a sample for the evaluation grid ("ok" / "x", "QED 0.61"), or None.
+    """
+
+    metrics: dict[str, float]
+    labels: list[str] | None = None
+
+
+# What a generator offers; methods declare which of these they need (``requires``), and the
+# check that refuses a method on a model reads those declarations, never class names.
+CHAIN = "chain"  # sampled by a reverse diffusion chain through the rollout (guidance hooks, grad windows)
+GAUSSIAN = "gaussian"  # the chain's states are continuous with Gaussian steps (eta, re-noising, image rewards)
+TOKENS = "tokens"  # outputs are token sequences over a vocabulary (relaxed tokens for differentiable rewards)
+AUTOREGRESSIVE = "autoregressive"  # sampled token by token, left to right (no chain to steer)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A model that every method of rewardiff takes: diffusion models over images, latents or
+    tokens (:class:`~rewardiff.models.base.DiffusionModel`), autoregressive token models and
+    Hugging Face causal LMs (:class:`~rewardiff.models.tokens.TokenModel`).
+
+    Attributes:
+        name: a short label for reports.
+        world: the embedded world whose hooks (evaluation, text grids) apply, or None.
+        conditional: whether prompts condition it (False: every prompt is "").
+        capabilities: what it offers (:data:`CHAIN`, :data:`GAUSSIAN`, :data:`TOKENS`,
+            :data:`AUTOREGRESSIVE`), read by the methods' ``requires``.
+        net: the trainable network.
+        reference: the frozen base model for a KL, once attached (None before).
+        lora_targets: what LoRA adapts in a net without a ``.unet`` (None: not supported).
+        texts: outputs -> one string each for models of text outputs (token ids), else None.
+    """
+
+    name: str
+    world: str | None
+    conditional: bool
+    capabilities: frozenset[str]
+    net: Any
+    reference: Any
+    lora_targets: list[str] | None
+    texts: Callable[[Tensor], list[str]] | None
+
+    @property
+    def device(self) -> Any: ...
+
+    def encode(self, prompts: list[str]) -> Any:
+        """Prompts -> the net's condition (zeros [B, 1] for an unconditional model)."""
+        ...
+
+    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, **kwargs: Any) -> Tensor:
+        """Outputs in the reward's space, one per (prompt, seed), without gradient: images [N, C, H, W]
+        in [-1, 1] or token ids [N, L]."""
+        ...
+
+
+def missing(model: Any, requires: frozenset[str] | set[str] | tuple[str, ...]) -> list[str]:
+    """The capabilities in ``requires`` that ``model`` lacks, in a fixed order."""
+    have = getattr(model, "capabilities", frozenset())
+    return [c for c in (CHAIN, GAUSSIAN, TOKENS, AUTOREGRESSIVE) if c in requires and c not in have]
+
+
 @runtime_checkable
 class ValueFn(Protocol):
     """A learned soft value ``v(x_t, t, cond) -> Tensor[B]``: the expected final reward from x_t.
@@ -179,4 +245,5 @@ class ValueFn(Protocol):
     def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]
+__all__ = ["StepOut", "Trajectory", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict",
+           "Evaluation", "Generator", "missing", "CHAIN", "GAUSSIAN", "TOKENS", "AUTOREGRESSIVE"]

@@ -95,11 +95,12 @@ class DDPO:
     Args:
         cfg: the run's configuration (ppo_clip, adv_clip, ppo_epochs, ppo_minibatches,
             stat_buffer, stat_min_count, timestep_fraction).
+        model: the model it trains (unused at construction: the per-step call receives it).
         acc: the run's accelerator; with several processes the per-prompt statistics are
             computed on the gathered global batch, so every process holds the same state.
     """
 
-    def __init__(self, cfg: FinetuneConfig, acc=None):
+    def __init__(self, cfg: FinetuneConfig, model=None, acc=None):
         if cfg.eta <= 0:
             raise UserError("method 'ddpo' needs a stochastic sampler: set eta > 0 (the authors use eta=1)")
         if cfg.ppo_minibatches < 1 or cfg.batch_size % cfg.ppo_minibatches:

@@ -20,7 +20,7 @@ gradient lowered the expected reward on QED, while the relaxed estimator raised 
 rose on logP, a sum of atom contributions. A multi-token chain of SELFIES symbols, whose
 meaning depends on what precedes them, is where the straight-through linearization fails.
 Either way the reward model's gradient must predict what a token swap does: see
-:mod:`rewardiff.rewards.chem_rm` for how the shipped one is trained for that.
+:mod:`rewardiff.worlds.molecules.reward_model` for how the shipped one is trained for that.
 
 One training step of the method ``gumbel``:
 

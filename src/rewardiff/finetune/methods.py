@@ -1,91 +1,92 @@
-"""The fine-tuning methods by name.
+"""The fine-tuning methods by name: one registry of what each is and what it needs of a model.
 
 A method is called once per training step as ``method(model, reward, prompts, seeds, cfg,
-gen)`` and returns a :class:`~rewardiff.finetune.draft.LossOut`, or an iterable of them (one
-optimizer step after each whose ``step`` is True). Methods with state across steps (DDPO's
-reward statistics, VARD's value model) also have ``save(dir)`` and ``load(dir)``, which the
-trainer calls with each checkpoint.
+gen)`` and returns a :class:`~rewardiff.types.LossOut`, or an iterable of them (one optimizer
+step after each whose ``step`` is True). Methods with state across steps (DDPO's reward
+statistics, VARD's value model) are classes built as ``cls(cfg, model, acc)``, with
+``save(dir)`` and ``load(dir)``, which the trainer calls with each checkpoint.
+
+Each method declares the generator capabilities it needs (:mod:`rewardiff.types`); a model
+that lacks one is refused in one line that says what to use instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
+from rewardiff import plugins
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LOSSES, LossOut
-from rewardiff.models.base import DiffusionModel
-from rewardiff.types import Reward
+from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, Reward, missing
 
-Method = Callable[[DiffusionModel, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "LossOut | Iterable[LossOut]"]
-
-TOKEN_METHODS = ("gumbel",)  # token generators: straight-through Gumbel-softmax samples
-GRADIENT_METHODS = tuple(LOSSES) + TOKEN_METHODS  # backpropagate through the reward
-BLACK_BOX_METHODS = ("ddpo", "vard")  # read only the reward's values
-METHODS = GRADIENT_METHODS + BLACK_BOX_METHODS
+Method = Callable[[Any, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "Any | Iterable[Any]"]
 
 
-def check_method(name: str) -> None:
-    """A UserError listing the valid methods when ``name`` is not one."""
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+class MethodSpec(NamedTuple):
+    """A registered fine-tuning method."""
+
+    target: str  # "package.module:attribute": a loss function, or a class built as cls(cfg, model, acc)
+    requires: tuple[str, ...]  # generator capabilities it needs
+    reward_gradient: bool  # backpropagates through the reward (else reads only its values)
+    stateful: bool = False  # a class with state across steps
+
+
+_DRAFT = "rewardiff.finetune.draft"
+_GRAD_CHAIN = (CHAIN, GAUSSIAN)  # backpropagation through a continuous chain
+
+METHODS: dict[str, MethodSpec] = {
+    "draft": MethodSpec(f"{_DRAFT}:draft", _GRAD_CHAIN, True),
+    "draft-k": MethodSpec(f"{_DRAFT}:draft_k", _GRAD_CHAIN, True),
+    "draft-lv": MethodSpec(f"{_DRAFT}:draft_lv", _GRAD_CHAIN, True),
+    "alignprop": MethodSpec(f"{_DRAFT}:alignprop", _GRAD_CHAIN, True),
+    "refl": MethodSpec(f"{_DRAFT}:refl", _GRAD_CHAIN, True),
+    "gumbel": MethodSpec("rewardiff.finetune.gumbel:gumbel", (TOKENS,), True),
+    "ddpo": MethodSpec("rewardiff.finetune.ddpo:DDPO", (CHAIN,), False, stateful=True),
+    "vard": MethodSpec("rewardiff.finetune.vard:VARD", (CHAIN,), False, stateful=True),
+}
+
+# what a model lacking a capability is told, by capability
+_INSTEAD = {
+    TOKENS: "method {name!r} samples tokens: use a token model (molecules-ar, hf:MODEL_DIR or molecules)",
+    CHAIN: "method {name!r} fine-tunes diffusion models; for {model} use method 'gumbel'",
+    GAUSSIAN: "method {name!r} backpropagates through a continuous chain; for token diffusion use method 'gumbel'",
+}
+
+
+def check_method(name: str) -> MethodSpec:
+    """The method ``name``; a UserError listing the valid methods when it is not one."""
+    return plugins.lookup(METHODS, name, "method")
 
 
 def needs_reward_gradient(name: str) -> bool:
-    return name in GRADIENT_METHODS
+    return check_method(name).reward_gradient
 
 
 def check_model(name: str, model: Any) -> None:
-    """A UserError when method ``name`` cannot train ``model``: ``gumbel`` samples tokens; the
-    reward-backpropagation losses need a continuous chain; an autoregressive model has no chain."""
-    from rewardiff.models.tokens import TokenModel
-
-    if name in TOKEN_METHODS and not is_token_model(model):
-        raise UserError(f"method {name!r} samples tokens: use a token model (molecules-ar, hf:MODEL_DIR or molecules)")
-    if name not in TOKEN_METHODS and isinstance(model, TokenModel):
-        raise UserError(f"method {name!r} fine-tunes diffusion models; for {model.name} use method 'gumbel'")
-    if name in LOSSES and is_token_diffusion(model):
-        raise UserError(f"method {name!r} backpropagates through a continuous chain; for token diffusion use method 'gumbel'")
+    """A UserError when method ``name`` needs a capability ``model`` lacks (see ``_INSTEAD``)."""
+    lacking = missing(model, check_method(name).requires)
+    if lacking:
+        raise UserError(_INSTEAD[lacking[0]].format(name=name, model=model.name))
 
 
-def is_token_diffusion(model: Any) -> bool:
-    """Whether ``model`` is a diffusion model over tokens (a masked process)."""
-    from rewardiff.processes.masked import MaskedProcess
-
-    return isinstance(getattr(model, "process", None), MaskedProcess)
-
-
-def is_token_model(model: Any) -> bool:
-    """Whether ``model`` generates token sequences (an autoregressive TokenModel or masked diffusion)."""
-    from rewardiff.models.tokens import TokenModel
-
-    return isinstance(model, TokenModel) or is_token_diffusion(model)
-
-
-def make_method(cfg: FinetuneConfig, model: DiffusionModel, acc: Any = None) -> Method:
+def make_method(cfg: FinetuneConfig, model: Any, acc: Any = None) -> Method:
     """The method ``cfg.method`` names, ready to be called once per step."""
-    check_method(cfg.method)
-    if cfg.method == "ddpo":
-        from rewardiff.finetune.ddpo import DDPO
-
-        return DDPO(cfg, acc)
-    if cfg.method == "vard":
-        from rewardiff.finetune.vard import VARD
-
-        return VARD(cfg, model, acc)
-    return get_method(cfg.method)
+    spec = check_method(cfg.method)
+    obj = plugins.load(spec.target)
+    return obj(cfg, model, acc) if spec.stateful else obj
 
 
 def get_method(name: str) -> Method:
-    """A stateless loss by name (the reward-backpropagation family)."""
-    check_method(name)
-    if name == "gumbel":
-        from rewardiff.finetune.gumbel import gumbel
-
-        return gumbel
-    if name not in LOSSES:
+    """A stateless loss by name (the reward-backpropagation family and ``gumbel``)."""
+    spec = check_method(name)
+    if spec.stateful:
         raise UserError(f"method {name!r} keeps state across steps; build it with make_method(cfg, model)")
-    return LOSSES[name]
+    return plugins.load(spec.target)
+
+
+def is_token_diffusion(model: Any) -> bool:
+    """Whether ``model`` is a diffusion model over tokens (a chain over a vocabulary)."""
+    return not missing(model, (CHAIN, TOKENS))

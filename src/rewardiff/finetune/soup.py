@@ -51,7 +51,8 @@ def ingredients(a: str | Path, b: str | Path) -> tuple[FinetuneConfig, dict[str,
 
 def soup_model(a: str | Path, b: str | Path, alpha: float):
     """The interpolated model as a DiffusionModel (weights in memory) and its config."""
-    from rewardiff.finetune.weights import attach_lora, base_model
+    from rewardiff.finetune.weights import attach_lora
+    from rewardiff.models.registry import base_model
 
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"alpha must be in [0, 1], got {alpha}")
@@ -80,17 +81,15 @@ def write_soup(a: str | Path, b: str | Path, alpha: float, out: str | Path) -> P
 
 @torch.no_grad()
 def _measure(model, cfg: FinetuneConfig, names: tuple[str, ...], fns: list, prompts: list[str], seeds: list[int]) -> dict:
-    """Held-out rewards (one sampling pass scored by every reward), the judge and diversity."""
-    from rewardiff.finetune.evaluate import is_shapes_prompt
+    """Held-out rewards (one sampling pass scored by every reward), the worlds' judges and diversity."""
+    from rewardiff.finetune.evaluate import world_evaluations
     from rewardiff.report import diversity_by_prompt
-    from rewardiff.worlds.judge import judge
 
     images = model.generate(prompts, seeds, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale)
     row = {n: float(torch.cat([fn(images[i : i + 64], prompts[i : i + 64]) for i in range(0, len(images), 64)]).mean())
            for n, fn in zip(names, fns)}
     row["diversity"] = diversity_by_prompt(images, prompts)
-    if all(is_shapes_prompt(p) for p in prompts):
-        row.update({f"judge_{k}": float(v.mean()) for k, v in judge(images, prompts).items()})
+    row.update(world_evaluations(model, images, prompts).metrics)
     return row
 
 
@@ -103,7 +102,7 @@ def soup_curve(a: str | Path, b: str | Path, out: str | Path, *, points: int = 5
     """
     from tqdm import tqdm
 
-    from rewardiff.finetune.evaluate import eval_set, prompt_set
+    from rewardiff.prompts import eval_set, prompt_set
     from rewardiff.rewards import get_reward
 
     if points < 2:

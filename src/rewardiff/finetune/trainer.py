@@ -13,9 +13,9 @@ rank holds the same weights. Only the main process writes files (metrics, checkp
 evaluations, the report); logged metrics are means over the global batch. Checkpoints are
 collective: every rank reaches the save and waits until the main process has written it.
 
-Token models (``molecules-ar``, ``hf:PATH``, ``molecules``) are unconditional: every prompt
-is "", and their evaluation measures the molecules of the fixed seeds with RDKit
-(:func:`~rewardiff.finetune.evaluate.evaluate_tokens`) instead of the shapes judge.
+Unconditional models (the molecules models, ``hf:PATH``) take "" for every prompt and no
+classifier-free guidance; every evaluation adds what the worlds' judges read
+(:func:`~rewardiff.finetune.evaluate.evaluate`: the shapes judge, RDKit for molecules).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import kl_to_base
 from rewardiff.finetune.draft import LossOut
-from rewardiff.finetune.methods import check_method, check_model, is_token_model, make_method, needs_reward_gradient
-from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, evaluate_tokens, prompt_set
-from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
+from rewardiff.finetune.evaluate import evaluate
+from rewardiff.finetune.methods import check_method, check_model, make_method, needs_reward_gradient
+from rewardiff.finetune.weights import attach_lora, load_trainable, save_weights
+from rewardiff.models.registry import base_model
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
-from rewardiff.models.base import DiffusionModel
+from rewardiff.prompts import EVAL_SEED, eval_set, prompt_set
+from rewardiff.types import TOKENS, Generator
 
 
 class Run:
@@ -55,10 +57,9 @@ class Run:
         self.train_prompts = prompt_set(cfg.prompts)
         self.eval_prompts, self.eval_seeds = eval_set(prompt_set(cfg.eval_prompts), cfg.eval_samples)
         torch.manual_seed(cfg.seed)
-        self.model: DiffusionModel = base_model(cfg.model)
+        self.model: Generator = base_model(cfg.model)
         check_model(cfg.method, self.model)
-        self.tokens = is_token_model(self.model)
-        if self.tokens:  # molecules are unconditional: every prompt is ""
+        if not self.model.conditional:  # e.g. molecules: every prompt is ""
             self.train_prompts = [""]
             self.eval_prompts, self.eval_seeds = eval_set([""], cfg.eval_samples)
         attach_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
@@ -200,32 +201,30 @@ class Run:
 
     def evaluate(self, tag: str) -> dict:
         """The fixed evaluation set. Every process computes it (the same numbers: the weights
-        and the set are the same) on the unwrapped net; only the main process writes the grid."""
+        and the set are the same) on the unwrapped net; only the main process writes the grid
+        (and, for text outputs, the samples)."""
+        cfg, main = self.cfg, self.acc.is_main_process
         wrapped = self.model.net
         self.model.net = self.acc.unwrap_model(wrapped)
         try:
             self.model.net.eval()
-            if self.tokens:
-                return {f"eval_{k}": v for k, v in self._evaluate_tokens(tag).items()}
-            grid = self.out / f"samples_{tag}.png" if self.acc.is_main_process else None
-            res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
-                           guidance_scale=self.cfg.guidance_scale, grid_path=grid)
-            res["kl_to_base"] = float(kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps,
-                                                 self.cfg.guidance_scale).mean())
+            scale = cfg.guidance_scale if self.model.conditional else 1.0
+            res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=cfg.num_inference_steps,
+                           guidance_scale=scale, reward_name=cfg.reward, grid_path=self.out / f"samples_{tag}.png" if main else None,
+                           samples_path=self.out / f"samples_{tag}.txt" if main else None)
+            res["kl_to_base"] = float(self._kl_to_base().mean())
         finally:
             self.model.net = wrapped
         return {f"eval_{k}": v for k, v in res.items()}
 
-    def _evaluate_tokens(self, tag: str) -> dict:
-        """The fixed seeds of a token model: RDKit measures, SMILES and drawings, KL to the base."""
-        from rewardiff.finetune.gumbel import kl_to_base_tokens
+    def _kl_to_base(self) -> torch.Tensor:
+        """Per-sample KL of the model's samples to the base model's [N]: of token distributions
+        for token models, of the chain's paths otherwise."""
+        if TOKENS in self.model.capabilities:
+            from rewardiff.finetune.gumbel import kl_to_base_tokens
 
-        main = self.acc.is_main_process
-        res = evaluate_tokens(self.model, self.reward, self.eval_seeds, num_inference_steps=self.cfg.num_inference_steps,
-                              reward_name=self.cfg.reward, samples_path=self.out / f"samples_{tag}.txt" if main else None,
-                              grid_path=self.out / f"samples_{tag}.png" if main else None)
-        res["kl_to_base"] = float(kl_to_base_tokens(self.model, self.eval_seeds, self.cfg).mean())
-        return res
+            return kl_to_base_tokens(self.model, self.eval_seeds, self.cfg)
+        return kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale)
 
     def train(self, resume: bool = False) -> dict:
         """Run (or continue) training; returns the summary also written to ``summary.json``."""

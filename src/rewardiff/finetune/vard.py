@@ -143,7 +143,7 @@ class VARD:
 
     def _warmup(self, model: DiffusionModel, reward_fn: Reward, cfg: FinetuneConfig, gen: torch.Generator) -> tuple[int, int]:
         """Fit the value on base-model trajectories before the first update; (queries, nfe) spent."""
-        from rewardiff.finetune.evaluate import EVAL_SEED, prompt_set
+        from rewardiff.prompts import EVAL_SEED, prompt_set
 
         train = prompt_set(cfg.prompts)
         n_proc = self.acc.num_processes if self.acc is not None else 1

@@ -196,36 +196,6 @@ def load_trainable(directory: Path, net: nn.Module) -> None:
             params[n].copy_(v)
 
 
-def base_model(name: str) -> DiffusionModel:
-    """The model a config names: ``shapes``, ``diffusers:PATH`` (a saved diffusers pipeline),
-    ``molecules-ar`` (the autoregressive molecules model, a TokenModel), ``hf:PATH`` (a saved
-    Hugging Face causal language model, a TokenModel), ``molecules`` (the masked-diffusion
-    molecules model), or a directory with a saved shapes, molecules-ar or molecules model."""
-    from rewardiff.models.base import shapes_model
-    from rewardiff.models.molecules import is_masked_dir, molecules_model
-    from rewardiff.models.molecules_ar import is_ar_dir, molecules_ar_model
-
-    if name == "shapes":
-        return shapes_model()
-    if name.startswith("diffusers:"):
-        from rewardiff.models.sd import sd_model
-
-        return sd_model(name.removeprefix("diffusers:"))
-    if name.startswith("hf:"):
-        from rewardiff.models.hf import hf_model
-
-        return hf_model(name.removeprefix("hf:"))
-    if name == "molecules-ar" or is_ar_dir(name):
-        return molecules_ar_model(None if name == "molecules-ar" else name)
-    if name == "molecules" or is_masked_dir(name):
-        return molecules_model(None if name == "molecules" else name)
-    if Path(name).is_dir():
-        return shapes_model(name)
-    raise UserError(f"unknown model {name!r}; use 'shapes', diffusers:PIPELINE_DIR, 'molecules-ar', hf:MODEL_DIR, "
-                    "'molecules', or a directory holding model.safetensors")
-
-
-
 def weights_dir(directory: str | Path) -> Path:
     """The folder holding ``finetune.json`` + ``trainable.safetensors``: a run, its ``final/``, or a checkpoint."""
     d = Path(directory)
@@ -239,6 +209,8 @@ def load_finetuned(directory: str | Path) -> DiffusionModel:
     """A fine-tuned model from a run directory, its ``final/`` folder, or a checkpoint folder."""
     d = weights_dir(directory)
     cfg = build_config(json.loads((d / "finetune.json").read_text()))
+    from rewardiff.models.registry import base_model
+
     model = base_model(cfg.model)
     attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     load_trainable(d, model.net)

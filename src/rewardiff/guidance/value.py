@@ -456,7 +456,7 @@ def train_value(
         with torch.random.fork_rng(devices=[]):
             _new_net(model, tuple(model.shape), 1, widths)
     if prompts is None:
-        from rewardiff.worlds import shapes
+        from rewardiff.worlds.shapes import data as shapes
 
         prompts = shapes.train_prompts()
     if not prompts:

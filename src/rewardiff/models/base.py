@@ -1,4 +1,4 @@
-"""DiffusionModel: a denoiser with its process, prompt encoder and decoder.
+"""DiffusionModel: a denoiser with its process, prompt encoder and decoder (a :class:`~rewardiff.types.Generator`).
 
 This is what samplers, trainers and guidance methods take. The shapes world's pixel model
 and (through an adapter) Stable Diffusion's latent UNet both fit it: only ``encode``,
@@ -8,7 +8,6 @@ and (through an adapter) Stable Diffusion's latent UNet both fit it: only ``enco
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +15,7 @@ from torch import Tensor, nn
 
 from rewardiff.processes.gaussian import GaussianProcess
 from rewardiff.rollout import rollout
-from rewardiff.types import StepHook, Trajectory
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights"
+from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, StepHook, Trajectory
 
 
 class DiffusionModel:
@@ -39,6 +36,9 @@ class DiffusionModel:
             e.g. SMILES; None for images.
         lora_targets: what LoRA adapts in a net without a ``.unet``: names of its layers, or of
             parameters (e.g. ``self_attn.in_proj_weight``); None when LoRA is not supported.
+        world: the embedded world whose hooks apply to it (``rewardiff.plugins``), or None.
+        check_prompts: raises UserError for prompts the model cannot read (a closed
+            vocabulary), or None when every prompt is fine.
     """
 
     def __init__(
@@ -53,12 +53,18 @@ class DiffusionModel:
         conditional: bool = True,
         texts: Callable[[Tensor], list[str]] | None = None,
         lora_targets: list[str] | None = None,
+        world: str | None = None,
+        check_prompts: Callable[[list[str]], None] | None = None,
     ):
         self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
         self.output_range, self.conditional, self.texts = output_range, conditional, texts
         self.lora_targets = list(lora_targets) if lora_targets else None
         self.decode = decode or (lambda x: x)
+        self.world, self.check_prompts = world, check_prompts
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
+        # a process over token ids (it has a vocabulary) samples tokens; any other, continuous states
+        kind = TOKENS if getattr(process, "vocab_size", None) is not None else GAUSSIAN
+        self.capabilities = frozenset({CHAIN, kind})
 
     @property
     def device(self) -> torch.device:
@@ -122,17 +128,3 @@ class DiffusionModel:
             traj = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], **kwargs)
             out.append(self.output(traj.x0))
         return torch.cat(out)
-
-
-def shapes_model(directory: str | Path | None = None) -> DiffusionModel:
-    """The shapes world's base model (shipped weights unless ``directory`` is given)."""
-    from rewardiff.models.shapes import ShapesDenoiser
-
-    from rewardiff.errors import UserError
-
-    d = Path(directory) if directory else WEIGHTS / "shapes-base"
-    if not (d / "model.safetensors").is_file():
-        raise UserError(f"no shapes model weights in {d}; train them with: rewardiff pretrain shapes")
-    net = ShapesDenoiser.load(d)
-    net.eval()
-    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name="shapes")

@@ -4,7 +4,7 @@ A model saved with ``save_pretrained`` in a local folder is loaded offline with
 ``AutoModelForCausalLM.from_pretrained(PATH, local_files_only=True)``. Its vocabulary must
 be the molecules tokenizer's (``vocab_size = tokenizer.size``; a ``tokenizer.json`` in the
 rewardiff format inside the folder replaces the world's), so that the chemistry rewards read
-its output; the start token is ``<mask>``, as for :mod:`rewardiff.models.molecules_ar`.
+its output; the start token is ``<mask>``, as for :mod:`rewardiff.worlds.molecules.autoregressive`.
 
 :class:`HFCausalLM` gives the model the token-net contract of
 :class:`~rewardiff.models.tokens.TokenModel`: ``net(x, cache) -> (logits, cache)``, with
@@ -19,7 +19,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from rewardiff import plugins
 from rewardiff.errors import UserError
+
+TOKENIZER = "molecules"  # the registered tokenizer (and world) whose vocabulary the models speak
 
 
 class HFCausalLM(nn.Module):
@@ -57,7 +60,6 @@ def hf_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     from rewardiff.models.tokens import TokenModel
-    from rewardiff.worlds import molecules
 
     d = Path(path)
     if not (d / "config.json").is_file():
@@ -66,7 +68,7 @@ def hf_model(path: str | Path):
         lm = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the Hugging Face model in {d}: {str(e).splitlines()[0]}") from None
-    tok = molecules.Tokenizer.load(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else molecules.tokenizer()
+    tok = plugins.load(plugins.TOKENIZERS[TOKENIZER])(d / "tokenizer.json" if (d / "tokenizer.json").is_file() else None)
     size = lm.get_input_embeddings().weight.shape[0]
     if size != tok.size:
         raise UserError(f"the model in {d} has a vocabulary of {size} tokens; the molecules tokenizer has {tok.size}")
@@ -74,4 +76,4 @@ def hf_model(path: str | Path):
     if n_pos is not None and n_pos < tok.max_len:
         raise UserError(f"the model in {d} takes {n_pos} positions; molecules need {tok.max_len}")
     lm.eval()
-    return TokenModel(HFCausalLM(lm), tok, name=f"hf:{d.name}", lora_targets=lora_targets(lm))
+    return TokenModel(HFCausalLM(lm), tok, name=f"hf:{d.name}", lora_targets=lora_targets(lm), world=TOKENIZER)

@@ -2,7 +2,7 @@
 
 What the trainer and the Gumbel-softmax method take for models that emit token sequences
 left to right: the molecules world's causal transformer
-(:mod:`rewardiff.models.molecules_ar`) and Hugging Face causal language models
+(:mod:`rewardiff.worlds.molecules.autoregressive`) and Hugging Face causal language models
 (:mod:`rewardiff.models.hf`). The net's contract: ``net(x, cache) -> (logits, cache)`` with
 ``x`` token ids [B, T] or token probabilities [B, T, V] and logits [B, T, V] predicting the
 next token at each position.
@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rewardiff.types import AUTOREGRESSIVE, TOKENS
 
 NEVER = -1e9  # the logit of a token that is never drawn (finite, so 0 * log 0 terms stay 0)
 
@@ -67,12 +69,15 @@ class TokenModel:
         tokenizer: the molecules tokenizer (V, L, the ``<pad>`` and ``<mask>`` ids, decoding).
         name: a short label for reports.
         lora_targets: names of the net's layers that LoRA adapts.
+        world: the embedded world whose hooks apply (the tokenizer's: ``molecules``), or None.
     """
 
     conditional = False  # unconditional: every prompt is ""
+    capabilities = frozenset({TOKENS, AUTOREGRESSIVE})
 
-    def __init__(self, net: nn.Module, tokenizer, name: str, lora_targets: list[str]):
+    def __init__(self, net: nn.Module, tokenizer, name: str, lora_targets: list[str], world: str | None = None):
         self.net, self.tokenizer, self.name, self.lora_targets = net, tokenizer, name, list(lora_targets)
+        self.world = world
         self.vocab_size, self.max_len = tokenizer.size, tokenizer.max_len
         self.bos_id, self.pad_id = tokenizer.mask_id, tokenizer.pad_id
         self.reference: nn.Module | Callable | None = None  # the frozen base model, when attached

@@ -2,7 +2,7 @@
 
 ``"0.7*shapes-count+0.3*brightness"`` is a :class:`WeightedSum`. A term written ``z(name)`` is
 the reward standardized, ``(r - mean) / std``, with the mean and standard deviation recorded for
-it on the shapes base model's samples (see :mod:`rewardiff.rewards.stats`): a :class:`Normalized`.
+it on the shapes base model's samples (see :mod:`rewardiff.worlds.shapes.stats`): a :class:`Normalized`.
 ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"`` weighs the two on a common scale.
 """
 

@@ -10,7 +10,6 @@ from PIL import Image
 from torch import Tensor
 
 from rewardiff.rewards.base import RewardFn
-from rewardiff.rewards.registry import register
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
 SAT_SOFTEN = 0.05  # keeps the saturation gradient bounded on near-black pixels
@@ -55,19 +54,16 @@ def jpeg_size_kb(x: Tensor) -> Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=x.device)
 
 
-@register("brightness", differentiable=True)
 def brightness() -> RewardFn:
     """Mean luminance (ITU-R BT.601) in [0, 1]."""
     return RewardFn("brightness", True, (0.0, 1.0), "mean luminance in [0, 1]", brightness_fn)
 
 
-@register("saturation", differentiable=True)
 def saturation() -> RewardFn:
     """Mean HSV saturation in [0, 1]."""
     return RewardFn("saturation", True, (0.0, 1.0), "mean HSV saturation in [0, 1]", saturation_fn)
 
 
-@register("jpeg-compressibility", differentiable=False)
 def jpeg_compressibility() -> RewardFn:
     """Minus the JPEG size in kB at quality 95, as in DDPO."""
     return RewardFn(
@@ -76,7 +72,6 @@ def jpeg_compressibility() -> RewardFn:
     )
 
 
-@register("jpeg-incompressibility", differentiable=False)
 def jpeg_incompressibility() -> RewardFn:
     """The JPEG size in kB at quality 95, as in DDPO."""
     return RewardFn(

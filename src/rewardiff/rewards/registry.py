@@ -1,12 +1,12 @@
 """The reward registry: factories by name, user rewards by ``package.module:function``, sums.
 
 A spec given to :func:`get_reward` is one of
-- a registered name: ``"shapes-count"``;
+- a registered name: ``"shapes-count"`` (:data:`rewardiff.plugins.REWARDS`, imported on use);
 - ``"package.module:attribute"``, where the attribute is a reward object, a factory that
   returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
   (wrapped; non-differentiable unless ``f.differentiable`` is True);
 - either wrapped as ``"z(name)"``: the reward standardized, ``(r - mean) / std``, with the
-  statistics recorded for ``name`` on the shapes base model's samples (:mod:`rewardiff.rewards.stats`);
+  statistics recorded for ``name`` on the shapes base model's samples (:mod:`rewardiff.worlds.shapes.stats`);
 - a weighted sum of any of these: ``"0.7*shapes-count+0.3*brightness"``,
   ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"``, ``"brightness+-0.5*saturation"``.
 """
@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from rewardiff import plugins
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn, first_line
 from rewardiff.rewards.ensemble import Normalized, WeightedSum, parse_weighted, split_z
@@ -26,21 +27,10 @@ from rewardiff.types import Reward
 Factory = Callable[..., Reward]
 
 
-class _Entry:
-    """A registered factory and what ``list_rewards`` says about it without building it."""
-
-    def __init__(self, factory: Factory, differentiable: bool | None, description: str | None):
-        self.factory, self.differentiable = factory, differentiable
-        self.description = description or first_line(factory.__doc__)
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
 def register(
     name: str, *, differentiable: bool | None = None, description: str | None = None
 ) -> Callable[[Factory], Factory]:
-    """Decorator: register ``factory(**options) -> Reward`` under ``name``.
+    """Decorator: register ``factory(**options) -> Reward`` under ``name`` (in ``plugins.REWARDS``).
 
     Args:
         name: registry name; registering a name twice replaces the first factory.
@@ -49,20 +39,28 @@ def register(
     """
 
     def wrap(factory: Factory) -> Factory:
-        _REGISTRY[name] = _Entry(factory, differentiable, description)
+        plugins.REWARDS[name] = plugins.RewardEntry(factory, differentiable, description or first_line(factory.__doc__))  # type: ignore[arg-type]
         return factory
 
     return wrap
 
 
+def _factory(name: str) -> Factory:
+    target = plugins.REWARDS[name].factory
+    return plugins.load(target) if isinstance(target, str) else target
+
+
 def list_rewards() -> list[tuple[str, bool, str]]:
-    """(name, differentiable, one-line description) of every registered reward, sorted by name."""
+    """(name, differentiable, one-line description) of every registered reward, sorted by name.
+
+    Nothing is imported for the registry's own entries: their flags and lines are recorded there.
+    """
     rows = []
-    for name in sorted(_REGISTRY):
-        entry = _REGISTRY[name]
+    for name in sorted(plugins.REWARDS):
+        entry = plugins.REWARDS[name]
         flag = entry.differentiable
         if flag is None:
-            flag = bool(entry.factory().differentiable)
+            flag = bool(_factory(name)().differentiable)
         rows.append((name, flag, entry.description))
     return rows
 
@@ -89,16 +87,14 @@ def _single(spec: str, options: dict[str, Any]) -> Reward:
     if standardize:
         if options:
             raise UserError(f"options {sorted(options)} cannot be passed to {spec!r}: its statistics were measured with the defaults")
-        from rewardiff.rewards.stats import reward_stats
-
         reward = _single(inner, {})
         mean, std = reward_stats(inner)
         return Normalized(reward, mean, std)
-    if spec in _REGISTRY:
-        return _REGISTRY[spec].factory(**options)
+    if spec in plugins.REWARDS:
+        return _factory(spec)(**options)
     if ":" in spec:
         return _from_module(spec, options)
-    valid = ", ".join(sorted(_REGISTRY))
+    valid = ", ".join(sorted(plugins.REWARDS))
     raise UserError(f"unknown reward {spec!r}; valid names: {valid} (or give package.module:function)")
 
 
@@ -157,18 +153,15 @@ def _as_reward(obj: Any, spec: str, options: dict[str, Any]) -> Reward:
     )
 
 
-# ----------------------------------------------------------------------------- named ensembles
+def reward_stats(name: str) -> tuple[float, float]:
+    """(mean, std) of reward ``name`` recorded by a world (``plugins.REWARD_STATS``), for ``z(name)``.
 
-SHAPES_ENSEMBLE = "0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"
-
-
-@register(
-    "shapes-ensemble", differentiable=False,
-    description="shapes world: 0.7*z(shapes-count)+0.3*z(jpeg-compressibility), each standardized on base-model samples",
-)
-def shapes_ensemble() -> Reward:
-    """Shapes world: count reward and JPEG compressibility, each standardized, weighed 0.7 / 0.3."""
-    reward = get_reward(SHAPES_ENSEMBLE)
-    reward.name = "shapes-ensemble"
-    reward.description = _REGISTRY["shapes-ensemble"].description
-    return reward
+    Raises:
+        UserError: no world recorded statistics for ``name``.
+    """
+    for source in plugins.REWARD_STATS.values():
+        stats = plugins.load(source)(name)
+        if stats is not None:
+            return stats
+    raise UserError(f"no statistics recorded for reward {name!r}, which z({name}) needs; measure them with the world's "
+                    "statistics command (shapes: python -m rewardiff.worlds.shapes.stats)")

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
-from rewardiff.rewards.registry import register
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -231,7 +230,6 @@ def _aesthetic_files(folder: Path) -> bool:
     return (folder / AESTHETIC_HEAD_FILE).is_file() and _hf_folder_ok(folder / AESTHETIC_CLIP_DIR)
 
 
-@register("aesthetic", differentiable=True)
 def aesthetic(path: str | Path | None = None) -> RewardFn:
     """LAION aesthetic predictor v2 (CLIP ViT-L/14 + MLP), about 1-10."""
     folder = _resolve("aesthetic", path)
@@ -259,7 +257,6 @@ def clip_score_fn(clip: _Clip, x: Tensor, prompts: list[str], scale: float | Non
     return c * (clip.model.logit_scale.exp().float() if scale is None else scale)
 
 
-@register("clip-score", differentiable=True)
 def clip_score(path: str | Path | None = None, scale: float | None = 100.0) -> RewardFn:
     """CLIP score: 100 x cosine of CLIP image and prompt embeddings (scale=None: the logit scale)."""
     folder = _resolve("clip-score", path)
@@ -275,7 +272,6 @@ def clip_score(path: str | Path | None = None, scale: float | None = 100.0) -> R
     )
 
 
-@register("pickscore", differentiable=True)
 def pickscore(path: str | Path | None = None) -> RewardFn:
     """PickScore v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): logit scale x cosine."""
     folder = _resolve("pickscore", path)
@@ -326,7 +322,6 @@ def hps_score(image_features: Tensor, text_features: Tensor) -> Tensor:
     return cosine(image_features, text_features)
 
 
-@register("hpsv2", differentiable=True)
 def hpsv2(path: str | Path | None = None) -> RewardFn:
     """HPS v2 (open_clip ViT-H-14 fine-tuned on human preferences): cosine(image, prompt)."""
     folder = _resolve("hpsv2", path)
@@ -385,7 +380,6 @@ def _load_imagereward(folder: Path) -> Any:
     return _freeze(net)
 
 
-@register("imagereward", differentiable=True)
 def imagereward(path: str | Path | None = None) -> RewardFn:
     """ImageReward v1.0 (BLIP + MLP trained on human rankings), standardized."""
     folder = _resolve("imagereward", path)

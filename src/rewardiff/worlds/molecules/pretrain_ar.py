@@ -1,6 +1,6 @@
 """``rewardiff pretrain molecules-ar``: train the molecules world's autoregressive generator.
 
-Resumable like ``rewardiff pretrain shapes`` (:mod:`rewardiff.worlds.pretrain`): every batch
+Resumable like ``rewardiff pretrain shapes`` (:mod:`rewardiff.worlds.shapes.pretrain`): every batch
 and the dropout of its step are drawn from a seed derived from (seed, step), and checkpoints
 (weights, EMA, optimizer) are written atomically, so a resumed run sees exactly what an
 uninterrupted one would.
@@ -22,9 +22,9 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
-from rewardiff.models.molecules_ar import ARModelConfig, ARTransformer
-from rewardiff.worlds.pretrain import optimizer_step, resumable_loop, start_run, warmup_cosine
-from rewardiff.worlds.pretrain_molecules import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures  # noqa: F401  (export: re-exported)
+from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
+from rewardiff.pretraining import optimizer_step, resumable_loop, start_run, warmup_cosine
+from rewardiff.worlds.molecules.pretrain_masked import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures  # noqa: F401  (export: re-exported)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class MoleculesARPretrainConfig:
 
 
 def _model_config(cfg: MoleculesARPretrainConfig) -> ARModelConfig:
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     tok = molecules.tokenizer()
     return ARModelConfig(vocab_size=tok.size, max_len=tok.max_len, bos_id=tok.mask_id, dim=cfg.dim, layers=cfg.layers,
@@ -53,7 +53,7 @@ def _model_config(cfg: MoleculesARPretrainConfig) -> ARModelConfig:
 
 def pretrain_molecules_ar(cfg: MoleculesARPretrainConfig, out: str | Path, progress: bool = True) -> ARTransformer:
     """Train (or resume) the autoregressive molecules model in ``out``; returns the EMA model (eval mode)."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError(f"steps and batch_size must be at least 1, got {cfg.steps} and {cfg.batch_size}")
@@ -89,10 +89,10 @@ def _train_step(cfg: MoleculesARPretrainConfig, step: int, model: ARTransformer,
 
 
 def measure(model_dir: Path, n: int = CARD_SAMPLES) -> dict:
-    """:func:`~rewardiff.worlds.pretrain_molecules.sample_measures` of ``n`` samples (seeds from
+    """:func:`~rewardiff.worlds.molecules.pretrain_masked.sample_measures` of ``n`` samples (seeds from
     ``CARD_SEED``), and a drawing of the first 24 (``samples.png``)."""
-    from rewardiff.models.molecules_ar import molecules_ar_model
-    from rewardiff.report.molecules import save_molecule_grid
+    from rewardiff.worlds.molecules.autoregressive import molecules_ar_model
+    from rewardiff.worlds.molecules.draw import save_molecule_grid
 
     model = molecules_ar_model(model_dir)
     smiles = model.texts(model.generate([""] * n, [CARD_SEED + i for i in range(n)], batch_size=128))
@@ -113,7 +113,7 @@ def write_card(model_dir: str | Path, train_dir: str | Path) -> dict:
 @torch.no_grad()
 def held_out_loss(model_dir: Path) -> float:
     """The loss of :func:`next_token_loss` on the held-out molecules (nats per token)."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     net = ARTransformer.load(model_dir)
     x0, _ = molecules.data("held-out")
@@ -141,3 +141,11 @@ def _card_md(card: dict, cfg: dict) -> str:
         "", "The samples' SMILES are in samples.txt; the first 24 are drawn below.", "", "![samples](samples.png)", "",
     ]
     return "\n".join(lines)
+
+
+def pretrain_command(out: Path, steps: int | None, seed: int) -> str:
+    """``rewardiff pretrain molecules-ar``: train, export ``out/model`` with its card; one line for the user."""
+    from rewardiff.worlds.molecules.pretrain_masked import card_line
+
+    cfg = MoleculesARPretrainConfig(steps=MoleculesARPretrainConfig.steps if steps is None else steps, seed=seed)
+    return card_line(out, write_card(export(pretrain_molecules_ar(cfg, out), out / "model"), out))

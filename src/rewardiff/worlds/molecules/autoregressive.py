@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from rewardiff.worlds import WEIGHTS
 
 
 FORMAT = "rewardiff-molecules-ar"  # the ``format`` field of config.json
-WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-ar"
+SHIPPED = WEIGHTS / "molecules-ar"
 LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # the Linear layers of every block
 
 Cache = list[tuple[Tensor, Tensor]]
@@ -135,10 +136,10 @@ def molecules_ar_model(directory: str | Path | None = None):
         UserError: no weights, or a tokenizer that does not fit them.
     """
     from rewardiff.models.tokens import TokenModel
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
-    d = Path(directory) if directory else WEIGHTS
+    d = Path(directory) if directory else SHIPPED
     net = ARTransformer.load(d)
     c = net.config
     tok = molecules.model_tokenizer(d, c.vocab_size, c.max_len, c.bos_id)
-    return TokenModel(net, tok, name="molecules-ar", lora_targets=LORA_TARGETS)
+    return TokenModel(net, tok, name="molecules-ar", lora_targets=LORA_TARGETS, world="molecules")

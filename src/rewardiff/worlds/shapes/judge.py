@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes import data as shapes
 
 FOREGROUND_MIN = 110  # a pixel is foreground when its brightest channel exceeds this (of 255)
 MIN_PIXELS = 5  # connected components smaller than this are specks, not objects

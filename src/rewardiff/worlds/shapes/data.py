@@ -159,3 +159,17 @@ def make_batch(n: int, seed: int, prompts: list[str] | None = None) -> tuple[tor
     specs = [parse_prompt(p) for p in chosen]
     images = np.stack([render(s, rng) for s in specs])
     return to_tensor(images), chosen, specs
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the world, held-out ones included."""
+    return [s.prompt for s in all_specs()]
+
+
+def is_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` is one of the world's prompts (a count, a color and a shape)."""
+    try:
+        parse_prompt(prompt)
+        return True
+    except ValueError:
+        return False

@@ -35,13 +35,14 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
+from rewardiff.worlds import WEIGHTS
 
 ELEMENTS = frozenset({"B", "C", "N", "O", "F", "P", "S", "Cl", "Br", "I"})
 MAX_LEN = 56  # SELFIES symbols per sequence; covers 97.8 % of the standardized molecules
 HELD_OUT_EVERY = 10  # a molecule is held out when the hash of its SMILES is 0 modulo this
 PAD, MASK = "<pad>", "<mask>"
 SPLITS = ("train", "held-out")
-TOKENIZER_FILE = Path(__file__).resolve().parent / "weights" / "molecules-tokenizer.json"
+TOKENIZER_FILE = WEIGHTS / "molecules-tokenizer.json"
 
 
 def source_file() -> str:
@@ -246,6 +247,12 @@ def build_tokenizer() -> Tokenizer:
 def tokenizer() -> Tokenizer:
     """The world's tokenizer, read from the shipped ``weights/molecules-tokenizer.json`` (cached)."""
     return Tokenizer.load(TOKENIZER_FILE)
+
+
+def tokenizer_at(path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer saved at ``path`` (a ``tokenizer.json``), or the world's when None: the
+    ``plugins.TOKENIZERS`` entry of the molecules world."""
+    return tokenizer() if path is None else Tokenizer.load(path)
 
 
 def model_tokenizer(directory: str | Path, vocab_size: int, max_len: int, start_id: int) -> Tokenizer:

@@ -1,9 +1,9 @@
-"""``rewardiff pretrain shapes``: train the shapes world's base denoiser, resumably.
+"""The resumable pretraining loop of every world's base model.
 
-Every batch is drawn from the world with a seed derived from (seed, step), so a run
-interrupted and resumed from its last checkpoint sees exactly the batches an
-uninterrupted run would. Checkpoints hold the weights, their exponential moving average
-(EMA, what ships) and the optimizer state, each written atomically.
+Every world draws its step's batch with a seed derived from (seed, step), so a run
+interrupted and resumed from its last checkpoint sees exactly the batches an uninterrupted
+run would. Checkpoints hold the weights, their exponential moving average (EMA, what ships)
+and the optimizer state, each written atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,21 +20,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
-from rewardiff.models.shapes import ShapesDenoiser, ShapesModelConfig
-from rewardiff.worlds import shapes
-
-
-@dataclass
-class PretrainConfig:
-    steps: int = 2000  # optimizer steps (the shipped model: 2000)
-    batch_size: int = 64  # images per step
-    lr: float = 1e-3  # AdamW learning rate after warm-up
-    warmup: int = 200  # linear warm-up steps
-    ema: float = 0.999  # EMA decay of the shipped weights
-    cond_dropout: float = 0.1  # fraction of prompts replaced by "" (for classifier-free guidance)
-    seed: int = 0  # seeds the initial weights and every batch
-    checkpoint_every: int = 250  # steps between checkpoints
-    block_out_channels: tuple[int, ...] = (16, 32, 64)  # UNet widths
 
 
 def _save_checkpoint(out: Path, step: int, model, ema, opt, losses: list[float]) -> None:
@@ -121,31 +106,6 @@ def warmup_cosine(lr: float, warmup: int, steps: int, step: int) -> float:
         return lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> ShapesDenoiser:
-    """Train (or resume) the base model in ``out``; returns the EMA model."""
-    out = Path(out)
-    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels))
-    model, ema, opt = start_run(out, cfg, lambda: ShapesDenoiser(config), weight_decay=0.0)
-    process = model.process()
-    resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
-                   train_step=lambda step: (_train_step(cfg, step, model, process, opt), {}), desc="pretrain shapes",
-                   progress=progress)
-    return ema
-
-
-def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    x0, prompts, _ = shapes.make_batch(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
-    drop = torch.rand(len(prompts), generator=gen) < cfg.cond_dropout
-    prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    t = torch.randint(0, process.num_train_timesteps, (len(prompts),), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    x_t = process.add_noise(x0, noise, t)
-    pred = model(x_t, t, model.encode(prompts))
-    loss = (pred - process.target(x0, noise, t)).pow(2).mean()
-    return optimizer_step(model, opt, loss, cfg.lr * min(1.0, (step + 1) / cfg.warmup))
 
 
 @torch.no_grad()

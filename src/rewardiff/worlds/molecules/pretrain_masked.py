@@ -1,6 +1,6 @@
 """``rewardiff pretrain molecules``: train the molecules world's masked-diffusion denoiser.
 
-Resumable like ``rewardiff pretrain shapes`` (:mod:`rewardiff.worlds.pretrain`): every batch
+Resumable like ``rewardiff pretrain shapes`` (:mod:`rewardiff.worlds.shapes.pretrain`): every batch
 (molecules, timesteps, masks) and the dropout of its step are drawn from a seed derived from
 (seed, step), and checkpoints (weights, EMA, optimizer) are written atomically, so a resumed
 run sees exactly what an uninterrupted one would.
@@ -32,8 +32,8 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
-from rewardiff.models.molecules import MaskedDenoiser, MaskedModelConfig
-from rewardiff.worlds.pretrain import optimizer_step, resumable_loop, start_run, warmup_cosine
+from rewardiff.worlds.molecules.masked import MaskedDenoiser, MaskedModelConfig
+from rewardiff.pretraining import optimizer_step, resumable_loop, start_run, warmup_cosine
 
 CARD_SAMPLES = 512  # samples measured for the card
 CARD_STEPS = 64  # sampler steps of the card's samples
@@ -59,7 +59,7 @@ class MoleculesPretrainConfig:
 
 
 def _model_config(cfg: MoleculesPretrainConfig) -> MaskedModelConfig:
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     tok = molecules.tokenizer()
     return MaskedModelConfig(vocab_size=tok.size, max_len=tok.max_len, mask_id=tok.mask_id, dim=cfg.dim,
@@ -77,7 +77,7 @@ def _check(cfg: MoleculesPretrainConfig) -> None:
 
 def pretrain_molecules(cfg: MoleculesPretrainConfig, out: str | Path, progress: bool = True) -> MaskedDenoiser:
     """Train (or resume) the molecules denoiser in ``out``; returns the EMA model (eval mode)."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     _check(cfg)
     out = Path(out)
@@ -134,7 +134,7 @@ def _qed(smiles: list[str]) -> list[float]:
     """QED (RDKit, Bickerton et al. 2012) of each valid SMILES; invalid ones are skipped."""
     from rdkit.Chem import QED
 
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     mols = [molecules.parse(s) for s in smiles]
     return [float(QED.qed(m)) for m in mols if m is not None]
@@ -151,7 +151,7 @@ def sample_measures(model_dir: Path, smiles: list[str]) -> dict:
     """What every molecules card says of a model's samples: validity, uniqueness, novelty
     against the training set and the QED distribution, beside the held-out molecules' QED;
     the SMILES go to ``samples.txt`` in ``model_dir``."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     atomic_write_text(model_dir / "samples.txt", "\n".join(smiles) + "\n")
     _, train = molecules.data("train")
@@ -165,7 +165,7 @@ def sample_measures(model_dir: Path, smiles: list[str]) -> dict:
 
 def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> dict:
     """:func:`sample_measures` of ``n`` samples (seeds from ``CARD_SEED``, ``steps`` sampler steps)."""
-    from rewardiff.models.molecules import molecules_model
+    from rewardiff.worlds.molecules.masked import molecules_model
 
     model = molecules_model(model_dir)
     ids = model.generate([""] * n, [CARD_SEED + i for i in range(n)], batch_size=128, num_inference_steps=steps)
@@ -176,7 +176,7 @@ def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> 
 def evaluate(net: MaskedDenoiser, split: str, limit: int = 1024, passes: int = 4, seed: int = 0) -> dict[str, float]:
     """NELBO and masked-token cross-entropy (nats) of ``net`` on the first ``limit`` molecules of
     ``split``, averaged over ``passes`` draws of stratified timesteps and masks (fixed seed)."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     x0 = molecules.data(split)[0][:limit]
     process, gen, B, N = net.process(), torch.Generator().manual_seed(seed), len(x0), net.config.num_train_timesteps
@@ -195,7 +195,7 @@ def card_head(train_dir: str | Path, net: torch.nn.Module, means: tuple[str, ...
     fields: the data, the config, the parameters of ``net``, steps done, training seconds, and
     the mean of each metric in ``means`` over the last 200 steps)."""
     from rewardiff.report import read_metrics
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     train_dir = Path(train_dir)
     cfg = json.loads((train_dir / "config.json").read_text())
@@ -205,7 +205,7 @@ def card_head(train_dir: str | Path, net: torch.nn.Module, means: tuple[str, ...
     n_train, n_held = len(molecules.data("train")[1]), len(molecules.data("held-out")[1])
     tok = molecules.tokenizer()
     head = {
-        "data": f"RDKit's NCI first_5K.smi as SELFIES tokens (rewardiff.worlds.molecules): {n_train} training, "
+        "data": f"RDKit's NCI first_5K.smi as SELFIES tokens (rewardiff.worlds.molecules.data): {n_train} training, "
                 f"{n_held} held-out molecules, L = {tok.max_len}, V = {tok.size}",
         "training": cfg,
         "parameters": sum(p.numel() for p in net.parameters()),
@@ -254,9 +254,21 @@ def _card_md(card: dict, cfg: dict) -> str:
 def export(ema, directory: str | Path) -> Path:
     """Save a trained molecules model (masked denoiser or autoregressive) with a copy of the
     world's tokenizer, as ``molecules_model`` and ``molecules_ar_model`` load it."""
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
     d = Path(directory)
     ema.save(d)
     molecules.tokenizer().save(d / "tokenizer.json")
     return d
+
+
+def card_line(out: Path, card: dict) -> str:
+    """The one line ``rewardiff pretrain`` prints for a molecules model's card."""
+    return (f"model and card: {out / 'model'}; validity {card['validity']:.1%}, uniqueness {card['uniqueness']:.1%}, "
+            f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
+
+
+def pretrain_command(out: Path, steps: int | None, seed: int) -> str:
+    """``rewardiff pretrain molecules``: train, export ``out/model`` with its card; one line for the user."""
+    cfg = MoleculesPretrainConfig(steps=MoleculesPretrainConfig.steps if steps is None else steps, seed=seed)
+    return card_line(out, write_card(export(pretrain_molecules(cfg, out), out / "model"), out))

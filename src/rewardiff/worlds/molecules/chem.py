@@ -28,9 +28,9 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
-from rewardiff.rewards.registry import get_reward, register
+from rewardiff.rewards.registry import get_reward
 from rewardiff.types import Reward
-from rewardiff.worlds import molecules
+from rewardiff.worlds.molecules import data as molecules
 
 LOGP_RANGE = (-10.0, 10.0)  # Crippen logP is clipped to this; an empty molecule gets the low end
 QED_SA = "0.5*qed+0.5*sa"
@@ -109,25 +109,21 @@ def _reward(name: str, description: str) -> RewardFn:
     return RewardFn(name, False, rng, description, lambda x, prompts: property_values(name, smiles_of(x)).to(x.device))
 
 
-@register("qed", differentiable=False)
 def qed() -> RewardFn:
     """Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."""
     return _reward("qed", "molecules: QED drug-likeness in [0, 1] (RDKit)")
 
 
-@register("sa", differentiable=False)
 def sa() -> RewardFn:
     """Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."""
     return _reward("sa", "molecules: synthetic accessibility as (10 - SA) / 9 in [0, 1], higher is easier (RDKit Contrib)")
 
 
-@register("logp", differentiable=False)
 def logp() -> RewardFn:
     """Molecules: Crippen logP clipped to [-10, 10] (-10 for an empty molecule)."""
     return _reward("logp", "molecules: Crippen logP clipped to [-10, 10] (RDKit)")
 
 
-@register("qed-sa", differentiable=False, description="molecules: 0.5*qed+0.5*sa, in [0, 1]")
 def qed_sa() -> Reward:
     """Molecules: 0.5 * QED + 0.5 * flipped SA, in [0, 1]."""
     reward = get_reward(QED_SA)

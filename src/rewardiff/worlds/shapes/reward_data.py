@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes import data as shapes
 
 N_COUNT = 5  # classes 0..3 = 1..4 objects, 4 = OTHER (no object, or more than 4)
 OTHER = 4
@@ -107,7 +107,7 @@ def mixed_images(n: int, rng: np.random.Generator) -> LabelledImages:
 
 def judge_labels(images: np.ndarray) -> LabelledImages:
     """Label uint8 images [N, 32, 32, 3] by what the classical judge reads off them."""
-    from rewardiff.worlds import judge  # labelling only; see the module docstring
+    from rewardiff.worlds.shapes import judge  # labelling only; see the module docstring
 
     per_color = np.array([judge.read(im).per_color for im in images], dtype=np.float32)  # [N, 4]
     total = per_color.sum(1)

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.processes.masked import MaskedProcess
+from rewardiff.worlds import WEIGHTS
 
 FORMAT = "rewardiff-masked-denoiser"  # the ``format`` field of config.json
-WEIGHTS = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-mdm"
+SHIPPED = WEIGHTS / "molecules-mdm"
 # what LoRA adapts in every encoder layer: the attention's query/key/value projection (a parameter
 # of nn.MultiheadAttention, adapted through peft's parameter targeting) and the feed-forward layers.
 # The attention's out_proj is left alone: MultiheadAttention never calls its forward, and peft's
@@ -150,13 +151,13 @@ def molecules_model(directory: str | Path | None = None):
     chemistry rewards read by argmax); ``texts`` decodes ids to canonical SMILES.
     """
     from rewardiff.models.base import DiffusionModel
-    from rewardiff.worlds import molecules
+    from rewardiff.worlds.molecules import data as molecules
 
-    d = Path(directory) if directory else WEIGHTS
+    d = Path(directory) if directory else SHIPPED
     if not (d / "model.safetensors").is_file():
         raise UserError(f"no molecules model weights in {d}; train them with: rewardiff pretrain molecules")
     net = MaskedDenoiser.load(d)
     c = net.config
     tok = molecules.model_tokenizer(d, c.vocab_size, c.max_len, c.mask_id)
-    return DiffusionModel(net, net.process(), net.encode, (c.max_len,), name="molecules", output_range=None,
+    return DiffusionModel(net, net.process(), net.encode, (c.max_len,), name="molecules", world="molecules", output_range=None,
                           conditional=False, texts=tok.decode_batch, lora_targets=LORA_TARGETS)

@@ -20,7 +20,7 @@ def save_molecule_grid(smiles: Sequence[str], path: str | os.PathLike, per_row: 
     from rdkit.Chem import Draw
     from rdkit.rdBase import BlockLogs
 
-    from rewardiff.worlds.molecules import parse
+    from rewardiff.worlds.molecules.data import parse
 
     _quiet = BlockLogs()  # noqa: F841  (RDKit stays silent while this lives)
     mols = [parse(s) or Chem.Mol() for s in smiles]

@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write
 from rewardiff.rewards.base import RewardCallable, RewardFn
-from rewardiff.rewards.registry import register
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes import data as shapes
+from rewardiff.worlds import WEIGHTS
 
 if TYPE_CHECKING:
-    from rewardiff.rewards.shapes_rm_data import LabelledImages
+    from rewardiff.worlds.shapes.reward_data import LabelledImages
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "shapes-rm"
+WEIGHTS_DIR = WEIGHTS / "shapes-rm"
 LOG_FLOOR = math.log(0.02)  # the reward's lower clamp
 LABEL_SMOOTHING = 0.1
 N_COUNT, N_COLOR, OTHER = 5, len(shapes.COLORS), 4  # count classes: 1..4 objects, then "other"
@@ -210,7 +210,6 @@ def _lazy(path: str | Path | None, reward: Callable[[ShapesRM, Tensor, list[str]
     return lambda x, prompts: reward(load_reward_model(path), x, prompts)
 
 
-@register("shapes-count", differentiable=True)
 def shapes_count(path: str | Path | None = None) -> RewardFn:
     """Shapes world: log p(asked object count) from the learned reward model, clamped at log 0.02."""
     return RewardFn(
@@ -220,7 +219,6 @@ def shapes_count(path: str | Path | None = None) -> RewardFn:
     )
 
 
-@register("shapes-color", differentiable=True)
 def shapes_color(path: str | Path | None = None) -> RewardFn:
     """Shapes world: log p(asked color) from the learned reward model, clamped at log 0.02."""
     return RewardFn(
@@ -253,7 +251,7 @@ def _extra_data(
     images: Tensor | np.ndarray, rng: np.random.Generator, keep: float = 0.9
 ) -> tuple[LabelledImages, np.ndarray, LabelledImages | None]:
     """Judge-labelled extra images plus a degraded copy of each; (train, held-out) split."""
-    from rewardiff.rewards import shapes_rm_data as data
+    from rewardiff.worlds.shapes import reward_data as data
 
     arr = data.as_uint8_images(images)
     order = rng.permutation(len(arr))
@@ -339,7 +337,7 @@ def base_model_samples(n: int, seed: int = 0, batch_size: int = 64) -> tuple[Ten
     Half are drawn as fine-tuning draws them (15 DDIM steps, guidance scale 2), half with
     20 steps and no guidance, so the reward model sees both kinds of artefacts.
     """
-    from rewardiff.models.base import shapes_model
+    from rewardiff.worlds.shapes.denoiser import shapes_model
 
     try:
         model = shapes_model()
@@ -383,7 +381,7 @@ def _lr_factor(step: int, steps: int, warmup: int = 20) -> float:
 
 def _world_pool(n: int, rng: np.random.Generator) -> LabelledImages:
     """6 n world images: 2 n clean, n mixed-kind, 2 n degraded clean and n degraded mixed-kind."""
-    from rewardiff.rewards import shapes_rm_data as data
+    from rewardiff.worlds.shapes import reward_data as data
 
     prompts = shapes.train_prompts()
     parts = [
@@ -472,7 +470,7 @@ def _card(
     net: ShapesRM, steps: int, seed: int, b: int, lr: float, n_pool: int, extra: LabelledImages | None, seconds: float
 ) -> dict:
     """The model card: training setup and held-out scores."""
-    from rewardiff.rewards import shapes_rm_data as data
+    from rewardiff.worlds.shapes import reward_data as data
 
     rng = np.random.default_rng(EVAL_SEED + seed)
     held_prompts = [p for p in shapes.held_out_prompts() for _ in range(100)]

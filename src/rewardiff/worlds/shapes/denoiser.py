@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rewardiff.worlds import shapes
+from rewardiff.errors import UserError
+from rewardiff.worlds import WEIGHTS
+from rewardiff.worlds.shapes import data as shapes
 
 
 @dataclass
@@ -107,3 +109,28 @@ class ShapesDenoiser(nn.Module):
         model = cls(ShapesModelConfig(**cfg))
         model.load_state_dict(load_file(str(d / "model.safetensors")))
         return model
+
+
+def shapes_model(directory: str | Path | None = None):
+    """The shapes world's base model (shipped weights unless ``directory`` is given)."""
+    from rewardiff.models.base import DiffusionModel
+
+    d = Path(directory) if directory else WEIGHTS / "shapes-base"
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"no shapes model weights in {d}; train them with: rewardiff pretrain shapes")
+    net = ShapesDenoiser.load(d)
+    net.eval()
+    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name="shapes", world="shapes", check_prompts=check_prompts)
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """A UserError naming the first word the world's text encoder does not know."""
+    try:
+        shapes.tokenize(prompts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def is_shapes_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` is a folder to read as a shapes model (the last reader tried: any folder)."""
+    return Path(directory).is_dir()

@@ -2,7 +2,7 @@
 
 As in DiffRO's multi-task reward model, one small network reads relaxed token probabilities
 [B, L, V] (so that Gumbel-softmax samples get a gradient) and predicts the RDKit properties
-of :mod:`rewardiff.rewards.chem` from shared features, one head each:
+of :mod:`rewardiff.worlds.molecules.chem` from shared features, one head each:
 
 1. Embed: a linear map of the probabilities (a one-hot row picks a token embedding; a relaxed
    row mixes them) plus a learned position embedding.
@@ -49,11 +49,11 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write
 from rewardiff.rewards.base import RewardCallable, RewardFn
-from rewardiff.rewards.chem import property_values
-from rewardiff.rewards.registry import register
-from rewardiff.worlds import molecules
+from rewardiff.worlds.molecules.chem import property_values
+from rewardiff.worlds.molecules import data as molecules
+from rewardiff.worlds import WEIGHTS
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "molecules-rm"
+WEIGHTS_DIR = WEIGHTS / "molecules-rm"
 HEADS = ("qed", "sa", "logp")
 DEFAULT_WEIGHTS = {"qed": 0.5, "sa": 0.5, "logp": 0.0}
 DILATIONS = (1, 2, 4, 8)
@@ -210,25 +210,21 @@ def _single(head: str, path: str | Path | None) -> RewardFn:
     return RewardFn(f"chem-rm-{head}", True, None, desc, _head_fn(path, weights))
 
 
-@register("chem-rm-qed", differentiable=True)
 def chem_rm_qed(path: str | Path | None = None) -> RewardFn:
     """Molecules: the reward model's QED prediction (differentiable)."""
     return _single("qed", path)
 
 
-@register("chem-rm-sa", differentiable=True)
 def chem_rm_sa(path: str | Path | None = None) -> RewardFn:
     """Molecules: the reward model's (10 - SA) / 9 prediction (differentiable)."""
     return _single("sa", path)
 
 
-@register("chem-rm-logp", differentiable=True)
 def chem_rm_logp(path: str | Path | None = None) -> RewardFn:
     """Molecules: the reward model's Crippen logP prediction (differentiable)."""
     return _single("logp", path)
 
 
-@register("chem-rm", differentiable=True)
 def chem_rm(weights: dict[str, float] | str | None = None, path: str | Path | None = None) -> RewardFn:
     """Molecules: weighted reward-model heads, by default 0.5 qed + 0.5 sa (differentiable)."""
     w = parse_weights(weights)

@@ -8,7 +8,7 @@ base model (training prompts, 15 DDIM steps, eta 0, guidance scale 2.0) and ship
 
 Measure and record statistics (merged into the file, which is written atomically)::
 
-    python -m rewardiff.rewards.stats shapes-count brightness --n 512 --seed 0
+    python -m rewardiff.worlds.shapes.stats shapes-count brightness --n 512 --seed 0
 
 or from Python: ``save_reward_stats(measure_reward_stats(["shapes-count"]))``.
 """
@@ -27,9 +27,10 @@ import torch
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.rewards.base import first_line
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes import data as shapes
+from rewardiff.worlds import WEIGHTS
 
-STATS_FILE = Path(__file__).resolve().parent.parent / "worlds" / "weights" / "reward-stats.json"
+STATS_FILE = WEIGHTS / "reward-stats.json"
 STATS_SEED = 70_000_000  # noise seeds of the measuring samples are STATS_SEED + seed * n + i
 SETTINGS: dict[str, Any] = {
     "model": "shapes-base",
@@ -38,7 +39,7 @@ SETTINGS: dict[str, Any] = {
     "eta": 0.0,
     "guidance_scale": 2.0,
 }
-MEASURE_COMMAND = "python -m rewardiff.rewards.stats"
+MEASURE_COMMAND = "python -m rewardiff.worlds.shapes.stats"
 
 
 def load_reward_stats(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
@@ -72,7 +73,7 @@ def reward_stats(name: str, path: str | Path | None = None) -> tuple[float, floa
         where = Path(path) if path is not None else STATS_FILE
         raise UserError(
             f"no recorded statistics for reward {name!r} in {where}, so z({name}) cannot standardize it; "
-            f"measure them with: {MEASURE_COMMAND} {name}  (or rewardiff.rewards.stats.measure_reward_stats)"
+            f"measure them with: {MEASURE_COMMAND} {name}  (or rewardiff.worlds.shapes.stats.measure_reward_stats)"
         )
     return float(entry["mean"]), float(entry["std"])
 
@@ -117,7 +118,7 @@ def measure_reward_stats(
         raise UserError("name at least one reward to measure")
     rewards = {name: get_reward(name) for name in names}
     if model is None:
-        from rewardiff.models.base import shapes_model
+        from rewardiff.worlds.shapes.denoiser import shapes_model
 
         model = shapes_model()
     prompts, seeds = stats_prompts(n, seed)
@@ -186,3 +187,23 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def recorded_stats(name: str) -> tuple[float, float] | None:
+    """(mean, std) shipped for reward ``name``, or None: the ``plugins.REWARD_STATS`` entry of the shapes world."""
+    entry = load_reward_stats().get(name)
+    return None if entry is None else (float(entry["mean"]), float(entry["std"]))
+
+
+SHAPES_ENSEMBLE = "0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"
+
+
+def shapes_ensemble():
+    """Shapes world: count reward and JPEG compressibility, each standardized, weighed 0.7 / 0.3."""
+    from rewardiff import plugins
+    from rewardiff.rewards import get_reward
+
+    reward = get_reward(SHAPES_ENSEMBLE)
+    reward.name = "shapes-ensemble"
+    reward.description = plugins.REWARDS["shapes-ensemble"].description
+    return reward

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rewardiff.worlds import shapes
+from rewardiff.worlds.shapes import data as shapes
 
 CARD_STEPS = 15  # DDIM steps used for the card's samples
 CARD_GUIDANCE = 2.0  # classifier-free guidance scale used for the card's samples
@@ -13,10 +13,10 @@ CARD_GUIDANCE = 2.0  # classifier-free guidance scale used for the card's sample
 
 def measure(model_dir: Path, n_per_prompt: int = 16) -> dict:
     """Judge accuracy of the model's samples on held-out and training prompts (fixed seeds)."""
-    from rewardiff.finetune.evaluate import EVAL_SEED
-    from rewardiff.models.base import shapes_model
+    from rewardiff.prompts import EVAL_SEED
+    from rewardiff.worlds.shapes.denoiser import shapes_model
     from rewardiff.report import save_grid
-    from rewardiff.worlds.judge import accuracy
+    from rewardiff.worlds.shapes.judge import accuracy
 
     model = shapes_model(model_dir)
     res: dict = {}
@@ -54,6 +54,6 @@ def write_card(model_dir: Path, train_dir: Path) -> dict:
              f"- sampler: {card['sampler']}",
              f"- reproduce: rewardiff pretrain shapes --steps {card['steps_done']} --seed {cfg['seed']}"]
     lines += [f"- {k.replace('_', ' ')}: {v:.1%}" for k, v in card.items() if k.startswith("judge_")]
-    lines += ["", "Judge: the classical counter of rewardiff.worlds.judge (no reward uses it).", "", "![samples](samples.png)", ""]
+    lines += ["", "Judge: the classical counter of rewardiff.worlds.shapes.judge (no reward uses it).", "", "![samples](samples.png)", ""]
     (model_dir / "card.md").write_text("\n".join(lines))
     return card

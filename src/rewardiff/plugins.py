@@ -1,0 +1,164 @@
+"""The registries through which the core reaches every plug-in, world code included.
+
+Each registry is a plain dict from a name to a ``"package.module:attribute"`` string, imported
+only when the name is used (:func:`load`), so that a world registers itself here by name
+without the core importing it, and importing :mod:`rewardiff.rewards` imports no RDKit. Add an
+entry to plug in your own: ``plugins.MODELS["mine"] = "mypkg.models:load"``.
+
+Registries:
+    MODELS: model name -> ``loader(directory: str | None) -> Generator``.
+    MODEL_DIRS: world name -> ``is_dir(directory) -> bool``, ``loader(directory)``: who reads a
+        saved model folder, in order (the first whose test passes loads it).
+    MODEL_PREFIXES: ``scheme:`` -> ``loader(rest)`` (``diffusers:DIR``, ``hf:DIR``).
+    REWARDS: reward name -> (``factory(**options) -> Reward``, differentiable, description).
+    REWARD_STATS: world name -> ``stats(name) -> (mean, std) | None``, for ``z(name)``.
+    PROMPT_SETS: prompt set name -> ``prompts() -> list[str]``.
+    EVALUATIONS: world name -> ``hook(model, outputs, prompts, reward_name) -> Evaluation | None``,
+        called on every evaluation; a hook answers None where its world does not apply.
+    TEXT_GRIDS: world name -> ``save(texts, path, legends=None)``: a picture of text outputs
+        (molecules drawn from their SMILES), for models of that world (``model.world``).
+    TOKENIZERS: tokenizer name -> ``tokenizer(path: str | None) -> tokenizer``.
+    PRETRAIN: world model name -> ``pretrain(out: Path, steps: int | None, seed: int) -> str``
+        (trains, exports to ``out/model`` with its card, returns one line for the user).
+    REWARD_TRAINERS: world name -> ``train(out, steps, seed, base_samples) -> card``
+        (``rewardiff train-reward``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple
+
+from rewardiff.errors import UserError
+
+MODELS: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.denoiser:shapes_model",
+    "molecules": "rewardiff.worlds.molecules.masked:molecules_model",
+    "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
+}
+
+MODEL_DIRS: dict[str, tuple[str, str]] = {
+    "molecules-ar": ("rewardiff.worlds.molecules.autoregressive:is_ar_dir", "rewardiff.worlds.molecules.autoregressive:molecules_ar_model"),
+    "molecules": ("rewardiff.worlds.molecules.masked:is_masked_dir", "rewardiff.worlds.molecules.masked:molecules_model"),
+    "shapes": ("rewardiff.worlds.shapes.denoiser:is_shapes_dir", "rewardiff.worlds.shapes.denoiser:shapes_model"),
+}
+
+MODEL_PREFIXES: dict[str, str] = {
+    "diffusers:": "rewardiff.models.sd:sd_model",
+    "hf:": "rewardiff.models.hf:hf_model",
+}
+
+
+class RewardEntry(NamedTuple):
+    """A registered reward: its factory, and what ``rewardiff rewards`` lists without building it."""
+
+    factory: str  # "package.module:function", called with the reward's options
+    differentiable: bool
+    description: str
+
+
+_SHAPES_RM = "rewardiff.worlds.shapes.reward_model"
+_CHEM = "rewardiff.worlds.molecules.chem"
+_CHEM_RM = "rewardiff.worlds.molecules.reward_model"
+_VISION = "rewardiff.rewards.vision"
+
+REWARDS: dict[str, RewardEntry] = {
+    # plain image rewards
+    "brightness": RewardEntry("rewardiff.rewards.image:brightness", True, "Mean luminance (ITU-R BT.601) in [0, 1]."),
+    "saturation": RewardEntry("rewardiff.rewards.image:saturation", True, "Mean HSV saturation in [0, 1]."),
+    "jpeg-compressibility": RewardEntry("rewardiff.rewards.image:jpeg_compressibility", False,
+                                        "Minus the JPEG size in kB at quality 95, as in DDPO."),
+    "jpeg-incompressibility": RewardEntry("rewardiff.rewards.image:jpeg_incompressibility", False,
+                                          "The JPEG size in kB at quality 95, as in DDPO."),
+    # learned vision rewards (weights read from disk, never downloaded)
+    "aesthetic": RewardEntry(f"{_VISION}:aesthetic", True, "LAION aesthetic predictor v2 (CLIP ViT-L/14 + MLP), about 1-10."),
+    "clip-score": RewardEntry(f"{_VISION}:clip_score", True,
+                              "CLIP score: 100 x cosine of CLIP image and prompt embeddings (scale=None: the logit scale)."),
+    "pickscore": RewardEntry(f"{_VISION}:pickscore", True, "PickScore v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): logit scale x cosine."),
+    "hpsv2": RewardEntry(f"{_VISION}:hpsv2", True, "HPS v2 (open_clip ViT-H-14 fine-tuned on human preferences): cosine(image, prompt)."),
+    "imagereward": RewardEntry(f"{_VISION}:imagereward", True, "ImageReward v1.0 (BLIP + MLP trained on human rankings), standardized."),
+    # the shapes world
+    "shapes-count": RewardEntry(f"{_SHAPES_RM}:shapes_count", True,
+                                "Shapes world: log p(asked object count) from the learned reward model, clamped at log 0.02."),
+    "shapes-color": RewardEntry(f"{_SHAPES_RM}:shapes_color", True,
+                                "Shapes world: log p(asked color) from the learned reward model, clamped at log 0.02."),
+    "shapes-ensemble": RewardEntry("rewardiff.worlds.shapes.stats:shapes_ensemble", False,
+                                   "shapes world: 0.7*z(shapes-count)+0.3*z(jpeg-compressibility), each standardized on base-model samples"),
+    # the molecules world
+    "qed": RewardEntry(f"{_CHEM}:qed", False, "Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."),
+    "sa": RewardEntry(f"{_CHEM}:sa", False, "Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."),
+    "logp": RewardEntry(f"{_CHEM}:logp", False, "Molecules: Crippen logP clipped to [-10, 10] (-10 for an empty molecule)."),
+    "qed-sa": RewardEntry(f"{_CHEM}:qed_sa", False, "molecules: 0.5*qed+0.5*sa, in [0, 1]"),
+    "chem-rm-qed": RewardEntry(f"{_CHEM_RM}:chem_rm_qed", True, "Molecules: the reward model's QED prediction (differentiable)."),
+    "chem-rm-sa": RewardEntry(f"{_CHEM_RM}:chem_rm_sa", True, "Molecules: the reward model's (10 - SA) / 9 prediction (differentiable)."),
+    "chem-rm-logp": RewardEntry(f"{_CHEM_RM}:chem_rm_logp", True, "Molecules: the reward model's Crippen logP prediction (differentiable)."),
+    "chem-rm": RewardEntry(f"{_CHEM_RM}:chem_rm", True, "Molecules: weighted reward-model heads, by default 0.5 qed + 0.5 sa (differentiable)."),
+}
+
+REWARD_STATS: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.stats:recorded_stats",
+}
+
+PROMPT_SETS: dict[str, str] = {
+    "train": "rewardiff.worlds.shapes.data:train_prompts",
+    "held-out": "rewardiff.worlds.shapes.data:held_out_prompts",
+    "all": "rewardiff.worlds.shapes.data:all_prompts",
+    "animals": "rewardiff.prompts:animals",
+    "animals-held-out": "rewardiff.prompts:animals_held_out",
+}
+
+EVALUATIONS: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.evaluate:judge_hook",
+    "molecules": "rewardiff.worlds.molecules.evaluate:chemistry_hook",
+}
+
+TEXT_GRIDS: dict[str, str] = {
+    "molecules": "rewardiff.worlds.molecules.draw:save_molecule_grid",
+}
+
+TOKENIZERS: dict[str, str] = {
+    "molecules": "rewardiff.worlds.molecules.data:tokenizer_at",
+}
+
+PRETRAIN: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.pretrain:pretrain_command",
+    "molecules": "rewardiff.worlds.molecules.pretrain_masked:pretrain_command",
+    "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
+}
+
+REWARD_TRAINERS: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.reward_model:train_with_base_samples",
+}
+
+
+def load(target: str) -> Any:
+    """The object a ``"package.module:attribute"`` string names (the attribute may be dotted).
+
+    Raises:
+        UserError: a module that cannot be imported or a missing attribute.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{target!r} must look like package.module:attribute")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:  # ModuleNotFoundError included
+        raise UserError(f"cannot import module {module_name!r} ({target}): {e}") from e
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise UserError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def lookup(registry: dict[str, Any], name: str, kind: str) -> Any:
+    """``registry[name]``, or a one-line UserError naming the valid names of this ``kind``."""
+    if name not in registry:
+        raise UserError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(registry)}")
+    return registry[name]
+
+
+def resolve(registry: dict[str, str], name: str, kind: str) -> Any:
+    """The object registered under ``name`` (imported now); UserError for an unknown name."""
+    return load(lookup(registry, name, kind))

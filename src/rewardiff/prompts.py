@@ -1,0 +1,61 @@
+"""Prompt sets by name (``rewardiff.plugins.PROMPT_SETS``) or from a file, and the fixed evaluation set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rewardiff import plugins
+from rewardiff.errors import UserError
+
+EVAL_SEED = 10_000  # evaluation seeds are EVAL_SEED + i: never used by training (seeds < EVAL_SEED)
+
+# Simple animals, as DDPO and AlignProp train on; the held-out ones are for evaluation only.
+ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+           "tiger", "bear", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat",
+           "gorilla", "hedgehog", "kangaroo", "owl", "fox", "wolf", "squirrel", "mouse", "elephant", "giraffe"]
+ANIMALS_HELD_OUT = ["panda", "koala", "penguin", "otter", "raccoon", "dolphin", "cheetah", "flamingo", "beaver"]
+
+
+def animals() -> list[str]:
+    """Simple animals (training prompts)."""
+    return list(ANIMALS)
+
+
+def animals_held_out() -> list[str]:
+    """Simple animals kept for evaluation."""
+    return list(ANIMALS_HELD_OUT)
+
+
+def prompt_set(spec: str) -> list[str]:
+    """Prompts by name or from a file.
+
+    Names: those of ``plugins.PROMPT_SETS`` (``train``, ``held-out``, ``all``: the shapes world;
+    ``animals``, ``animals-held-out``: simple animals). Files: a text file with one prompt a
+    line, or a JSON file holding a list of strings or ``{"prompts": [...]}``.
+    """
+    if spec in plugins.PROMPT_SETS:
+        return list(plugins.load(plugins.PROMPT_SETS[spec])())
+    p = Path(spec)
+    if not p.is_file():
+        raise UserError(f"prompt set {spec!r} is neither {', '.join(plugins.PROMPT_SETS)} nor a file")
+    prompts = _json_prompts(p) if p.suffix == ".json" else [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {p} holds no prompts")
+    return prompts
+
+
+def _json_prompts(p: Path) -> list[str]:
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"prompt file {p} is not valid JSON: {e}") from None
+    data = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise UserError(f"prompt file {p} must hold a list of strings or {{\"prompts\": [...]}}")
+    return [x.strip() for x in data if x.strip()]
+
+
+def eval_set(prompts: list[str], n: int) -> tuple[list[str], list[int]]:
+    """``n`` (prompt, seed) pairs cycling through ``prompts``; the same for every run."""
+    return [prompts[i % len(prompts)] for i in range(n)], [EVAL_SEED + i for i in range(n)]

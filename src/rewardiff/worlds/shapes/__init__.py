@@ -1,0 +1,1 @@
+"""The shapes world: images of counted, coloured shapes, their judge, base model and reward model."""
