@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from rewardiff.worlds import WEIGHTS
+from rewardiff.worlds import WEIGHTS as SHIPPED_WEIGHTS
 
 
 FORMAT = "rewardiff-molecules-ar"  # the ``format`` field of config.json
-SHIPPED = WEIGHTS / "molecules-ar"
+WEIGHTS = SHIPPED_WEIGHTS / "molecules-ar"
 LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # the Linear layers of every block
 
 Cache = list[tuple[Tensor, Tensor]]
@@ -138,7 +138,7 @@ def molecules_ar_model(directory: str | Path | None = None):
     from rewardiff.models.tokens import TokenModel
     from rewardiff.worlds.molecules import data as molecules
 
-    d = Path(directory) if directory else SHIPPED
+    d = Path(directory) if directory else WEIGHTS
     net = ARTransformer.load(d)
     c = net.config
     tok = molecules.model_tokenizer(d, c.vocab_size, c.max_len, c.bos_id)

@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.processes.masked import MaskedProcess
-from rewardiff.worlds import WEIGHTS
+from rewardiff.worlds import WEIGHTS as SHIPPED_WEIGHTS
 
 FORMAT = "rewardiff-masked-denoiser"  # the ``format`` field of config.json
-SHIPPED = WEIGHTS / "molecules-mdm"
+WEIGHTS = SHIPPED_WEIGHTS / "molecules-mdm"
 # what LoRA adapts in every encoder layer: the attention's query/key/value projection (a parameter
 # of nn.MultiheadAttention, adapted through peft's parameter targeting) and the feed-forward layers.
 # The attention's out_proj is left alone: MultiheadAttention never calls its forward, and peft's
@@ -153,7 +153,7 @@ def molecules_model(directory: str | Path | None = None):
     from rewardiff.models.base import DiffusionModel
     from rewardiff.worlds.molecules import data as molecules
 
-    d = Path(directory) if directory else SHIPPED
+    d = Path(directory) if directory else WEIGHTS
     if not (d / "model.safetensors").is_file():
         raise UserError(f"no molecules model weights in {d}; train them with: rewardiff pretrain molecules")
     net = MaskedDenoiser.load(d)
