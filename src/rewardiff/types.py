@@ -48,6 +48,32 @@ class Trajectory(NamedTuple):
     kl: Tensor
 
 
+class LossOut(NamedTuple):
+    """One fine-tuning method's loss on one batch (what every training method returns).
+
+    Fields:
+        loss: scalar to minimize.
+        reward: rewards of the samples the gradient reads [B'] (detached).
+        kl: per-sample penalty to the base model [B'] (detached; zeros without one).
+        nfe: denoiser evaluations spent, per the whole batch.
+        grad_from: index of the first step that carried gradient.
+        step: take an optimizer step after this loss's backward pass; False accumulates its
+            gradient into the next one (methods that yield one loss per timestep).
+        extra: further per-update metrics of the method (means over the batch), or None.
+        queries: reward evaluations (samples scored) this loss cost; None means one per
+            row of ``reward``.
+    """
+
+    loss: Tensor
+    reward: Tensor
+    kl: Tensor
+    nfe: int
+    grad_from: int
+    step: bool = True
+    extra: dict[str, float] | None = None
+    queries: int | None = None
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     """A network predicting the process's target (epsilon, v or x0) from (x_t, t, cond)."""
@@ -179,4 +205,4 @@ class ValueFn(Protocol):
     def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]
+__all__ = ["StepOut", "Trajectory", "LossOut", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]

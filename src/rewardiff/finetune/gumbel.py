@@ -50,10 +50,9 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LossOut
 from rewardiff.finetune.methods import is_token_diffusion
 from rewardiff.models.tokens import Pick, TokenModel
-from rewardiff.types import Reward
+from rewardiff.types import LossOut, Reward
 
 TINY = torch.finfo(torch.float32).tiny
 

@@ -1,7 +1,7 @@
 """The fine-tuning methods by name.
 
 A method is called once per training step as ``method(model, reward, prompts, seeds, cfg,
-gen)`` and returns a :class:`~rewardiff.finetune.draft.LossOut`, or an iterable of them (one
+gen)`` and returns a :class:`~rewardiff.types.LossOut`, or an iterable of them (one
 optimizer step after each whose ``step`` is True). Methods with state across steps (DDPO's
 reward statistics, VARD's value model) also have ``save(dir)`` and ``load(dir)``, which the
 trainer calls with each checkpoint.
@@ -16,9 +16,9 @@ import torch
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LOSSES, LossOut
+from rewardiff.finetune.draft import LOSSES
 from rewardiff.models.base import DiffusionModel
-from rewardiff.types import Reward
+from rewardiff.types import LossOut, Reward
 
 Method = Callable[[DiffusionModel, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "LossOut | Iterable[LossOut]"]
 

@@ -32,12 +32,12 @@ from tqdm import tqdm
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import kl_to_base
-from rewardiff.finetune.draft import LossOut
 from rewardiff.finetune.methods import check_method, check_model, is_token_model, make_method, needs_reward_gradient
 from rewardiff.finetune.evaluate import EVAL_SEED, eval_set, evaluate, evaluate_tokens, prompt_set
 from rewardiff.finetune.weights import attach_lora, base_model, load_trainable, save_weights
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.models.base import DiffusionModel
+from rewardiff.types import LossOut
 
 
 class Run:
