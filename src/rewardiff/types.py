@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -36,8 +36,10 @@ class Trajectory(NamedTuple):
         log_probs: per-step transition log-probabilities [B, T].
         timesteps: the T training timesteps visited, in sampling order.
         nfe: denoiser evaluations spent, counted per batch element (CFG counts 2).
-        kl: sum over gradient-window steps of the per-sample mean squared distance between
-            the model's and the reference model's outputs [B] (zeros without a reference).
+        kl: sum over gradient-window steps of the process's divergence between the model's
+            and the reference model's outputs [B] (``Process.divergence``: the per-sample mean
+            squared distance of the outputs for the Gaussian process, the KL of the transition
+            probabilities summed over positions for the masked one; zeros without a reference).
     """
 
     x0: Tensor
@@ -109,6 +111,25 @@ class Process(Protocol):
     def log_prob(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """log p(x | x_t) [B] of states ``x`` [B, ...] under a step's ``mean`` and ``std``."""
         ...
+
+    def divergence(self, model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: int, t_prev: int) -> Tensor:
+        """The per-sample penalty [B] between the model's and a reference model's outputs at (x_t, t)."""
+        ...
+
+
+class Draw(NamedTuple):
+    """How the rollout picks a categorical step's tokens (its ``draw`` argument).
+
+    Fields:
+        kind: ``hard`` (the process's own draw: token ids, no gradient through the choice),
+            ``relaxed`` (the Gumbel-softmax relaxation softmax((log p + g) / tau) [B, L, V]) or
+            ``straight-through`` (the drawn one-hot [B, L, V] with the relaxation's gradient);
+            every kind picks the same tokens from the same noise.
+        tau: the relaxation's temperature (unused by ``hard``).
+    """
+
+    kind: Literal["hard", "relaxed", "straight-through"] = "hard"
+    tau: float = 1.0
 
 
 @runtime_checkable
@@ -205,4 +226,4 @@ class ValueFn(Protocol):
     def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "LossOut", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]
+__all__ = ["StepOut", "Trajectory", "LossOut", "Draw", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict"]
