@@ -7,7 +7,10 @@ One loop, with these as arguments rather than copies of it:
       DRaFT-K, AlignProp),
     - gradient checkpointing of each step inside the window (memory flat in the number of
       steps: activations are recomputed in the backward pass),
-    - an optional frozen ``reference`` model whose outputs give a KL-style penalty (DRaFT+),
+    - an optional frozen ``reference`` model whose outputs give a penalty, the process's
+      ``divergence`` (DRaFT+'s squared distance; the transition KL of masked diffusion),
+    - how a categorical step's tokens are drawn (``draw``): hard ids, or their Gumbel-softmax
+      relaxation or straight-through one-hot, so reward gradients pass through the draws,
     - a guidance ``hook`` called after every step, which may shift the particles or select
       a new set of them (best-of-N, SVDD, DSearch, SMC all run here, not in loops of their own),
     - exact counting of denoiser evaluations (NFE) per batch element.
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from rewardiff.types import Denoiser, Process, Selection, StepContext, StepHook, StepOut, Trajectory
+from rewardiff.types import Denoiser, Draw, Process, Selection, StepContext, StepHook, StepOut, Trajectory
 
 
 def _cat_cond(uncond: Any, cond: Any) -> Any:
@@ -69,6 +72,7 @@ def rollout(
     keep_states: bool = False,
     prompts: list[str] | None = None,
     t_final: int = -1,
+    draw: Draw | None = None,
 ) -> Trajectory:
     """Run the reverse process from ``x_T`` through ``timesteps`` (largest first).
 
@@ -91,11 +95,17 @@ def rollout(
         keep_states: return every state x_T ... x_0 in ``Trajectory.xs``.
         prompts: the batch's prompts, passed on to the hook.
         t_final: timestep after the last step (-1: the clean sample).
+        draw: how a categorical process picks each step's tokens (``process.relax``); None
+            or ``hard`` keeps the process's own draw. A relaxed or straight-through chain
+            carries token probabilities [B, L, V] as its states, so ``model`` must read them
+            (e.g. :class:`~rewardiff.finetune.gumbel.SoftTokenInputs`).
 
     When a hook selects particles, the batch of the returned trajectory is the final
     particle set and the kept history (``xs``, ``log_probs``, ``kl``) follows each particle's
     ancestry.
     """
+    if draw is not None and draw.kind != "hard" and not hasattr(process, "relax"):
+        raise ValueError(f"a {draw.kind} draw needs a categorical process; {type(process).__name__} has none")
     x = x_T
     B = x.shape[0]
     T = len(timesteps)
@@ -109,7 +119,7 @@ def rollout(
     cached: Tensor | None = None
     for i, (t, t_prev) in enumerate(zip(timesteps, prevs)):
         noise = particles.noise(x, process) if process.is_stochastic(eta) else None
-        step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference)
+        step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference, draw)
         if i in grad_steps:
             ref_out = step.reference_output(x) if reference is not None else None
             res = _checkpoint(step, x, noise, ref_out, use_reentrant=False) if checkpoint else step(x, noise, ref_out)
@@ -229,11 +239,11 @@ class _Predictor:
 
 
 class _Step:
-    """One guided DDIM step as a function of (x_t, noise), the unit of checkpointing."""
+    """One guided reverse step as a function of (x_t, noise), the unit of checkpointing."""
 
-    def __init__(self, model, process, cond, uncond, scale, t, t_prev, eta, reference):
+    def __init__(self, model, process, cond, uncond, scale, t, t_prev, eta, reference, draw=None):
         self.model, self.process, self.cond, self.uncond, self.scale = model, process, cond, uncond, scale
-        self.t, self.t_prev, self.eta, self.reference = t, t_prev, eta, reference
+        self.t, self.t_prev, self.eta, self.reference, self.draw = t, t_prev, eta, reference, draw
         self.ref_nfe = 0
 
     def reference_output(self, x: Tensor) -> Tensor:
@@ -248,8 +258,11 @@ class _Step:
         else:
             model_out, n = guided_output(self.model, x, self.t, self.cond, self.uncond, self.scale)
         out = self.process.step(model_out, self.t, self.t_prev, x, self.eta, noise)
-        sq = ((model_out - ref_out) ** 2).flatten(1).mean(1) if ref_out is not None else torch.zeros(x.shape[0], device=x.device)
-        return out, n, sq
+        if self.draw is not None:
+            out = self.process.relax(out, x, noise, self.draw)
+        if ref_out is None:
+            return out, n, torch.zeros(x.shape[0], device=x.device)
+        return out, n, self.process.divergence(model_out, ref_out, x, self.t, self.t_prev)
 
 
 def last_k(num_steps: int, k: int) -> range:

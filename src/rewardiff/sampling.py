@@ -83,7 +83,6 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     and ``eta`` do not apply to it.
     """
     from rewardiff.guidance import budget_plan, make_method
-    from rewardiff.guidance.sample import check_token_method
     from rewardiff.guidance.value import load_value
     from rewardiff.rewards import get_reward
     if n < 1:
@@ -102,8 +101,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     if not m.conditional:  # prompts mean nothing to it
         prompts = [""] * len(prompts)
     tokens = AUTOREGRESSIVE in m.capabilities
-    if tokens:
-        check_token_method(meth, m)
+    meth.fits(m)
     if nfe_budget is not None:  # an autoregressive model takes L steps, one a token
         budget_plan(meth, nfe_budget, m.max_len if tokens else steps, guidance_scale)
     meth.check(meth.default_eta if eta is None else eta, None if tokens else m.process)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -36,8 +36,10 @@ class Trajectory(NamedTuple):
         log_probs: per-step transition log-probabilities [B, T].
         timesteps: the T training timesteps visited, in sampling order.
         nfe: denoiser evaluations spent, counted per batch element (CFG counts 2).
-        kl: sum over gradient-window steps of the per-sample mean squared distance between
-            the model's and the reference model's outputs [B] (zeros without a reference).
+        kl: sum over gradient-window steps of the process's divergence between the model's
+            and the reference model's outputs [B] (``Process.divergence``: the per-sample mean
+            squared distance of the outputs for the Gaussian process, the KL of the transition
+            probabilities summed over positions for the masked one; zeros without a reference).
     """
 
     x0: Tensor
@@ -46,6 +48,32 @@ class Trajectory(NamedTuple):
     timesteps: list[int]
     nfe: int
     kl: Tensor
+
+
+class LossOut(NamedTuple):
+    """One fine-tuning method's loss on one batch (what every training method returns).
+
+    Fields:
+        loss: scalar to minimize.
+        reward: rewards of the samples the gradient reads [B'] (detached).
+        kl: per-sample penalty to the base model [B'] (detached; zeros without one).
+        nfe: denoiser evaluations spent, per the whole batch.
+        grad_from: index of the first step that carried gradient.
+        step: take an optimizer step after this loss's backward pass; False accumulates its
+            gradient into the next one (methods that yield one loss per timestep).
+        extra: further per-update metrics of the method (means over the batch), or None.
+        queries: reward evaluations (samples scored) this loss cost; None means one per
+            row of ``reward``.
+    """
+
+    loss: Tensor
+    reward: Tensor
+    kl: Tensor
+    nfe: int
+    grad_from: int
+    step: bool = True
+    extra: dict[str, float] | None = None
+    queries: int | None = None
 
 
 @runtime_checkable
@@ -83,6 +111,25 @@ class Process(Protocol):
     def log_prob(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """log p(x | x_t) [B] of states ``x`` [B, ...] under a step's ``mean`` and ``std``."""
         ...
+
+    def divergence(self, model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: int, t_prev: int) -> Tensor:
+        """The per-sample penalty [B] between the model's and a reference model's outputs at (x_t, t)."""
+        ...
+
+
+class Draw(NamedTuple):
+    """How the rollout picks a categorical step's tokens (its ``draw`` argument).
+
+    Fields:
+        kind: ``hard`` (the process's own draw: token ids, no gradient through the choice),
+            ``relaxed`` (the Gumbel-softmax relaxation softmax((log p + g) / tau) [B, L, V]) or
+            ``straight-through`` (the drawn one-hot [B, L, V] with the relaxation's gradient);
+            every kind picks the same tokens from the same noise.
+        tau: the relaxation's temperature (unused by ``hard``).
+    """
+
+    kind: Literal["hard", "relaxed", "straight-through"] = "hard"
+    tau: float = 1.0
 
 
 @runtime_checkable
@@ -245,5 +292,5 @@ class ValueFn(Protocol):
     def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection", "StepHook", "Predict",
-           "Evaluation", "Generator", "missing", "CHAIN", "GAUSSIAN", "TOKENS", "AUTOREGRESSIVE"]
+__all__ = ["StepOut", "Trajectory", "LossOut", "Draw", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection",
+           "StepHook", "Predict", "Evaluation", "Generator", "missing", "CHAIN", "GAUSSIAN", "TOKENS", "AUTOREGRESSIVE"]

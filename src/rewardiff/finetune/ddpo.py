@@ -33,11 +33,11 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LossOut, PromptConditions
+from rewardiff.finetune.draft import PromptConditions
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import Reward
+from rewardiff.types import LossOut, Reward
 
 
 def ppo_loss(advantages: Tensor, ratio: Tensor, clip: float) -> Tensor:

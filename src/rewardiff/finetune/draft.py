@@ -18,8 +18,6 @@ rollout on the gradient steps against the frozen base model.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -27,33 +25,7 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import gather_rows, guided_output, last_k, rollout
-from rewardiff.types import Reward
-
-
-class LossOut(NamedTuple):
-    """One method's loss on one batch.
-
-    Fields:
-        loss: scalar to minimize.
-        reward: rewards of the samples the gradient reads [B'] (detached).
-        kl: per-sample penalty to the base model [B'] (detached; zeros without one).
-        nfe: denoiser evaluations spent, per the whole batch.
-        grad_from: index of the first step that carried gradient.
-        step: take an optimizer step after this loss's backward pass; False accumulates its
-            gradient into the next one (methods that yield one loss per timestep).
-        extra: further per-update metrics of the method (means over the batch), or None.
-        queries: reward evaluations (samples scored) this loss cost; None means one per
-            row of ``reward``.
-    """
-
-    loss: Tensor
-    reward: Tensor
-    kl: Tensor
-    nfe: int
-    grad_from: int
-    step: bool = True
-    extra: dict[str, float] | None = None
-    queries: int | None = None
+from rewardiff.types import LossOut, Reward
 
 
 def _needs_grad(c) -> bool:

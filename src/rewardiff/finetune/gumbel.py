@@ -25,14 +25,17 @@ Either way the reward model's gradient must predict what a token swap does: see
 One training step of the method ``gumbel``:
 
 1. Autoregressive models (:class:`~rewardiff.models.tokens.TokenModel`): sample L tokens as
-   above. Masked diffusion models (``molecules``): run the unmasking chain, each step's
-   tokens drawn from the step's transition probabilities the same way; only the last K
+   above. Masked diffusion models (``molecules``): run the unmasking chain through the one
+   rollout (:func:`rewardiff.rollout.rollout` with a relaxed or straight-through ``draw``),
+   each step's tokens drawn from the step's transition probabilities the same way, the net
+   reading the chain's token probabilities (:class:`SoftTokenInputs`); only the last K
    (``k``) steps carry gradient.
 2. Score the whole sequence [B, L, V] with the differentiable reward (``chem-rm``, ...).
 3. Penalty to the frozen base model: per-token KL(p_theta || p_base) of the next-token
    distributions along the drawn sequence, summed over positions, both models reading the
    drawn tokens (detached) in one teacher-forced pass (masked diffusion: the KL of each
-   gradient step's transition probabilities, summed over positions and steps).
+   gradient step's transition probabilities, summed over positions and steps, which the
+   rollout takes from ``MaskedProcess.divergence``).
 4. Minimize -mean(r) + kl_weight * mean(KL).
 
 Dropout is off while sampling (the net is put in eval mode): the tokens scored are those of
@@ -48,34 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rewardiff.categorical import RELAXATIONS, relaxed_gumbel, straight_through_gumbel
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.draft import LossOut
-from rewardiff.finetune.methods import is_token_diffusion
 from rewardiff.models.tokens import Pick, TokenModel
-from rewardiff.types import Reward
+from rewardiff.rollout import last_k, rollout
+from rewardiff.types import AUTOREGRESSIVE, CHAIN, TOKENS, Draw, LossOut, Reward, Trajectory, missing
 
-TINY = torch.finfo(torch.float32).tiny
-
-
-def straight_through_gumbel(logits: Tensor, g: Tensor, tau: float) -> Tensor:
-    """Straight-through Gumbel-softmax sample [..., V] of ``logits`` with Gumbel noise ``g``.
-
-    The forward value is the exact one-hot of argmax(logits + g); the gradient is that of
-    the relaxation softmax((logits + g) / tau) (Jang et al. 2017, section 2.2).
-    """
-    z = (logits + g) / tau
-    soft = z.softmax(-1)
-    hard = F.one_hot(z.argmax(-1), logits.shape[-1]).to(soft.dtype)
-    return hard + (soft - soft.detach())  # soft - soft.detach() is exactly 0 in the forward pass
-
-
-def relaxed_gumbel(logits: Tensor, g: Tensor, tau: float) -> Tensor:
-    """The Gumbel-softmax relaxation softmax((logits + g) / tau) [..., V]: its argmax is the drawn token."""
-    return ((logits + g) / tau).softmax(-1)
-
-
-ESTIMATORS = {"relaxed": relaxed_gumbel, "straight-through": straight_through_gumbel}
+ESTIMATORS = RELAXATIONS  # the values of gumbel_estimator
 
 
 def straight_through_pick(tau: float) -> Pick:
@@ -97,11 +80,6 @@ def categorical_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
     """KL(softmax(logits) || softmax(ref_logits)) over the last axis. [..., V], [..., V] -> [...]"""
     logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def probs_kl(p: Tensor, q: Tensor) -> Tensor:
-    """KL(p || q) of probability vectors over the last axis (0 log 0 = 0). [..., V] -> [...]"""
-    return (p * (p.clamp(min=TINY).log() - q.clamp(min=TINY).log())).sum(-1)
 
 
 def _check(cfg: FinetuneConfig) -> None:
@@ -165,57 +143,56 @@ def soft_inputs(embedding: nn.Embedding, probs: Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def _transition(model, net, x: Tensor, t: int, t_prev: int, cond: Tensor) -> Tensor:
-    """The unmasking step's transition probabilities [B, L, V] from token probabilities ``x`` [B, L, V]."""
-    ids = x.argmax(-1)
-    with soft_inputs(input_embedding(net, x.shape[-1]), x):
-        out = net(ids, torch.full((ids.shape[0],), t, device=ids.device), cond)
-    unused = torch.ones(*ids.shape, x.shape[-1], device=x.device)  # the step's own draw is not used: the caller draws
-    return model.process.step(out, t, t_prev, ids, 1.0, unused).mean
+class SoftTokenInputs:
+    """A token denoiser ``net(ids, t, cond)`` that also reads token probabilities [B, L, V].
 
-
-def masked_sample(model, seeds: list[int], cfg: FinetuneConfig, k: int, kl: bool) -> tuple[Tensor, Tensor, int]:
-    """The masked chain of ``model`` (a DiffusionModel with a MaskedProcess) with straight-through
-    draws; gradient through the last ``k`` steps. Returns (tokens [B, L, V], KL [B], NFE).
-
-    The forward pass draws the tokens of ``model.sample`` with the same seeds (up to float
-    rounding: PyTorch's transformer layers compute a little differently with gradient).
+    Ids [B, L] go to the net unchanged. Probabilities are read as their argmax ids with the
+    token embedding returning ``probs @ weight`` (:func:`soft_inputs`): the forward values of
+    the ids for one-hot rows, with the gradient flowing into the probabilities; with
+    ``drawn`` the net reads only the drawn ids, without gradient (the relaxed estimator).
     """
-    proc, V = model.process, model.process.vocab_size
-    ts = proc.timesteps(cfg.num_inference_steps)
-    gens = model.step_generators(seeds)
-    relaxed = cfg.gumbel_estimator == "relaxed"
-    draw = ESTIMATORS[cfg.gumbel_estimator]
-    x = F.one_hot(model.noise(seeds), V).float()  # x_T: all mask; what the net reads
-    out = x  # what the reward reads: the relaxations (relaxed) or x itself (straight-through)
-    cond = model.encode([""] * len(seeds))
-    total = torch.zeros(len(seeds), device=x.device)
-    nfe = 0
-    for j, (t, t_prev) in enumerate(zip(ts, proc.prev_timesteps(ts))):
-        u = torch.cat([proc.noise_like(x[i : i + 1, :, 0], g) for i, g in enumerate(gens)]).to(x.device)
-        with torch.set_grad_enabled(j >= len(ts) - k and torch.is_grad_enabled()):
-            mean = _transition(model, model.net, x, t, t_prev, cond)
-            g = -(-u.clamp(min=TINY).log()).log()  # the Gumbel noise of process.draw
-            y = draw(mean.clamp(min=TINY).log(), g, cfg.gumbel_tau)  # argmax: the draw of model.sample
-            if kl and model.reference is not None and j >= len(ts) - k:
-                with torch.no_grad():
-                    ref_mean = _transition(model, model.reference, x.detach(), t, t_prev, cond)
-                total = total + probs_kl(mean, ref_mean).sum(1)
-                nfe += len(seeds)
-            masked = (x.argmax(-1) == proc.mask_id).unsqueeze(-1)
-            out = torch.where(masked, y, out)  # carry-over keeps the earlier draws (and their gradient)
-            x = torch.where(masked, hard(y), x) if relaxed else out
-        nfe += len(seeds)
-    return out, total, nfe
+
+    def __init__(self, net: nn.Module, vocab_size: int, drawn: bool = False):
+        self.net, self.drawn = net, drawn
+        self.embedding = input_embedding(net, vocab_size)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            return self.net(x, t, cond)
+        ids = x.argmax(-1)  # [B, L]
+        if self.drawn:
+            return self.net(ids, t, cond)
+        with soft_inputs(self.embedding, x):
+            return self.net(ids, t, cond)
+
+
+def masked_chain(model, seeds: list[int], cfg: FinetuneConfig, k: int, kl: bool) -> Trajectory:
+    """Step 1 for a masked diffusion model (a DiffusionModel with a MaskedProcess): its unmasking
+    chain through the rollout with the ``gumbel_estimator`` draw; gradient through the last
+    ``k`` steps, and on those the transition KL to the base model when ``kl``.
+
+    ``x0`` [B, L, V] is what the reward reads (relaxations, or straight-through one-hot rows);
+    its argmax is the tokens of ``model.sample`` with the same seeds (up to float rounding:
+    PyTorch's transformer layers compute a little differently with gradient).
+    """
+    V, T = model.process.vocab_size, cfg.num_inference_steps
+    drawn = cfg.gumbel_estimator == "relaxed"
+    ref = SoftTokenInputs(model.reference, V, drawn) if kl and model.reference is not None else None
+    x_T = F.one_hot(model.noise(seeds), V).float()  # [B, L, V], every token masked
+    return rollout(
+        SoftTokenInputs(model.net, V, drawn), model.process, x_T, model.encode([""] * len(seeds)), model.process.timesteps(T),
+        grad_steps=last_k(T, k), checkpoint=False, reference=ref, generator=model.step_generators(seeds),
+        draw=Draw(cfg.gumbel_estimator, cfg.gumbel_tau),
+    )
 
 
 def masked_loss(model, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig) -> LossOut:
     """Steps 1-4 of the module doc for a masked diffusion model."""
     T = cfg.num_inference_steps
     k = min(max(cfg.k, 1), T)
-    tokens, kl, nfe = masked_sample(model, seeds, cfg, k, kl=cfg.kl_weight > 0)
-    r = reward_fn(tokens, prompts)
-    return LossOut(-r.mean() + cfg.kl_weight * kl.mean(), r.detach(), kl.detach(), nfe, T - k)
+    traj = masked_chain(model, seeds, cfg, k, kl=cfg.kl_weight > 0)
+    r = reward_fn(traj.x0, prompts)
+    return LossOut(-r.mean() + cfg.kl_weight * traj.kl.mean(), r.detach(), traj.kl.detach(), traj.nfe, T - k)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -225,9 +202,9 @@ def gumbel(model, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: 
     """The method ``gumbel``: one loss on a batch (see the module doc)."""
     _check(cfg)
     model.net.eval()  # no dropout: see the module doc
-    if isinstance(model, TokenModel):
+    if AUTOREGRESSIVE in model.capabilities:
         return autoregressive_loss(model, reward_fn, prompts, seeds, cfg)
-    if is_token_diffusion(model):
+    if not missing(model, (CHAIN, TOKENS)):
         return masked_loss(model, reward_fn, prompts, seeds, cfg)
     raise UserError("method 'gumbel' samples tokens: use a token model (molecules-ar, hf:PATH or molecules)")
 
@@ -241,9 +218,10 @@ def kl_to_base_tokens(model, seeds: list[int], cfg: FinetuneConfig, batch_size: 
     out = []
     for i in range(0, len(seeds), batch_size):
         s = seeds[i : i + batch_size]
-        if isinstance(model, TokenModel):
+        if AUTOREGRESSIVE in model.capabilities:
             smp = model.sample(s)
             out.append(token_kl(model, smp.tokens, smp.alive).cpu())
         else:
-            out.append(masked_sample(model, s, cfg, cfg.num_inference_steps, kl=True)[1].cpu())
+            T = cfg.num_inference_steps
+            out.append(model.sample([""] * len(s), s, T, grad_steps=range(T), checkpoint=False, kl=True).kl.cpu())
     return torch.cat(out)

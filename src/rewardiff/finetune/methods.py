@@ -85,8 +85,3 @@ def get_method(name: str) -> Method:
     if spec.stateful:
         raise UserError(f"method {name!r} keeps state across steps; build it with make_method(cfg, model)")
     return plugins.load(spec.target)
-
-
-def is_token_diffusion(model: Any) -> bool:
-    """Whether ``model`` is a diffusion model over tokens (a chain over a vocabulary)."""
-    return not missing(model, (CHAIN, TOKENS))

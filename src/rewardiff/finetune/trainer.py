@@ -32,14 +32,13 @@ from tqdm import tqdm
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import kl_to_base
-from rewardiff.finetune.draft import LossOut
 from rewardiff.finetune.evaluate import evaluate
 from rewardiff.finetune.methods import check_method, check_model, make_method, needs_reward_gradient
 from rewardiff.finetune.weights import attach_lora, load_trainable, save_weights
 from rewardiff.models.registry import base_model
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.prompts import EVAL_SEED, eval_set, prompt_set
-from rewardiff.types import TOKENS, Generator
+from rewardiff.types import TOKENS, Generator, LossOut
 
 
 class Run:

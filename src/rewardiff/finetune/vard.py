@@ -35,12 +35,12 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import step_kl, step_variances
-from rewardiff.finetune.draft import LossOut, PromptConditions
+from rewardiff.finetune.draft import PromptConditions
 from rewardiff.guidance.value import ValueNet, load_value, pool_cond
 from rewardiff.io import atomic_write
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import Reward
+from rewardiff.types import LossOut, Reward
 
 WARMUP_BATCH = 32
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.processes.gaussian import GaussianProcess
-from rewardiff.types import Process, Reward, Selection, StepContext
+from rewardiff.types import CHAIN, Process, Reward, Selection, StepContext, missing
 
 
 class Method:
@@ -37,6 +37,8 @@ class Method:
             ``StepHook`` contract).
         needs_grad: the rollout builds the step with autograd (gradient guidance only).
         default_eta: the DDIM eta the method is meant for (stochastic methods need eta > 0).
+        requires: the generator capabilities it needs (:mod:`rewardiff.types`); steering a
+            chain needs one, best-of-N needs nothing.
     """
 
     name = "method"
@@ -45,6 +47,7 @@ class Method:
     default_eta = 0.0
     needs_stochastic = False
     black_box_ok = True
+    requires: tuple[str, ...] = (CHAIN,)
 
     def __init__(self, reward: Reward | None = None, seed: int = 0):
         self.reward = reward
@@ -68,6 +71,19 @@ class Method:
         self.decode, self.output, self.process, self.eta = model.decode, model.output, model.process, eta
         self.gen = torch.Generator().manual_seed(self.seed)
         self.stats = {"reward_calls": 0}
+
+    def fits(self, model: Any) -> None:
+        """Raise UserError when ``model`` lacks a capability the method requires."""
+        lacking = missing(model, self.requires)
+        if lacking:
+            raise UserError(self.refusal(lacking[0], model))
+
+    def refusal(self, capability: str, model: Any) -> str:
+        """The one line that refuses ``model``, which lacks ``capability``."""
+        if capability == CHAIN:
+            return (f"method {self.name} steers a diffusion sampler; the autoregressive model {model.name} "
+                    "samples with --method base or best-of-n")
+        return f"method {self.name} needs a model with capability {capability!r}; {model.name} has {sorted(model.capabilities)}"
 
     def check(self, eta: float, process: Process | None = None) -> None:
         """Raise UserError when the method cannot run with this reward, eta and process.

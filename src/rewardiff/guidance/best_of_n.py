@@ -1,7 +1,8 @@
 """Best-of-N: N independent samples per request, keep the one the reward likes most.
 
 The baseline every inference-time method must beat at equal NFE. It runs as a hook that does
-nothing until the last step, then keeps the best of each group of N particles.
+nothing until the last step, then keeps the best of each group of N particles
+(:meth:`BestOfN.select`, which autoregressive sampling uses too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class BestOfN(Method):
 
     name = "best-of-n"
     width_name = "n"
+    requires = ()  # any generator: it only draws and scores whole samples
 
     def __init__(self, reward: Reward, n: int = 4, seed: int = 0):
         super().__init__(reward, seed)
@@ -42,9 +44,15 @@ class BestOfN(Method):
     def options(self) -> dict:
         return {"n": self.n}
 
+    def select(self, x0: Tensor, prompts: list[str]) -> Tensor:
+        """The one best-of-N selection: for final samples ``x0`` [B*n, ...] in groups of n per
+        request (request-major) and their ``prompts``, the flat index [B] of each group's
+        highest-scoring sample. Used by the diffusion hook and by autoregressive sampling."""
+        return pick_per_parent(self.score(x0, prompts), self.n, 0.0, self.gen)
+
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         if self.n == 1 or ctx.index != ctx.num_steps - 1:
             return None
         x0 = ctx.out.prev
-        best = pick_per_parent(self.score(x0, ctx.prompts), self.n, 0.0, self.gen)  # groups of n, in order
+        best = self.select(x0, ctx.prompts)  # groups of n, in order
         return Selection(x0[best.to(x0.device)], best)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.guidance.base import Method, candidates, pick_per_parent
-from rewardiff.types import Reward, Selection, StepContext
+from rewardiff.types import CHAIN, GAUSSIAN, Reward, Selection, StepContext
 
 
 class Free2Guide(Method):
@@ -36,6 +36,7 @@ class Free2Guide(Method):
     width_name = "n"
     default_eta = 1.0
     needs_stochastic = True
+    requires = (CHAIN, GAUSSIAN)
 
     def __init__(self, reward: Reward, n: int = 5, window: int = 5, lam: float = 0.0, seed: int = 0):
         super().__init__(reward, seed)
@@ -51,12 +52,10 @@ class Free2Guide(Method):
             raise UserError(f"free2guide: n must be at least 1, got {width}")
         self.n = int(width)
 
-    def begin(self, num_samples: int, model, eta: float) -> None:
-        from rewardiff.processes.gaussian import GaussianProcess
-
-        if not isinstance(model.process, GaussianProcess):
-            raise UserError(f"{self.name} chooses among Gaussian initial noises; it does not run on {type(model.process).__name__}")
-        super().begin(num_samples, model, eta)
+    def refusal(self, capability: str, model) -> str:
+        if capability == GAUSSIAN:
+            return f"{self.name} chooses among Gaussian initial noises; it does not run on {type(model.process).__name__}"
+        return super().refusal(capability, model)
 
     def _off(self) -> bool:
         return self.n == 1 or math.isinf(self.lam)

@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.base import Method, pick_per_parent
-from rewardiff.guidance.best_of_n import BestOfN
-from rewardiff.guidance.dsearch import DSearch
-from rewardiff.guidance.free2guide import Free2Guide
-from rewardiff.guidance.gradient import GradientGuidance
-from rewardiff.guidance.smc import SMC
-from rewardiff.guidance.svdd import SVDD
-from rewardiff.models.base import DiffusionModel
+from rewardiff.guidance.base import Method
 from rewardiff.rollout import evaluations_per_call
-from rewardiff.types import Reward
+from rewardiff.types import Generator, Reward
 
-METHODS = ("base", "best-of-n", "gradient", "svdd-pm", "svdd-mc", "dsearch", "dsearch-r", "free2guide", "smc")
-TOKEN_METHODS = ("base", "best-of-n")  # what an autoregressive model samples with: it has no diffusion chain to steer
+class MethodSpec(NamedTuple):
+    """How a method's name becomes an object.
+
+    Fields:
+        path: ``module:Class`` of the method, imported when first made.
+        width: the constructor argument that ``width`` sets ("" when the method has none).
+        default_width: its value when no width is given.
+        defaults: options this name sets unless the caller does (``dsearch-r``'s replace).
+        value: what the method does with a value model: "" ignores it, "optional" takes
+            one when given, "required" refuses to run without one.
+    """
+
+    path: str
+    width: str = ""
+    default_width: int = 0
+    defaults: dict[str, Any] = {}
+    value: Literal["", "optional", "required"] = ""
+
+
+REGISTRY: dict[str, MethodSpec] = {
+    "base": MethodSpec("rewardiff.guidance.sample:Base"),
+    "best-of-n": MethodSpec("rewardiff.guidance.best_of_n:BestOfN", "n", 4),
+    "gradient": MethodSpec("rewardiff.guidance.gradient:GradientGuidance"),
+    "svdd-pm": MethodSpec("rewardiff.guidance.svdd:SVDD", "m", 20),
+    "svdd-mc": MethodSpec("rewardiff.guidance.svdd:SVDD", "m", 20, value="required"),
+    "dsearch": MethodSpec("rewardiff.guidance.dsearch:DSearch", "k0", 4),
+    "dsearch-r": MethodSpec("rewardiff.guidance.dsearch:DSearch", "k0", 4, {"replace": 0.05}),
+    "free2guide": MethodSpec("rewardiff.guidance.free2guide:Free2Guide", "n", 5),
+    "smc": MethodSpec("rewardiff.guidance.smc:SMC", "k", 4, value="optional"),
+}
+METHODS = tuple(REGISTRY)
 
 
 class Base(Method):
     """The plain sampler, as a method (so that it sits in the same tables)."""
 
     name = "base"
+    requires = ()
 
     def set_width(self, width: int) -> None:
         pass
@@ -44,10 +68,12 @@ class Base(Method):
         return None
 
 
-_CLASSES = {"base": Base, "best-of-n": BestOfN, "gradient": GradientGuidance, "svdd-pm": SVDD, "svdd-mc": SVDD,
-            "dsearch": DSearch, "dsearch-r": DSearch, "free2guide": Free2Guide, "smc": SMC}
-_WIDTH = {"base": "", "best-of-n": "n", "gradient": "", "svdd-pm": "m", "svdd-mc": "m", "dsearch": "k0", "dsearch-r": "k0",
-          "free2guide": "n", "smc": "k"}
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name`` (UserError listing the valid names when unknown)."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    module, cls = REGISTRY[name].path.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_method(name: str, reward: Reward | None, *, width: int | None = None, seed: int = 0, value: Any = None,
@@ -62,33 +88,23 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
         value: a value function (``svdd-mc`` needs one; ``smc`` may use one).
         options: method-specific settings (alpha, scale, window, lam, m, w, ess, ...).
     """
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    cls = method_class(name)
+    spec = REGISTRY[name]
     if name != "base" and reward is None:
         raise UserError(f"method {name} needs a reward (--reward)")
-    w = {} if width is None else {"width": width}
-    cls = _CLASSES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "reward", "seed", "value", _WIDTH[name])]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "reward", "seed", "value", spec.width)]
     for key in options:
         if key not in allowed:
             raise UserError(f"{name} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
     # options are checked against the signature above; widths by each method's set_width
-    if name == "base":
-        return Base(reward, seed)
-    if name == "best-of-n":
-        return BestOfN(reward, n=w.get("width", 4), seed=seed, **options)
-    if name == "gradient":
-        return GradientGuidance(reward, seed=seed, **options)
-    if name in ("svdd-pm", "svdd-mc"):
-        if name == "svdd-mc" and value is None:
-            raise UserError("svdd-mc needs a value model (--value DIR, trained by: rewardiff train-value)")
-        return SVDD(reward, m=w.get("width", 20), value=value if name == "svdd-mc" else None, seed=seed, **options)
-    if name in ("dsearch", "dsearch-r"):
-        options.setdefault("replace", 0.05 if name == "dsearch-r" else 0.0)
-        return DSearch(reward, k0=w.get("width", 4), seed=seed, **options)
-    if name == "free2guide":
-        return Free2Guide(reward, n=w.get("width", 5), seed=seed, **options)
-    return SMC(reward, k=w.get("width", 4), value=value, seed=seed, **options)
+    if spec.value == "required" and value is None:
+        raise UserError(f"{name} needs a value model (--value DIR, trained by: rewardiff train-value)")
+    kwargs = {**spec.defaults, **options}
+    if spec.width:
+        kwargs[spec.width] = spec.default_width if width is None else width
+    if spec.value:
+        kwargs["value"] = value
+    return cls(reward, seed=seed, **kwargs)
 
 
 def particle_seeds(seed: int, k: int) -> list[int]:
@@ -97,7 +113,7 @@ def particle_seeds(seed: int, k: int) -> list[int]:
 
 
 def guided_sample(
-    model: DiffusionModel,
+    model: Generator,
     method: Method,
     prompts: list[str],
     seeds: list[int],
@@ -118,6 +134,7 @@ def guided_sample(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     eta = method.default_eta if eta is None else float(eta)
+    method.fits(model)
     method.check(eta, model.process)
     T = num_inference_steps
     c = evaluations_per_call(guidance_scale)
@@ -151,27 +168,21 @@ def guided_sample(
     return torch.cat(images), info
 
 
-def check_token_method(method: Method, model: Any) -> None:
-    """A UserError unless ``method`` is one an autoregressive ``model`` samples with (:data:`TOKEN_METHODS`)."""
-    if method.name not in TOKEN_METHODS:
-        raise UserError(f"method {method.name} steers a diffusion sampler; the autoregressive model {model.name} "
-                        f"samples with --method {' or '.join(TOKEN_METHODS)}")
-
-
 def token_sample(model: Any, method: Method, seeds: list[int], *, batch_size: int = 64, progress: Any = None) -> tuple[Tensor, dict]:
     """One sequence per seed from an autoregressive model (a :class:`~rewardiff.models.tokens.TokenModel`)
     with ``base`` or ``best-of-n``.
 
     Best-of-N draws N sequences per request with :meth:`TokenModel.sample` (the request's own
     seed first, then :func:`particle_seeds`, as for diffusion models, so N = 1 is the base
-    sampler) and keeps the one the reward scores highest. A sequence costs L net evaluations
+    sampler) and keeps the one the reward scores highest (:meth:`BestOfN.select`, the selection
+    of the diffusion hook). A sequence costs L net evaluations
     (one per position, with the key/value cache), so NFE per sample is N * L: the method's
     cost formula with T = L steps.
 
     Returns:
         (token ids [N, L] (long), info) with the fields of :func:`guided_sample`'s info but eta.
     """
-    check_token_method(method, model)
+    method.fits(model)
     k, L = method.particles, model.max_len
     method.stats = {"reward_calls": 0}
     per_batch = max(1, batch_size // k)
@@ -181,9 +192,8 @@ def token_sample(model: Any, method: Method, seeds: list[int], *, batch_size: in
         ps = [x for sd in req for x in particle_seeds(int(sd), k)]  # k particles per request, request-major
         ids = model.generate([""] * len(ps), ps, batch_size=len(ps))  # [len(req) * k, L]
         nfe += len(ps) * L
-        if k > 1:
-            best = pick_per_parent(method.score(ids, [""] * len(ps)), k, 0.0, method.gen)  # [len(req)]
-            ids = ids[best]
+        if k > 1:  # best-of-n with n = k
+            ids = ids[method.select(ids, [""] * len(ps))]  # [len(req), L]
         out.append(ids)
         if progress is not None:
             progress(len(req))

@@ -182,6 +182,12 @@ class GaussianProcess:
         return -sq / (2 * std**2) - d * (torch.log(std) + 0.5 * _LOG_2PI)
 
     @staticmethod
+    def divergence(model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: int, t_prev: int) -> Tensor:
+        """The DRaFT+ penalty of one step: the mean squared distance of the model's and the
+        reference model's outputs at (x_t, t), per sample [B] (x_t, t and t_prev are unused)."""
+        return ((model_out - ref_out) ** 2).flatten(1).mean(1)
+
+    @staticmethod
     def _bcast(v: Tensor, like: Tensor) -> Tensor:
         v = v.to(like.device, like.dtype)
         return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))

@@ -17,7 +17,9 @@ categorical states: ``mean`` is the transition's probability vector over V outco
 id is the "stay masked" outcome), ``std`` is a scalar 1 that only marks the step as stochastic
 (the transition has no scale), and ``log_prob`` is the log-probability of the drawn tokens.
 The step's randomness is uniform numbers [B, L, V], turned into categorical draws by the
-Gumbel-max trick (:meth:`MaskedProcess.draw`).
+Gumbel-max trick (:meth:`MaskedProcess.draw`), or into their Gumbel-softmax relaxations
+(:meth:`MaskedProcess.relax`, for reward gradients through the chain). A state is token ids
+[B, L], or token probabilities [B, L, V] along a relaxed chain (its tokens are their argmax).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewardiff.types import StepOut
+from rewardiff.categorical import RELAXATIONS, TINY, gumbel_max, gumbel_noise, probs_kl
+from rewardiff.types import Draw, StepOut
 
 Schedule = Literal["linear", "cosine"]
 
@@ -91,17 +94,35 @@ class MaskedProcess:
         """x_T for one sample of ``shape`` (L,): every token masked (no randomness)."""
         return torch.full(shape, self.mask_id, dtype=torch.long)
 
+    @staticmethod
+    def tokens(x: Tensor) -> Tensor:
+        """The token ids [B, L] of a state: ids [B, L] themselves, or the argmax of probabilities [B, L, V]."""
+        return x.argmax(-1) if x.is_floating_point() else x
+
     def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The randomness of one step for states ``x`` [B, L]: uniform numbers [B, L, V]."""
+        """The randomness of one step for states ``x`` [B, L] (or [B, L, V]): uniform numbers [B, L, V]."""
         device = "cpu" if generator is None else generator.device
-        return torch.rand(tuple(x.shape) + (self.vocab_size,), generator=generator, device=device).to(x.device)
+        shape = tuple(self.tokens(x).shape) + (self.vocab_size,)
+        return torch.rand(shape, generator=generator, device=device).to(x.device)
 
     @staticmethod
     def draw(mean: Tensor, std: Tensor, noise: Tensor) -> Tensor:
         """Tokens [B, L] drawn from the categorical ``mean`` [B, L, V] with uniform ``noise``
         [B, L, V]: argmax(log p + g), g = -log(-log u) Gumbel (``std`` is unused)."""
-        u = noise.to(mean.device, torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
-        return (mean.float().log() - (-u.log()).log()).argmax(-1)
+        return gumbel_max(mean.float().log(), gumbel_noise(noise.to(mean.device)))
+
+    def relax(self, out: StepOut, x_t: Tensor, noise: Tensor, draw: Draw) -> StepOut:
+        """The step ``out`` with its tokens picked by ``draw`` from the same ``noise``: the
+        relaxation softmax((log p + g) / tau) or the straight-through one-hot (see
+        :mod:`rewardiff.categorical`), [B, L, V], where x_t is masked; x_t's own rows (and
+        their gradient) elsewhere (carry-over). The argmax is ``out.prev``, and so is the
+        log-probability."""
+        if draw.kind == "hard":
+            return out
+        y = RELAXATIONS[draw.kind](out.mean.clamp(min=TINY).log(), gumbel_noise(noise.to(out.mean.device)), draw.tau)
+        ids = self.tokens(x_t)
+        rows = x_t if x_t.is_floating_point() else F.one_hot(ids, self.vocab_size).to(y)
+        return out._replace(prev=torch.where((ids == self.mask_id).unsqueeze(-1), y, rows))
 
     # ------------------------------------------------------------------ forward process
 
@@ -126,10 +147,25 @@ class MaskedProcess:
         logits = model_out.float().clone()
         logits[..., self.mask_id] = -math.inf
         probs = logits.softmax(-1)
-        keep = F.one_hot(x_t, self.vocab_size).to(probs)
-        return torch.where((x_t == self.mask_id).unsqueeze(-1), probs, keep), None
+        ids = self.tokens(x_t)
+        keep = F.one_hot(ids, self.vocab_size).to(probs)
+        return torch.where((ids == self.mask_id).unsqueeze(-1), probs, keep), None
 
     # ------------------------------------------------------------------ reverse step
+
+    def transition(self, model_out: Tensor, t: int, t_prev: int, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 1-3 of :meth:`step`: (x0_hat [B, L, V], the transition's probabilities [B, L, V])."""
+        B, L = self.tokens(x_t).shape
+        assert model_out.shape == (B, L, self.vocab_size), (model_out.shape, (B, L, self.vocab_size))
+        # 1. the schedule at both ends
+        a, a_s = self.alpha(t), self.alpha(t_prev)
+        stay = float((1 - a_s) / (1 - a))
+        # 2. predicted clean tokens, carried over where unmasked
+        x0_hat, _ = self.split(model_out, x_t, t)
+        # 3. the transition's probabilities over the V outcomes
+        e_mask = F.one_hot(torch.tensor(self.mask_id), self.vocab_size).to(x0_hat)
+        masked = (self.tokens(x_t) == self.mask_id).unsqueeze(-1)
+        return x0_hat, torch.where(masked, (1 - stay) * x0_hat + stay * e_mask, x0_hat)
 
     def step(self, model_out: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = 1.0, noise: Tensor | None = None) -> StepOut:
         """One unmasking step x_t -> x_{t_prev} (MDLM eq. 7 with carry-over; D3PM absorbing).
@@ -146,29 +182,26 @@ class MaskedProcess:
         Args:
             model_out: logits [B, L, V] at x_t.
             t, t_prev: training timesteps of x_t and x_s (-1: clean).
-            x_t: token ids [B, L].
+            x_t: token ids [B, L] (or token probabilities [B, L, V]: their argmax).
             eta: ignored; the step is always stochastic.
             noise: uniform numbers [B, L, V] (see :meth:`noise_like`).
 
         Returns:
             StepOut(prev [B, L], x0_hat [B, L, V], mean [B, L, V], std = 1, log_prob [B]).
         """
-        B, L = x_t.shape
-        assert model_out.shape == (B, L, self.vocab_size), (model_out.shape, (B, L, self.vocab_size))
-        # 1. the schedule at both ends
-        a, a_s = self.alpha(t), self.alpha(t_prev)
-        stay = float((1 - a_s) / (1 - a))
-        # 2. predicted clean tokens, carried over where unmasked
-        x0_hat, _ = self.split(model_out, x_t, t)
-        # 3. the transition's probabilities over the V outcomes
-        e_mask = F.one_hot(torch.tensor(self.mask_id), self.vocab_size).to(x0_hat)
-        masked = (x_t == self.mask_id).unsqueeze(-1)
-        mean = torch.where(masked, (1 - stay) * x0_hat + stay * e_mask, x0_hat)  # [B, L, V]
+        x0_hat, mean = self.transition(model_out, t, t_prev, x_t)  # 1.-3.
         # 4. the draw and its log-probability
         std = torch.ones((), device=x_t.device)
         noise = self.noise_like(x_t) if noise is None else noise
         prev = self.draw(mean, std, noise)
         return StepOut(prev, x0_hat, mean, std, self.log_prob(prev, mean, std))
+
+    def divergence(self, model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: int, t_prev: int) -> Tensor:
+        """KL(p_theta(x_s | x_t) || p_ref(x_s | x_t)) of the two models' transition probabilities
+        (logits ``model_out`` and ``ref_out`` [B, L, V] at x_t), summed over positions [B]."""
+        _, p = self.transition(model_out, t, t_prev, x_t)
+        _, q = self.transition(ref_out, t, t_prev, x_t)
+        return probs_kl(p, q).sum(1)
 
     @staticmethod
     def log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
