@@ -84,7 +84,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     """
     from rewardiff.guidance import budget_plan, make_method
     from rewardiff.guidance.sample import check_token_method
-    from rewardiff.guidance.value import load_value
+    from rewardiff.rewards.value import load_value
     from rewardiff.rewards import get_reward
     from rewardiff.worlds import shapes
 
