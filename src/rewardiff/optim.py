@@ -60,7 +60,10 @@ def warmup_cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int =
         opt: the optimizer; its learning rates are the peaks.
         steps, warmup, floor, after_warmup: as for ``warmup_cosine``.
     """
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup, floor=floor, after_warmup=after_warmup))
+    def factor(k: int) -> float:
+        return warmup_cosine(k, steps, warmup, floor=floor, after_warmup=after_warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 __all__ = ["warmup_cosine", "warmup_cosine_schedule"]
