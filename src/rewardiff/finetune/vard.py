@@ -8,7 +8,8 @@ the end of it:
 1. sample a batch with the current weights (eta > 0, no gradient), keeping every state
    x_T .. x_0, and score the final samples with the reward;
 2. regress V_phi on (x_t, t, c) -> r for every state of the batch (``vard_value_steps`` Adam
-   steps), so the value follows the policy as it moves;
+   steps of :func:`~rewardiff.rewards.value.fit_value`, the loop ``train_value`` fits with too),
+   so the value follows the policy as it moves;
 3. for every step j: recompute the step's mean mu_theta(x_j) with gradient, form the next state
    x_{j+1}^theta = x_{j+1} + (mu_theta - sg(mu_theta)) (the sampled state in the forward pass;
    the reparameterized gradient in the backward pass), and minimize
@@ -40,7 +41,7 @@ from rewardiff.io import atomic_write
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rewards.value import ValueNet, fit_value, load_value, pool_cond, scored_rollout
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import Reward
+from rewardiff.types import Reward, Trajectory
 
 WARMUP_BATCH = 32
 
@@ -120,9 +121,9 @@ class VARD:
         return n, sum(b[0].nfe for b in batches)
 
     def _warmup_rollouts(self, model: DiffusionModel, reward_fn: Reward, cfg: FinetuneConfig, n: int,
-                         wgen: torch.Generator) -> list[tuple]:
-        """``n`` scored base-model trajectories in batches of ``WARMUP_BATCH``: (trajectory, rewards [B], pooled cond [B, D])
-        each, prompts drawn from the run's training prompts and seeds from ``wgen``."""
+                         wgen: torch.Generator) -> list[tuple[Trajectory, Tensor, Tensor]]:
+        """``n`` scored base-model trajectories in batches of ``WARMUP_BATCH``: (trajectory, rewards [B],
+        pooled condition [B, D]) each; prompts drawn from the run's training prompts, seeds from ``wgen``."""
         from rewardiff.finetune.evaluate import EVAL_SEED, prompt_set
 
         train = prompt_set(cfg.prompts)
@@ -135,7 +136,7 @@ class VARD:
             batches.append((traj, r, pool_cond(model.encode(p)).detach()))
         return batches
 
-    def _standardize(self, rewards: Tensor, trajs: list) -> None:
+    def _standardize(self, rewards: Tensor, trajs: list[Trajectory]) -> None:
         """The value's target standardization from the warm-up rewards [N], and for images its
         input statistics over every state x_T .. x_1 of the warm-up trajectories."""
         self.value.target_mean.fill_(float(rewards.mean()))

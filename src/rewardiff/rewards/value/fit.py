@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.rewards.value.net import AnyValueNet, pool_cond
-from rewardiff.types import Reward
+from rewardiff.types import Reward, Trajectory
 
 if TYPE_CHECKING:
     from rewardiff.models.base import DiffusionModel
@@ -57,7 +57,7 @@ class Batch(NamedTuple):
 
 
 def scored_rollout(model: DiffusionModel, reward: Reward, prompts: list[str], seeds: list[int], num_inference_steps: int,
-                   guidance_scale: float, eta: float) -> tuple[Any, Tensor]:
+                   guidance_scale: float, eta: float) -> tuple[Trajectory, Tensor]:
     """One batch of sampler trajectories (every state kept, no gradient) and the reward [B]
     of their decoded final samples (clamped to the model's output range)."""
     with torch.no_grad():
