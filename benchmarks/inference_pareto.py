@@ -71,7 +71,7 @@ def run_point(p: dict, args: argparse.Namespace, cache: dict) -> dict:
     import torch
 
     from rewardiff.guidance import budget_plan, guided_sample, make_method
-    from rewardiff.guidance.value import load_value
+    from rewardiff.rewards.value import load_value
     from rewardiff.rewards import get_reward
     from rewardiff.sampling import load_model
     from rewardiff.worlds.shapes import data as shapes

@@ -123,7 +123,7 @@ def main() -> None:
     import torch
 
     from rewardiff.guidance import make_method
-    from rewardiff.guidance.value import load_value
+    from rewardiff.rewards.value import load_value
     from rewardiff.worlds.molecules.masked import molecules_model
 
     torch.set_num_threads(1)

@@ -16,8 +16,8 @@ from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.ddpo import DDPO, PerPromptStats, ppo_loss, step_log_prob
 from rewardiff.finetune.diagnostics import kl_to_base, step_variances
 from rewardiff.finetune.trainer import Run, finetune
-from rewardiff.finetune.vard import fit_value
-from rewardiff.guidance.value import ValueNet
+from rewardiff.rewards.value import fit_value
+from rewardiff.rewards.value import ValueNet
 from rewardiff.models.base import DiffusionModel
 from rewardiff.worlds.shapes.denoiser import shapes_model
 from rewardiff.processes.gaussian import GaussianProcess, make_betas

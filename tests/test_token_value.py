@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.token_value import TokenValueNet
-from rewardiff.guidance.value import LearnedValue, load_value, save_value, train_value
+from rewardiff.rewards.value import TokenValueNet
+from rewardiff.rewards.value import LearnedValue, load_value, save_value, train_value
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.masked import MaskedProcess
 from rewardiff.rewards.base import RewardFn

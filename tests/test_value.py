@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.value import LearnedValue, ValueNet, load_value, pool_cond, save_value, train_value
+from rewardiff.rewards.value import LearnedValue, ValueNet, load_value, pool_cond, save_value, train_value
 from rewardiff.worlds.shapes.denoiser import shapes_model
 from rewardiff.types import ValueFn
 

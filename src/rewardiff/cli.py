@@ -117,7 +117,7 @@ def train_value_cmd(
     eta: Annotated[float, typer.Option(help="DDIM eta of the sampler (1: DDPM-like)")] = 1.0,
 ) -> None:
     """Train a value model (SVDD-MC) that predicts the final reward from a noisy sampler state."""
-    from rewardiff.guidance.value import train_value
+    from rewardiff.rewards.value import train_value
     from rewardiff.rewards import get_reward
     from rewardiff.sampling import load_model
 

@@ -9,7 +9,6 @@ and the optimizer state, each written atomically.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -98,14 +97,6 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, l
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
-
-
-def warmup_cosine(lr: float, warmup: int, steps: int, step: int) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr / 10`` at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @torch.no_grad()

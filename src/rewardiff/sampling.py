@@ -83,7 +83,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     and ``eta`` do not apply to it.
     """
     from rewardiff.guidance import budget_plan, make_method
-    from rewardiff.guidance.value import load_value
+    from rewardiff.rewards.value import load_value
     from rewardiff.rewards import get_reward
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")

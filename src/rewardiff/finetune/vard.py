@@ -8,7 +8,8 @@ the end of it:
 1. sample a batch with the current weights (eta > 0, no gradient), keeping every state
    x_T .. x_0, and score the final samples with the reward;
 2. regress V_phi on (x_t, t, c) -> r for every state of the batch (``vard_value_steps`` Adam
-   steps), so the value follows the policy as it moves;
+   steps of :func:`~rewardiff.rewards.value.fit_value`, the loop ``train_value`` fits with too),
+   so the value follows the policy as it moves;
 3. for every step j: recompute the step's mean mu_theta(x_j) with gradient, form the next state
    x_{j+1}^theta = x_{j+1} + (mu_theta - sg(mu_theta)) (the sampled state in the forward pass;
    the reparameterized gradient in the backward pass), and minimize
@@ -36,47 +37,13 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import step_kl, step_variances
 from rewardiff.finetune.draft import PromptConditions
-from rewardiff.guidance.value import ValueNet, load_value, pool_cond
 from rewardiff.io import atomic_write
 from rewardiff.models.base import DiffusionModel
+from rewardiff.rewards.value import ValueNet, fit_value, load_value, pool_cond, scored_rollout
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import LossOut, Reward
+from rewardiff.types import LossOut, Reward, Trajectory
 
 WARMUP_BATCH = 32
-
-
-def fit_value(net: ValueNet, opt: torch.optim.Optimizer, states: list[Tensor], timesteps: list[int], cond: Tensor,
-              rewards: Tensor, steps: int, gen: torch.Generator, sync=None) -> float:
-    """``steps`` steps of MSE regression of V(x_t, t, c) on the final reward r.
-
-    Args:
-        net: the value network (its target_mean / target_std standardize the targets).
-        opt: its optimizer.
-        states: the trajectories' states, one tensor [B, ...] per timestep.
-        timesteps: the timestep of each entry of ``states``.
-        cond: pooled conditions [B, D]; rewards: [B].
-        gen: draws which state of each trajectory a step regresses on.
-        sync: called between backward and the optimizer step (gradient averaging across processes).
-
-    Returns:
-        The last step's loss, in standardized units.
-    """
-    net.train().requires_grad_(True)
-    B, n = rewards.shape[0], len(states)
-    target = (rewards - net.target_mean) / net.target_std
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        j = torch.randint(0, n, (B,), generator=gen)  # one state of each trajectory
-        x = torch.stack([states[int(k)][b] for b, k in enumerate(j)])
-        t = torch.tensor([timesteps[int(k)] for k in j], device=x.device)
-        loss = ((net.standardized(x, t, cond) - target) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if sync is not None:
-            sync()
-        opt.step()
-    net.eval().requires_grad_(False)
-    return float(loss.detach())
 
 
 class VARD:
@@ -136,43 +103,49 @@ class VARD:
                 p.grad = acc.reduce(p.grad, "mean")
 
     def _rollout(self, model: DiffusionModel, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: FinetuneConfig):
-        with torch.no_grad():
-            traj = model.sample(prompts, seeds, cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale, keep_states=True)
-            r = reward_fn(model.output(traj.x0), prompts).detach().float().reshape(-1)
-        return traj, r
+        return scored_rollout(model, reward_fn, prompts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.eta)
 
     def _warmup(self, model: DiffusionModel, reward_fn: Reward, cfg: FinetuneConfig, gen: torch.Generator) -> tuple[int, int]:
         """Fit the value on base-model trajectories before the first update; (queries, nfe) spent."""
-        from rewardiff.prompts import EVAL_SEED, prompt_set
-
-        train = prompt_set(cfg.prompts)
         n_proc = self.acc.num_processes if self.acc is not None else 1
         rank = self.acc.process_index if self.acc is not None else 0
         n = -(-cfg.vard_warmup // n_proc)
         wgen = torch.Generator().manual_seed(cfg.seed * 7_919 + 104_729 + rank)
-        idx = torch.randint(0, len(train), (n,), generator=wgen)
-        seeds = torch.randint(0, EVAL_SEED, (n,), generator=wgen).tolist()
-        batches = []
-        nfe = 0
-        for i in range(0, n, WARMUP_BATCH):
-            p = [train[int(k)] for k in idx[i : i + WARMUP_BATCH]]
-            traj, r = self._rollout(model, reward_fn, p, seeds[i : i + WARMUP_BATCH], cfg)
-            batches.append((traj, r, pool_cond(model.encode(p)).detach()))
-            nfe += traj.nfe
-        rewards = torch.cat([b[1] for b in batches])
-        self.value.target_mean.fill_(float(rewards.mean()))
-        self.value.target_std.fill_(float(rewards.std()) + 1e-6 if len(rewards) > 1 else 1.0)
-        if self.value.image:
-            states = torch.cat([torch.cat(b[0].xs[:-1]) for b in batches])
-            stats = self.value.input_stats(states)
-            self.value.stat_mean.copy_(stats.mean(0))
-            self.value.stat_std.copy_(stats.std(0) + 1e-6)
+        batches = self._warmup_rollouts(model, reward_fn, cfg, n, wgen)
+        self._standardize(torch.cat([b[1] for b in batches]), [b[0] for b in batches])
         ts = batches[0][0].timesteps
         per = max(1, cfg.vard_warmup_steps // len(batches))
         for traj, r, c in batches:
             self._fit(traj.xs, ts + [-1], c, r, per, wgen)
         self.warm = True
-        return n, nfe
+        return n, sum(b[0].nfe for b in batches)
+
+    def _warmup_rollouts(self, model: DiffusionModel, reward_fn: Reward, cfg: FinetuneConfig, n: int,
+                         wgen: torch.Generator) -> list[tuple[Trajectory, Tensor, Tensor]]:
+        """``n`` scored base-model trajectories in batches of ``WARMUP_BATCH``: (trajectory, rewards [B],
+        pooled condition [B, D]) each; prompts drawn from the run's training prompts, seeds from ``wgen``."""
+        from rewardiff.prompts import EVAL_SEED, prompt_set
+
+        train = prompt_set(cfg.prompts)
+        idx = torch.randint(0, len(train), (n,), generator=wgen)
+        seeds = torch.randint(0, EVAL_SEED, (n,), generator=wgen).tolist()
+        batches = []
+        for i in range(0, n, WARMUP_BATCH):
+            p = [train[int(k)] for k in idx[i : i + WARMUP_BATCH]]
+            traj, r = self._rollout(model, reward_fn, p, seeds[i : i + WARMUP_BATCH], cfg)
+            batches.append((traj, r, pool_cond(model.encode(p)).detach()))
+        return batches
+
+    def _standardize(self, rewards: Tensor, trajs: list[Trajectory]) -> None:
+        """The value's target standardization from the warm-up rewards [N], and for images its
+        input statistics over every state x_T .. x_1 of the warm-up trajectories."""
+        self.value.target_mean.fill_(float(rewards.mean()))
+        self.value.target_std.fill_(float(rewards.std()) + 1e-6 if len(rewards) > 1 else 1.0)
+        if self.value.image:
+            states = torch.cat([torch.cat(traj.xs[:-1]) for traj in trajs])
+            stats = self.value.input_stats(states)
+            self.value.stat_mean.copy_(stats.mean(0))
+            self.value.stat_std.copy_(stats.std(0) + 1e-6)
 
     # ------------------------------------------------------------------ one training step
 

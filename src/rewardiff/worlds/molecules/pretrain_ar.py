@@ -23,7 +23,8 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
-from rewardiff.pretraining import optimizer_step, resumable_loop, start_run, warmup_cosine
+from rewardiff.optim import warmup_cosine
+from rewardiff.pretraining import optimizer_step, resumable_loop, start_run
 from rewardiff.worlds.molecules.pretrain_masked import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures  # noqa: F401  (export: re-exported)
 
 
@@ -82,7 +83,7 @@ def _train_step(cfg: MoleculesARPretrainConfig, step: int, model: ARTransformer,
     with torch.random.fork_rng(devices=[]):  # dropout masks: a function of (seed, step)
         torch.manual_seed(cfg.seed * 1_000_003 + step + 500_009)
         logits, _ = model(torch.cat([bos, x0[:, :-1]], 1))
-    return optimizer_step(model, opt, next_token_loss(logits, x0, 0), warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step))
+    return optimizer_step(model, opt, next_token_loss(logits, x0, 0), warmup_cosine(step, cfg.steps, cfg.warmup, floor=0.1, lr=cfg.lr, after_warmup=True))
 
 
 # ----------------------------------------------------------------------------- export and card

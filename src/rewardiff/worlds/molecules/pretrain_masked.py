@@ -33,7 +33,8 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
 from rewardiff.worlds.molecules.masked import MaskedDenoiser, MaskedModelConfig
-from rewardiff.pretraining import optimizer_step, resumable_loop, start_run, warmup_cosine
+from rewardiff.optim import warmup_cosine
+from rewardiff.pretraining import optimizer_step, resumable_loop, start_run
 
 CARD_SAMPLES = 512  # samples measured for the card
 CARD_STEPS = 64  # sampler steps of the card's samples
@@ -123,7 +124,7 @@ def _train_step(cfg: MoleculesPretrainConfig, step: int, model: MaskedDenoiser, 
         logits = model(x_t, t, None)
     nelbo, ce = masked_diffusion_loss(logits, x0, x_t, t, process)
     loss = nelbo if cfg.weighting == "elbo" else ce
-    lr = warmup_cosine(cfg.lr, cfg.warmup, cfg.steps, step)
+    lr = warmup_cosine(step, cfg.steps, cfg.warmup, floor=0.1, lr=cfg.lr, after_warmup=True)
     return optimizer_step(model, opt, loss, lr), {"nelbo": float(nelbo.detach()), "masked_ce": float(ce.detach())}
 
 

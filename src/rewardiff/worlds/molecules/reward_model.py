@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.optim import warmup_cosine_schedule
 from rewardiff.io import atomic_write
 from rewardiff.rewards.base import RewardCallable, RewardFn
 from rewardiff.worlds.molecules.chem import property_values
@@ -313,7 +314,7 @@ def _train_loop(net: ChemRM, ids: Tensor, y: Tensor, parent: Tensor, steps: int,
     """AdamW with cosine decay on MSE of standardized targets, half of each batch interpolated
     between a corrupted copy and its molecule (module doc); returns the mean loss of the last 100 steps."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    sched = warmup_cosine_schedule(opt, steps, 50)
     z = (y - net.target_mean) / net.target_std
     copies = (parent != torch.arange(len(parent))).nonzero().squeeze(1)
     half = batch_size // 2

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.optim import warmup_cosine_schedule
 from rewardiff.io import atomic_write
 from rewardiff.rewards.base import RewardCallable, RewardFn
 from rewardiff.worlds.shapes import data as shapes
@@ -313,7 +314,7 @@ def train_reward_model(
     net = ShapesRM()
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+    sched = warmup_cosine_schedule(opt, steps, 20)
     for step in range(steps):
         loss = _train_step(net, opt, pool, extra, rng, batch_size)
         sched.step()
@@ -372,11 +373,6 @@ def train_with_base_samples(out_dir: str | Path, steps: int, seed: int, n_sample
     notes = {"extra_images_source": f"{n_samples} shapes base-model samples of training prompts, half at 15 DDIM "
              "steps with guidance 2, half at 20 steps without; labelled by the judge"}
     return train_reward_model(out_dir, steps, seed, images, prompts, notes=notes, **options)
-
-
-def _lr_factor(step: int, steps: int, warmup: int = 20) -> float:
-    """Linear warmup, then cosine decay to 0."""
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def _world_pool(n: int, rng: np.random.Generator) -> LabelledImages:
