@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,18 @@ def test_a_world_registers_a_model_by_name_without_the_core_importing_it(monkeyp
     assert model.name == "toy2d" and model.capabilities == {"chain", "gaussian"}
     with pytest.raises(UserError, match="unknown model 'toy3d'; use 'shapes', 'molecules', 'molecules-ar', 'toy2d'"):
         base_model("toy3d")
+
+
+def _readme_layout() -> str:
+    text = (SRC.parent.parent / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(line for line in section.splitlines() if line.startswith("    "))  # the indented tree
+
+
+def test_the_readme_layout_names_every_module_of_the_tree():
+    layout = _readme_layout()
+    names = {p.relative_to(SRC).parts[0] for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
+    names |= {p.name for p in SRC.rglob("*.py")}
+    names -= {"__init__.py", "__main__.py", "weights"}
+    missing = sorted(n for n in names if not re.search(rf"\b{re.escape(n.removesuffix('.py'))}\b", layout))
+    assert not missing, f"README.md's layout does not name: {missing}"
