@@ -1,4 +1,5 @@
-"""The one sampling loop: NFE, gradient windows, checkpointing, hooks, a pinned full loop."""
+"""The one sampling loop: NFE, gradient windows, checkpointing, hooks, a pinned full loop, and
+the Process protocol it needs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from diffusers import DDIMScheduler
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import last_k, rollout
 from tests.conftest import tiny_net
+from tests.helpers import count_twos, tiny_masked
 
 PROMPTS = ["two red circles", "one blue square"]
 
@@ -149,3 +151,48 @@ def test_rollout_without_steps_in_window_matches_direct_call():
     with torch.no_grad():
         t1 = rollout(m.net, m.process, m.noise([0, 1]), cond, ts)
     assert t1.log_probs.shape == (2, 3) and t1.nfe == 6
+
+
+class _OnlyProtocol:
+    """A process that exposes exactly the members of ``rewardiff.types.Process`` (and counts calls)."""
+
+    def __init__(self, process):
+        from rewardiff.types import Process
+
+        self._process, self.calls = process, set()
+        for name in [n for n in vars(Process) if not n.startswith("_")]:
+            setattr(self, name, self._wrap(name))
+
+    def _wrap(self, name):
+        def call(*args, **kwargs):
+            self.calls.add(name)
+            return getattr(self._process, name)(*args, **kwargs)
+
+        return call
+
+
+def test_the_rollout_needs_only_the_process_protocol():
+    """Both processes fit ``Process``; the rollout (with a selecting hook, which re-scores the
+    kept particles through ``log_prob``) runs on a stand-in that has nothing else, and gives
+    the real process's samples."""
+    from rewardiff.guidance import make_method
+    from rewardiff.processes.gaussian import GaussianProcess
+    from rewardiff.processes.masked import MaskedProcess
+    from rewardiff.rollout import rollout
+    from rewardiff.types import Process
+
+    assert isinstance(GaussianProcess.from_config(), Process) and isinstance(MaskedProcess(8, 1), Process)
+    model = tiny_masked()
+    seeds = [0, 1, 2, 3]
+    x_T, cond, ts = model.noise(seeds), model.encode([""] * 4), model.process.timesteps(4)
+
+    def run(process):
+        hook = make_method("svdd-pm", count_twos(), width=3)  # M = 3 candidates a step, then a Selection
+        hook.begin(4, model, 1.0)
+        with torch.no_grad():
+            return rollout(model.net, process, x_T, cond, ts, eta=1.0, hook=hook, generator=model.step_generators(seeds))
+
+    stand_in = _OnlyProtocol(model.process)
+    a, b = run(model.process), run(stand_in)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.log_probs, b.log_probs)
+    assert stand_in.calls == {"is_stochastic", "noise_like", "step", "split", "log_prob"}
