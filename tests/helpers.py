@@ -1,10 +1,14 @@
 """Small builders shared by several test files: a black-box fine-tuning config, a tiny masked
-denoiser on an 8-token vocabulary with its black-box reward, and skips for shipped weights."""
+denoiser on an 8-token vocabulary with its black-box reward, skips for shipped weights, and a
+one-parameter linear denoiser with its DDIM gradient in closed form."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from rewardiff.finetune.config import FinetuneConfig
 
@@ -76,3 +80,37 @@ def assert_trains_and_resumes_bit_identically(tiny_model_dir, tmp_path, method: 
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["before"]["eval_kl_to_base"] == 0.0  # LoRA starts at the base model
     assert summary["after"]["eval_kl_to_base"] > 0.0
+
+
+class ScaleDenoiser(nn.Module):
+    """A 'sample'-predicting denoiser out = w * x_t: x0_hat is linear in x_t with one parameter."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+    def forward(self, x, t, cond):
+        return self.w * x
+
+
+def linear_ddim_gradient(process, ts: list[int], w: float, x_T: torch.Tensor, c: torch.Tensor, k: int):
+    """Deterministic DDIM (eta = 0) with ``ScaleDenoiser(w)`` on a 'sample'-predicting process,
+    by hand: each step maps x_t to (p + q w) x_t with
+
+        p = sqrt(1 - ap) / sqrt(1 - a),   q = sqrt(ap) - sqrt(1 - ap) sqrt(a) / sqrt(1 - a)
+
+    (a, ap: abar before and after the step), so x_0 = C(w) x_T with C the product of the
+    factors. For L = mean_b ||x_0 - c||^2 with gradient through the last ``k`` steps only,
+    dL/dw = mean_b 2 (x_0 - c) . x_T * sum_{j >= T - k} q_j prod_{i != j} (p_i + q_i w).
+    Returns (x_0, dL/dw) in float64."""
+    pq = []
+    for t, tp in zip(ts, ts[1:] + [-1]):
+        a, ap = float(process.alpha_bar(t)), float(process.alpha_bar(tp))
+        pq.append((math.sqrt(1 - ap) / math.sqrt(1 - a), math.sqrt(ap) - math.sqrt(1 - ap) * math.sqrt(a) / math.sqrt(1 - a)))
+    factors = [p + q * w for p, q in pq]
+    T = len(ts)
+    dC = sum(pq[j][1] * math.prod(f for i, f in enumerate(factors) if i != j) for j in range(T - k, T))
+    x_T = x_T.double()
+    x0 = math.prod(factors) * x_T
+    grad = (2 * ((x0 - c.double()) * x_T).flatten(1).sum(1) * dC).mean()
+    return x0, float(grad)
