@@ -107,7 +107,20 @@ def test_sample_with_a_method_and_a_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_two_steps(tmp_path):
+def test_demo_runs_two_steps(tmp_path, monkeypatch):
+    """The demo's own preset, for 2 steps, evaluated on 8 held-out samples instead of its 96
+    (nothing here reads the evaluation's size; it is most of the demo's time)."""
+    from rewardiff.finetune import presets
+
+    preset = presets.demo_config
+
+    def smaller_eval(steps=None):
+        cfg = preset(steps)
+        assert cfg.eval_samples >= 8
+        cfg.eval_samples = 8
+        return cfg
+
+    monkeypatch.setattr(presets, "demo_config", smaller_eval)
     res = _invoke("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
     assert "judge counting accuracy" in res.stdout
     assert (tmp_path / "demo" / "report.html").is_file()

@@ -128,6 +128,7 @@ def test_ddpo_refuses_a_deterministic_sampler(tiny_model_dir):
         Run(blackbox_cfg(tiny_model_dir, eta=0.0), "unused", progress=False)
 
 
+@pytest.mark.slow
 def test_ddpo_trains_and_resumes_bit_identically(tiny_model_dir, tmp_path):
     """(DDPO's reward statistics come back from the checkpoint; see the helper.)"""
     assert_trains_and_resumes_bit_identically(tiny_model_dir, tmp_path, "ddpo")

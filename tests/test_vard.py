@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rewardiff.finetune.trainer import finetune
@@ -37,6 +38,7 @@ def test_value_regression_learns_a_known_value():
     assert after < 0.15 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_vard_with_an_overwhelming_kl_weight_stays_at_the_base(tiny_model_dir, tmp_path):
     """kl_weight -> infinity: the penalty, zero at the base and growing as the square of any
     move, dominates, so the model ends where it started (up to the optimizer's step size),
@@ -47,6 +49,7 @@ def test_vard_with_an_overwhelming_kl_weight_stays_at_the_base(tiny_model_dir, t
     assert kl_free > 0 and kl_held < 0.1 * kl_free  # measured 5.0 against 128, (kl_free, kl_held)
 
 
+@pytest.mark.slow
 def test_vard_trains_and_resumes_bit_identically(tiny_model_dir, tmp_path):
     """(VARD's value model comes back from the checkpoint; see the helper.)"""
     assert_trains_and_resumes_bit_identically(tiny_model_dir, tmp_path, "vard")
