@@ -99,7 +99,10 @@ def test_sample_command_writes_smiles_with_svdd_on_qed(tmp_path):
 
 @pytest.mark.parametrize("model", ["molecules", "molecules-ar"])
 def test_explicit_guidance_scale_on_an_unconditional_model_is_a_user_error(model, tmp_path):
-    needs_shipped_molecules() if model == "molecules" else needs_shipped_molecules_ar()
+    if model == "molecules":
+        needs_shipped_molecules()
+    else:
+        needs_shipped_molecules_ar()
     res = _invoke("--model", model, "--guidance-scale", "3", "-n", "1", "--out", str(tmp_path / "a"))
     assert isinstance(res.exception, UserError)
     assert "\n" not in str(res.exception) and "--guidance-scale 3" in str(res.exception) and "unconditional" in str(res.exception)
