@@ -6,14 +6,29 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+from rewardiff.cli import app, main
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rewardiff", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run the console script's entry point ``main()`` in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["rewardiff", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def _invoke(*args: str):
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return res
 
 
 @pytest.mark.parametrize(
@@ -34,32 +49,47 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["sample", "--out", "x", "--method", "svdd-mc", "--reward", "brightness"], "needs a value model"),
     ],
 )
-def test_user_errors_are_one_line_with_status_2(tmp_path, args, needle):
-    res = _run(*args, cwd=tmp_path)
+def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(args, monkeypatch, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_config_field_type_in_yaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("lr: fast\n")
+    code, _, err = _main(["finetune", "c.yaml"], monkeypatch, capsys)
+    assert code == 2 and "'lr' expects float" in err
+
+
+def test_installed_console_script_prints_one_line_and_exits_2(tmp_path):
+    """The ``rewardiff`` script pip installed next to this Python, in a fresh process (of this
+    tree's code): a user mistake is one line on stderr, status 2, no traceback."""
+    script = Path(sys.executable).with_name("rewardiff")
+    if not script.is_file():
+        pytest.skip("the rewardiff console script is not installed next to this Python")
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    res = subprocess.run([str(script), "pretrain", "faces"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert len(lines) == 1 and "unknown world 'faces'" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
 
 
-def test_bad_config_field_type_in_yaml(tmp_path):
-    (tmp_path / "c.yaml").write_text("lr: fast\n")
-    res = _run("finetune", "c.yaml", cwd=tmp_path)
-    assert res.returncode == 2 and "'lr' expects float" in res.stderr
-
-
 def test_rewards_lists_every_registered_reward():
-    res = _run("rewards")
-    assert res.returncode == 0
+    res = _invoke("rewards")
     for name in ("shapes-count", "shapes-color", "brightness", "saturation", "jpeg-compressibility", "jpeg-incompressibility"):
         assert name in res.stdout
 
 
 @pytest.mark.slow
 def test_sample_writes_grid_and_summary(tmp_path):
-    res = _run("sample", "--model", "shapes", "--prompt", "two red circles", "-n", "3", "--reward", "shapes-count",
-               "--steps", "4", "--out", str(tmp_path / "s"))
-    assert res.returncode == 0, res.stderr
+    _invoke("sample", "--model", "shapes", "--prompt", "two red circles", "-n", "3", "--reward", "shapes-count",
+            "--steps", "4", "--out", str(tmp_path / "s"))
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["nfe"] == 3 * 4 * 2  # 3 samples, 4 steps, classifier-free guidance counts 2
     assert {"reward_mean", "reward_std", "nfe_per_sample"} <= set(summary)
@@ -68,9 +98,8 @@ def test_sample_writes_grid_and_summary(tmp_path):
 
 @pytest.mark.slow
 def test_sample_with_a_method_and_a_budget(tmp_path):
-    res = _run("sample", "--method", "svdd-pm", "--nfe-budget", "40", "--reward", "jpeg-compressibility", "-n", "2",
-               "--steps", "4", "--out", str(tmp_path / "s"))
-    assert res.returncode == 0, res.stderr
+    _invoke("sample", "--method", "svdd-pm", "--nfe-budget", "40", "--reward", "jpeg-compressibility", "-n", "2",
+            "--steps", "4", "--out", str(tmp_path / "s"))
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     # M = 6 is the widest with 2 * (1 + 3 M) <= 40: 38 NFE per sample
     assert summary["options"]["m"] == 6 and summary["nfe_per_sample"] == 38 and summary["nfe"] == 2 * 38
@@ -78,9 +107,21 @@ def test_sample_with_a_method_and_a_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_two_steps(tmp_path):
-    res = _run("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
-    assert res.returncode == 0, res.stderr
+def test_demo_runs_two_steps(tmp_path, monkeypatch):
+    """The demo's own preset, for 2 steps, evaluated on 8 held-out samples instead of its 96
+    (nothing here reads the evaluation's size; it is most of the demo's time)."""
+    from rewardiff.finetune import presets
+
+    preset = presets.demo_config
+
+    def smaller_eval(steps=None):
+        cfg = preset(steps)
+        assert cfg.eval_samples >= 8
+        cfg.eval_samples = 8
+        return cfg
+
+    monkeypatch.setattr(presets, "demo_config", smaller_eval)
+    res = _invoke("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
     assert "judge counting accuracy" in res.stdout
     assert (tmp_path / "demo" / "report.html").is_file()
     rows = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()

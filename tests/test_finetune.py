@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.finetune.config import FinetuneConfig, build_config
@@ -14,10 +13,7 @@ from rewardiff.finetune.draft import draft, draft_k, draft_lv, refl, truncation_
 from rewardiff.finetune.trainer import Run, finetune
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
-from rewardiff.rewards import get_reward
-from tests.conftest import tiny_net
-
-PROMPTS = ["two red circles", "one blue square"]
+from tests.helpers import ScaleDenoiser, linear_ddim_gradient
 
 
 def _cfg(tiny_model_dir, **kw) -> FinetuneConfig:
@@ -28,17 +24,6 @@ def _cfg(tiny_model_dir, **kw) -> FinetuneConfig:
     return FinetuneConfig(**base)
 
 
-class _Scale(nn.Module):
-    """A 'sample'-predicting denoiser out = w * x_t: x0_hat is linear in x_t with one parameter."""
-
-    def __init__(self, w: float):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-
-    def forward(self, x, t, cond):
-        return self.w * x
-
-
 def test_draft_lv_gradient_matches_closed_form():
     """E over re-noising of d/dw r(w (a x0 + s eps)) for r(x) = -||x - c||^2.
 
@@ -46,7 +31,7 @@ def test_draft_lv_gradient_matches_closed_form():
     dE/dw = -2 (w a x0 - c) . (a x0) - 2 w s^2 d.
     """
     proc = GaussianProcess(make_betas("linear"), "sample")
-    net = _Scale(0.8)
+    net = ScaleDenoiser(0.8)
     model = DiffusionModel(net, proc, lambda p: torch.zeros(len(p), 1), (4,))
     c = torch.tensor([0.5, -0.2, 0.1, 0.3])
 
@@ -64,18 +49,25 @@ def test_draft_lv_gradient_matches_closed_form():
     torch.testing.assert_close(net.w.grad, want, rtol=0.03, atol=1e-3)
 
 
-def test_draft_k_with_k_equal_t_is_draft(tiny_model_dir):
-    from rewardiff.worlds.shapes.denoiser import shapes_model
+def test_draft_and_draft_k_gradients_match_the_closed_form():
+    """out = w x_t, T = 4 deterministic DDIM steps, r(x) = -||x - c||^2: the gradient of DRaFT
+    (K = T), of DRaFT-K with K = T and with K = 1 against dL/dw written out by the chain rule
+    (tests.helpers.linear_ddim_gradient)."""
+    proc = GaussianProcess(make_betas("linear"), "sample", final_alpha_one=False)
+    T, seeds, c = 4, [1, 2, 3], torch.tensor([0.5, -0.2, 0.1, 0.3])
 
-    cfg = _cfg(tiny_model_dir, k=3)
-    reward = get_reward("brightness")
-    grads = []
-    for fn in (draft, draft_k):
-        m = shapes_model(tiny_model_dir)
-        fn(m, reward, PROMPTS, [1, 2], cfg, torch.Generator()).loss.backward()
-        grads.append([p.grad for p in m.net.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    def reward(x, prompts):
+        return -((x - c) ** 2).sum(1)
+
+    for fn, k in ((draft, T), (draft_k, T), (draft_k, 1)):
+        net = ScaleDenoiser(0.9)
+        model = DiffusionModel(net, proc, lambda p: torch.zeros(len(p), 1), (4,), output_range=None)
+        cfg = FinetuneConfig(num_inference_steps=T, guidance_scale=1.0, eta=0.0, k=k)
+        out = fn(model, reward, [""] * 3, seeds, cfg, torch.Generator())
+        out.loss.backward()
+        _, want = linear_ddim_gradient(proc, proc.timesteps(T), 0.9, model.noise(seeds), c, k)
+        assert float(net.w.grad) == pytest.approx(want, rel=1e-4), (fn.__name__, k)
+        assert out.grad_from == T - k
 
 
 def test_alignprop_truncation_draws():
@@ -169,25 +161,6 @@ def test_every_shipped_preset_loads():
     assert presets
     for p in presets:
         assert load_config(p).method in METHODS, p
-
-
-def test_pretraining_resumes_bit_identically(tmp_path):
-    from safetensors.torch import load_file
-
-    from rewardiff.worlds.shapes.pretrain import PretrainConfig, pretrain_shapes
-
-    def cfg(steps: int) -> PretrainConfig:
-        return PretrainConfig(steps=steps, batch_size=4, warmup=2, checkpoint_every=2, block_out_channels=(8, 16, 16))
-
-    pretrain_shapes(cfg(4), tmp_path / "a", progress=False)
-    pretrain_shapes(cfg(2), tmp_path / "b", progress=False)
-    pretrain_shapes(cfg(4), tmp_path / "b", progress=False)
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "a" / "checkpoint" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "b" / "checkpoint" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
 
 
 def test_refl_trains_the_text_encoder_and_counts_every_evaluation(tiny_model_dir, tmp_path):

@@ -1,13 +1,17 @@
-"""The one sampling loop: NFE, gradient windows, checkpointing, hooks, a pinned full loop."""
+"""The one sampling loop: NFE, gradient windows, checkpointing, hooks, a pinned full loop, and
+the Process protocol it needs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from rewardiff.models.base import DiffusionModel
+from rewardiff.processes.gaussian import GaussianProcess, make_betas
 from rewardiff.rollout import last_k, rollout
 from tests.conftest import tiny_net
+from tests.helpers import ScaleDenoiser, count_twos, linear_ddim_gradient, tiny_masked
 
 PROMPTS = ["two red circles", "one blue square"]
 
@@ -64,16 +68,34 @@ def test_k1_gradient_comes_from_the_last_step_only():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_k_equal_t_is_full_backprop():
+def test_gradient_windows_match_the_closed_form_of_a_linear_denoiser():
+    """out = w x_t, four deterministic DDIM steps of the real process: x_0 and dL/dw of
+    L = mean ||x_0 - c||^2 written out by the chain rule (tests.helpers.linear_ddim_gradient)
+    against the rollout's backward pass, with K = T (full backprop, with and without
+    checkpointing) and K = 1 (only the last step's factor differentiated)."""
+    proc = GaussianProcess(make_betas("linear"), "sample", final_alpha_one=False)
+    net = ScaleDenoiser(0.9)
+    m = DiffusionModel(net, proc, lambda p: torch.zeros(len(p), 1), (4,), output_range=None)
+    T, seeds, c = 4, [1, 2, 3], torch.tensor([0.5, -0.2, 0.1, 0.3])
+    x_T, ts = m.noise(seeds), proc.timesteps(T)
+    for k, ckpt in ((T, True), (T, False), (1, True)):
+        net.zero_grad()
+        x0 = m.sample([""] * 3, seeds, T, grad_steps=last_k(T, k), checkpoint=ckpt).x0
+        ((x0 - c) ** 2).sum(1).mean().backward()
+        want_x0, want_grad = linear_ddim_gradient(proc, ts, 0.9, x_T, c, k)
+        torch.testing.assert_close(x0.detach().double(), want_x0, rtol=1e-5, atol=1e-6)
+        assert float(net.w.grad) == pytest.approx(want_grad, rel=1e-4), (k, ckpt)
+    _, full = linear_ddim_gradient(proc, ts, 0.9, x_T, c, T)
+    _, last = linear_ddim_gradient(proc, ts, 0.9, x_T, c, 1)
+    assert abs(full - last) > 0.1 * abs(full)  # the two windows are told apart
+
+
+def test_k1_differs_from_k_equal_t():
     m = _model()
     T = 3
     m.net.zero_grad()
     m.sample(PROMPTS, [0, 1], T, grad_steps=last_k(T, T)).x0.sum().backward()
     a = _grads(m.net)
-    m.net.zero_grad()
-    m.sample(PROMPTS, [0, 1], T, grad_steps=range(0, T)).x0.sum().backward()
-    for x, y in zip(a, _grads(m.net)):
-        torch.testing.assert_close(x, y)
     m.net.zero_grad()
     m.sample(PROMPTS, [0, 1], T, grad_steps=last_k(T, 1)).x0.sum().backward()
     assert any((x - y).abs().max() > 1e-6 for x, y in zip(a, _grads(m.net)))  # K = 1 differs from K = T
@@ -149,3 +171,48 @@ def test_rollout_without_steps_in_window_matches_direct_call():
     with torch.no_grad():
         t1 = rollout(m.net, m.process, m.noise([0, 1]), cond, ts)
     assert t1.log_probs.shape == (2, 3) and t1.nfe == 6
+
+
+class _OnlyProtocol:
+    """A process that exposes exactly the members of ``rewardiff.types.Process`` (and counts calls)."""
+
+    def __init__(self, process):
+        from rewardiff.types import Process
+
+        self._process, self.calls = process, set()
+        for name in [n for n in vars(Process) if not n.startswith("_")]:
+            setattr(self, name, self._wrap(name))
+
+    def _wrap(self, name):
+        def call(*args, **kwargs):
+            self.calls.add(name)
+            return getattr(self._process, name)(*args, **kwargs)
+
+        return call
+
+
+def test_the_rollout_needs_only_the_process_protocol():
+    """Both processes fit ``Process``; the rollout (with a selecting hook, which re-scores the
+    kept particles through ``log_prob``) runs on a stand-in that has nothing else, and gives
+    the real process's samples."""
+    from rewardiff.guidance import make_method
+    from rewardiff.processes.gaussian import GaussianProcess
+    from rewardiff.processes.masked import MaskedProcess
+    from rewardiff.rollout import rollout
+    from rewardiff.types import Process
+
+    assert isinstance(GaussianProcess.from_config(), Process) and isinstance(MaskedProcess(8, 1), Process)
+    model = tiny_masked()
+    seeds = [0, 1, 2, 3]
+    x_T, cond, ts = model.noise(seeds), model.encode([""] * 4), model.process.timesteps(4)
+
+    def run(process):
+        hook = make_method("svdd-pm", count_twos(), width=3)  # M = 3 candidates a step, then a Selection
+        hook.begin(4, model, 1.0)
+        with torch.no_grad():
+            return rollout(model.net, process, x_T, cond, ts, eta=1.0, hook=hook, generator=model.step_generators(seeds))
+
+    stand_in = _OnlyProtocol(model.process)
+    a, b = run(model.process), run(stand_in)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.log_probs, b.log_probs)
+    assert stand_in.calls == {"is_stochastic", "noise_like", "step", "split", "log_prob"}
