@@ -34,7 +34,7 @@ def world_evaluations(model, outputs: Tensor, prompts: list[str], reward_name: s
     return Evaluation(metrics, labels)
 
 
-def reward_stats(reward: Reward, outputs: Tensor, prompts: list[str]) -> dict[str, float]:
+def reward_summary(reward: Reward, outputs: Tensor, prompts: list[str]) -> dict[str, float]:
     """``reward_mean`` and ``reward_std`` of ``outputs``, scored 64 at a time."""
     r = torch.cat([reward(outputs[i : i + 64], prompts[i : i + 64]) for i in range(0, len(prompts), 64)]).float()
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0}
@@ -57,7 +57,7 @@ def evaluate(model, reward: Reward | None, prompts: list[str], seeds: list[int],
     texts = model.texts(outputs) if model.texts is not None else None
     out: dict[str, float] = {} if texts is not None else {"diversity": diversity_by_prompt(outputs, prompts)}
     if reward is not None:
-        out.update(reward_stats(reward, outputs, prompts))
+        out.update(reward_summary(reward, outputs, prompts))
     ev = world_evaluations(model, outputs, prompts, reward_name)
     out.update(ev.metrics)
     if texts is not None and samples_path is not None:

@@ -22,10 +22,10 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, Reward, missing
 
-Method = Callable[[Any, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "Any | Iterable[Any]"]
+TrainingMethod = Callable[[Any, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "Any | Iterable[Any]"]
 
 
-class MethodSpec(NamedTuple):
+class FinetuneEntry(NamedTuple):
     """A registered fine-tuning method."""
 
     target: str  # "package.module:attribute": a loss function, or a class built as cls(cfg, model, acc)
@@ -37,15 +37,15 @@ class MethodSpec(NamedTuple):
 _DRAFT = "rewardiff.finetune.draft"
 _GRAD_CHAIN = (CHAIN, GAUSSIAN)  # backpropagation through a continuous chain
 
-METHODS: dict[str, MethodSpec] = {
-    "draft": MethodSpec(f"{_DRAFT}:draft", _GRAD_CHAIN, True),
-    "draft-k": MethodSpec(f"{_DRAFT}:draft_k", _GRAD_CHAIN, True),
-    "draft-lv": MethodSpec(f"{_DRAFT}:draft_lv", _GRAD_CHAIN, True),
-    "alignprop": MethodSpec(f"{_DRAFT}:alignprop", _GRAD_CHAIN, True),
-    "refl": MethodSpec(f"{_DRAFT}:refl", _GRAD_CHAIN, True),
-    "gumbel": MethodSpec("rewardiff.finetune.gumbel:gumbel", (TOKENS,), True),
-    "ddpo": MethodSpec("rewardiff.finetune.ddpo:DDPO", (CHAIN,), False, stateful=True),
-    "vard": MethodSpec("rewardiff.finetune.vard:VARD", (CHAIN,), False, stateful=True),
+METHODS: dict[str, FinetuneEntry] = {
+    "draft": FinetuneEntry(f"{_DRAFT}:draft", _GRAD_CHAIN, True),
+    "draft-k": FinetuneEntry(f"{_DRAFT}:draft_k", _GRAD_CHAIN, True),
+    "draft-lv": FinetuneEntry(f"{_DRAFT}:draft_lv", _GRAD_CHAIN, True),
+    "alignprop": FinetuneEntry(f"{_DRAFT}:alignprop", _GRAD_CHAIN, True),
+    "refl": FinetuneEntry(f"{_DRAFT}:refl", _GRAD_CHAIN, True),
+    "gumbel": FinetuneEntry("rewardiff.finetune.gumbel:gumbel", (TOKENS,), True),
+    "ddpo": FinetuneEntry("rewardiff.finetune.ddpo:DDPO", (CHAIN,), False, stateful=True),
+    "vard": FinetuneEntry("rewardiff.finetune.vard:VARD", (CHAIN,), False, stateful=True),
 }
 
 # what a model lacking a capability is told, by capability
@@ -56,7 +56,7 @@ _INSTEAD = {
 }
 
 
-def check_method(name: str) -> MethodSpec:
+def check_method(name: str) -> FinetuneEntry:
     """The method ``name``; a UserError listing the valid methods when it is not one."""
     return plugins.lookup(METHODS, name, "method")
 
@@ -72,14 +72,14 @@ def check_model(name: str, model: Any) -> None:
         raise UserError(_INSTEAD[lacking[0]].format(name=name, model=model.name))
 
 
-def make_method(cfg: FinetuneConfig, model: Any, acc: Any = None) -> Method:
+def make_method(cfg: FinetuneConfig, model: Any, acc: Any = None) -> TrainingMethod:
     """The method ``cfg.method`` names, ready to be called once per step."""
     spec = check_method(cfg.method)
     obj = plugins.load(spec.target)
     return obj(cfg, model, acc) if spec.stateful else obj
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> TrainingMethod:
     """A stateless loss by name (the reward-backpropagation family and ``gumbel``)."""
     spec = check_method(name)
     if spec.stateful:

@@ -15,7 +15,7 @@ from rewardiff.guidance.base import Method
 from rewardiff.rollout import evaluations_per_call
 from rewardiff.types import Generator, Reward
 
-class MethodSpec(NamedTuple):
+class GuidanceEntry(NamedTuple):
     """How a method's name becomes an object.
 
     Fields:
@@ -34,16 +34,16 @@ class MethodSpec(NamedTuple):
     value: Literal["", "optional", "required"] = ""
 
 
-REGISTRY: dict[str, MethodSpec] = {
-    "base": MethodSpec("rewardiff.guidance.sample:Base"),
-    "best-of-n": MethodSpec("rewardiff.guidance.best_of_n:BestOfN", "n", 4),
-    "gradient": MethodSpec("rewardiff.guidance.gradient:GradientGuidance"),
-    "svdd-pm": MethodSpec("rewardiff.guidance.svdd:SVDD", "m", 20),
-    "svdd-mc": MethodSpec("rewardiff.guidance.svdd:SVDD", "m", 20, value="required"),
-    "dsearch": MethodSpec("rewardiff.guidance.dsearch:DSearch", "k0", 4),
-    "dsearch-r": MethodSpec("rewardiff.guidance.dsearch:DSearch", "k0", 4, {"replace": 0.05}),
-    "free2guide": MethodSpec("rewardiff.guidance.free2guide:Free2Guide", "n", 5),
-    "smc": MethodSpec("rewardiff.guidance.smc:SMC", "k", 4, value="optional"),
+REGISTRY: dict[str, GuidanceEntry] = {
+    "base": GuidanceEntry("rewardiff.guidance.sample:Base"),
+    "best-of-n": GuidanceEntry("rewardiff.guidance.best_of_n:BestOfN", "n", 4),
+    "gradient": GuidanceEntry("rewardiff.guidance.gradient:GradientGuidance"),
+    "svdd-pm": GuidanceEntry("rewardiff.guidance.svdd:SVDD", "m", 20),
+    "svdd-mc": GuidanceEntry("rewardiff.guidance.svdd:SVDD", "m", 20, value="required"),
+    "dsearch": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "k0", 4),
+    "dsearch-r": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "k0", 4, {"replace": 0.05}),
+    "free2guide": GuidanceEntry("rewardiff.guidance.free2guide:Free2Guide", "n", 5),
+    "smc": GuidanceEntry("rewardiff.guidance.smc:SMC", "k", 4, value="optional"),
 }
 METHODS = tuple(REGISTRY)
 

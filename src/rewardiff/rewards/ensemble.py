@@ -2,7 +2,8 @@
 
 ``"0.7*shapes-count+0.3*brightness"`` is a :class:`WeightedSum`. A term written ``z(name)`` is
 the reward standardized, ``(r - mean) / std``, with the mean and standard deviation recorded for
-it on the shapes base model's samples (see :mod:`rewardiff.worlds.shapes.stats`): a :class:`Normalized`.
+it on a world's base-model samples (``plugins.REWARD_STATS``; the shapes world's for its rewards):
+a :class:`Normalized`.
 ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"`` weighs the two on a common scale.
 """
 

@@ -6,7 +6,7 @@ A spec given to :func:`get_reward` is one of
   returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
   (wrapped; non-differentiable unless ``f.differentiable`` is True);
 - either wrapped as ``"z(name)"``: the reward standardized, ``(r - mean) / std``, with the
-  statistics recorded for ``name`` on the shapes base model's samples (:mod:`rewardiff.worlds.shapes.stats`);
+  statistics a world recorded for ``name`` on its base model's samples (``plugins.REWARD_STATS``);
 - a weighted sum of any of these: ``"0.7*shapes-count+0.3*brightness"``,
   ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"``, ``"brightness+-0.5*saturation"``.
 """
@@ -88,7 +88,7 @@ def _single(spec: str, options: dict[str, Any]) -> Reward:
         if options:
             raise UserError(f"options {sorted(options)} cannot be passed to {spec!r}: its statistics were measured with the defaults")
         reward = _single(inner, {})
-        mean, std = reward_stats(inner)
+        mean, std = z_stats(inner)
         return Normalized(reward, mean, std)
     if spec in plugins.REWARDS:
         return _factory(spec)(**options)
@@ -153,7 +153,7 @@ def _as_reward(obj: Any, spec: str, options: dict[str, Any]) -> Reward:
     )
 
 
-def reward_stats(name: str) -> tuple[float, float]:
+def z_stats(name: str) -> tuple[float, float]:
     """(mean, std) of reward ``name`` recorded by a world (``plugins.REWARD_STATS``), for ``z(name)``.
 
     Raises:
