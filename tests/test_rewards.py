@@ -231,7 +231,7 @@ def test_shapes_reward_rejects_foreign_prompts():
 def test_tiny_training_run_writes_weights_and_card(tmp_path, monkeypatch):
     import json
 
-    from rewardiff.worlds.shapes import reward_model as shapes_rm
+    from rewardiff.worlds.shapes import reward_training as shapes_rm
 
     x, prompts, _ = shapes.make_batch(24, seed=5)
     monkeypatch.setattr(shapes_rm, "base_model_samples", lambda n, seed: (x[:n], prompts[:n]))

@@ -127,7 +127,7 @@ PRETRAIN: dict[str, str] = {
 }
 
 REWARD_TRAINERS: dict[str, str] = {
-    "shapes": "rewardiff.worlds.shapes.reward_model:train_with_base_samples",
+    "shapes": "rewardiff.worlds.shapes.reward_training:train_with_base_samples",
 }
 
 
