@@ -126,3 +126,10 @@ def test_demo_runs_two_steps(tmp_path, monkeypatch):
     assert (tmp_path / "demo" / "report.html").is_file()
     rows = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2]
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())  # the summary the README quotes from
+    before = json.loads((tmp_path / "demo" / "eval_before.json").read_text())
+    after = json.loads((tmp_path / "demo" / "eval_after.json").read_text())
+    assert demo["judge_count_before"] == before["eval_judge_count"] and demo["judge_count_after"] == after["eval_judge_count"]
+    assert demo["reward_before"] == before["eval_reward_mean"] and demo["reward_after"] == after["eval_reward_mean"]
+    assert demo["steps"] == 2 and demo["eval_samples"] == 8 and demo["seconds"] > 0 and demo["seconds_per_step"] > 0
+    assert demo["machine"]["cpus"] >= 1 and demo["date"] and "commit" in demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,11 +26,40 @@ def demo(
 
     cfg = demo_config(steps)
     typer.echo(f"fine-tuning the shapes model with {cfg.method} on {cfg.reward} for {cfg.steps} steps -> {out}")
+    t0 = time.perf_counter()
     summary = run(cfg, out)
+    demo = demo_summary(cfg, summary, time.perf_counter() - t0, out)
+    typer.echo(f"judge counting accuracy on held-out prompts: {demo['judge_count_before']:.1%} -> {demo['judge_count_after']:.1%}")
+    typer.echo(f"reward ({cfg.reward}) on held-out prompts: {demo['reward_before']:.3f} -> {demo['reward_after']:.3f}")
+    typer.echo(f"in {demo['seconds']:.0f} s; summary: {out / 'demo.json'}; report: {out / 'report.html'}")
+
+
+def demo_summary(cfg, summary: dict, seconds: float, out: Path) -> dict:
+    """``demo.json`` in the run folder: the judge's counting accuracy and the reward before and
+    after on the held-out samples, the time, the machine and the commit."""
+    from dataclasses import asdict
+
+    from rewardiff.io import atomic_write_text
+    from rewardiff.provenance import stamp
+
     b, a = summary["before"], summary["after"]
-    typer.echo(f"judge counting accuracy on held-out prompts: {b['eval_judge_count']:.1%} -> {a['eval_judge_count']:.1%}")
-    typer.echo(f"reward ({cfg.reward}) on held-out prompts: {b['eval_reward_mean']:.3f} -> {a['eval_reward_mean']:.3f}")
-    typer.echo(f"report: {out / 'report.html'}")
+    demo = {"command": f"rewardiff demo --out {out}" + ("" if cfg.steps == 200 else f" --steps {cfg.steps}"),
+            "judge_count_before": b["eval_judge_count"], "judge_count_after": a["eval_judge_count"],
+            "reward": cfg.reward, "reward_before": b["eval_reward_mean"], "reward_after": a["eval_reward_mean"],
+            "eval_samples": cfg.eval_samples, "steps": cfg.steps, "seconds": seconds, "seconds_per_step": _step_seconds(out),
+            **stamp(), "config": asdict(cfg)}
+    atomic_write_text(out / "demo.json", json.dumps(demo, indent=2))
+    return demo
+
+
+def _step_seconds(out: Path) -> float | None:
+    """The median training step's seconds in the run's ``metrics.jsonl``."""
+    import statistics
+
+    from rewardiff.report import read_metrics
+
+    secs = [row["seconds"] for row in read_metrics(out) if "seconds" in row]
+    return statistics.median(secs) if secs else None
 
 
 @app.command()
