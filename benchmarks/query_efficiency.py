@@ -1,0 +1,281 @@
+"""Reward queries to a target held-out reward, every training method on one query grid.
+
+What makes the comparison fair, and what it measures:
+
+- Every method is evaluated at the same reward-query counts (``GRID``: the first training step
+  at or past each grid point; a step that passes several grid points is evaluated once), on the
+  same fixed held-out set of ``eval_samples`` (prompt, seed) pairs, with the same sampler.
+- Runs go on to their budget whatever they reach, so a noisy early crossing does not end them
+  and a second, harder target is read from the same runs.
+- The query count at which a run first reaches a target is interpolated linearly between the
+  two evaluations around it (:func:`rewardiff.report.stats.crossing`), with a 95 % bootstrap
+  interval over the evaluation pairs; across seeds the table gives the median and each seed's
+  value, and the ratio of two methods' medians comes with a bootstrap interval over seeds.
+- Per-sample rewards and the judge's per-sample verdicts are kept (``samples/*.npz``), so
+  every figure can be recomputed, and the standard error of each evaluation's change from the
+  base model is reported beside the gain the target asks for.
+
+    python benchmarks/query_efficiency.py --suite count --seeds 0,1,2,3,4        # resumable
+    python benchmarks/query_efficiency.py --suite count --seeds 0,1,2,3,4 --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+GRID = [0, 40, 80, 120, 160, 240, 320, 480, 640, 800, 960, 1280, 1600, 2000, 2400, 3200, 4000]
+
+# each method with its own paper's kind of settings, all full fine-tuning of the shipped model
+COMMON = dict(model="shapes", batch_size=8, lora_rank=0, num_inference_steps=15, guidance_scale=2.0, eval_every=0, checkpoint_every=0)
+METHODS = {
+    "draft-1": dict(method="draft-k", k=1, lr=2e-5),
+    "draft-k": dict(method="draft-k", k=5, lr=2e-5),
+    "draft-lv": dict(method="draft-lv", lv_n=2, lr=2e-5),
+    "alignprop": dict(method="alignprop", truncation="uniform", lr=2e-5),
+    "refl": dict(method="refl", lr=2e-5),
+    "vard": dict(method="vard", eta=1.0, lr=2e-5, kl_weight=1e-3, vard_warmup=128),
+    "ddpo": dict(method="ddpo", eta=1.0, lr=1e-5, batch_size=16, ppo_minibatches=2),
+}
+SUITES = {
+    "count": dict(reward="shapes-count", targets=(-0.70, -0.65), methods=list(METHODS), eval_samples=384,
+                  budget=1600, budgets={"ddpo": 4000}),
+}
+KL_SAMPLES = 96  # the KL to the base model is measured on the first ones of the evaluation set
+
+
+def _config(suite: dict, name: str, seed: int):
+    from rewardiff.finetune.config import FinetuneConfig
+
+    return FinetuneConfig(**{**COMMON, **METHODS[name], "reward": suite["reward"], "seed": seed,
+                             "eval_samples": suite["eval_samples"]})
+
+
+def evaluate(run) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The held-out set, per sample: (means and the KL, rewards [N], judge count right [N])."""
+    import torch
+
+    from rewardiff.finetune.diagnostics import kl_to_base
+    from rewardiff.report import diversity_by_prompt
+    from rewardiff.worlds.shapes.judge import judge
+
+    cfg, model = run.cfg, run.model
+    wrapped, model.net = model.net, run.acc.unwrap_model(model.net)
+    try:
+        model.net.eval()
+        with torch.no_grad():
+            x = model.generate(run.eval_prompts, run.eval_seeds, num_inference_steps=cfg.num_inference_steps,
+                               guidance_scale=cfg.guidance_scale)
+            r = torch.cat([run.reward(x[i : i + 64], run.eval_prompts[i : i + 64]) for i in range(0, len(x), 64)]).float()
+        verdict = judge(x, run.eval_prompts)
+        kl = kl_to_base(model, run.eval_prompts[:KL_SAMPLES], run.eval_seeds[:KL_SAMPLES], cfg.num_inference_steps, cfg.guidance_scale)
+        means = {"eval_reward_mean": float(r.mean()), "eval_judge_count": float(np.mean(verdict["count"])),
+                 "eval_diversity": diversity_by_prompt(x, run.eval_prompts), "eval_kl_to_base": float(kl.mean())}
+    finally:
+        model.net = wrapped
+    return means, r.numpy(), np.asarray(verdict["count"], dtype=np.float32)
+
+
+def _paths(out_root: Path, suite_name: str, name: str, seed: int) -> tuple[Path, Path, Path]:
+    d = out_root / suite_name
+    return d / f"{name}-seed{seed}", d / "progress" / f"{name}-seed{seed}.json", d / "samples" / f"{name}-seed{seed}.npz"
+
+
+def _load(prog_path: Path, npz_path: Path) -> tuple[dict | None, list, list]:
+    if not prog_path.is_file():
+        return None, [], []
+    arrays = np.load(npz_path)
+    return json.loads(prog_path.read_text()), list(arrays["reward"]), list(arrays["judge"])
+
+
+def _save(prog: dict, rewards: list, judges: list, prog_path: Path, npz_path: Path) -> None:
+    from rewardiff.io import atomic_write, atomic_write_text
+
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
+    prog_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(npz_path, lambda p: np.savez_compressed(open(p, "wb"), reward=np.stack(rewards), judge=np.stack(judges),
+                                                           queries=np.array([pt["queries"] for pt in prog["points"]])))
+    atomic_write_text(prog_path, json.dumps(prog, indent=1))
+
+
+def run_one(suite_name: str, name: str, seed: int, out_root: Path) -> dict:
+    """Train to the budget, evaluating at the grid's query counts; resumable at every evaluation."""
+    from rewardiff.finetune.trainer import Run
+    from rewardiff.io import truncate_jsonl
+
+    suite = SUITES[suite_name]
+    out, prog_path, npz_path = _paths(out_root, suite_name, name, seed)
+    budget = suite["budgets"].get(name, suite["budget"])
+    prog, rewards, judges = _load(prog_path, npz_path)
+    if prog is not None and prog["queries"] >= budget:
+        return prog
+    cfg = _config(suite, name, seed)
+    cfg.steps = 10**6  # the loop below stops it
+    run = Run(cfg, out, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    step = run.resume()
+    if step == 0:
+        truncate_jsonl(out / "metrics.jsonl", 0)
+    if prog is not None:  # keep the evaluations up to the checkpoint (a later one was saved, its checkpoint not)
+        keep = [i for i, pt in enumerate(prog["points"]) if pt["step"] <= step]
+        prog["points"], rewards, judges = [prog["points"][i] for i in keep], [rewards[i] for i in keep], [judges[i] for i in keep]
+        last = prog["points"][-1]
+        prog.update(step=last["step"], queries=last["queries"], seconds=last["seconds"], nfe=last["nfe"])
+    if prog is None:
+        means, r, j = evaluate(run)
+        prog = {"method": name, "seed": seed, "reward": cfg.reward, "targets": list(suite["targets"]), "budget": budget,
+                "eval_samples": cfg.eval_samples, "step": 0, "queries": 0, "seconds": 0.0, "nfe": 0,
+                "points": [{"step": 0, "queries": 0, "seconds": 0.0, "nfe": 0, **means}]}
+        rewards, judges = [r], [j]
+        _save(prog, rewards, judges, prog_path, npz_path)
+    return _train(run, prog, rewards, judges, step, budget, prog_path, npz_path, suite_name)
+
+
+def _train(run, prog, rewards, judges, step, budget, prog_path, npz_path, suite_name) -> dict:
+    out = run.out
+    next_grid = next(g for g in GRID + [math.inf] if g > prog["queries"])
+    with (out / "metrics.jsonl").open("a") as log:
+        while prog["queries"] < budget:
+            row = run.train_step(step)
+            step += 1
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            prog["queries"] += row["reward_queries"]
+            prog["seconds"] += row["seconds"]
+            prog["nfe"] += row["nfe"]
+            if prog["queries"] < min(next_grid, budget):
+                continue
+            next_grid = next(g for g in GRID + [math.inf] if g > prog["queries"])
+            means, r, j = evaluate(run)
+            prog["points"].append({"step": step, "queries": prog["queries"], "seconds": prog["seconds"], "nfe": prog["nfe"], **means})
+            prog["step"] = step
+            rewards.append(r)
+            judges.append(j)
+            _save(prog, rewards, judges, prog_path, npz_path)  # first: a resume drops evaluations past its checkpoint
+            run.save_checkpoint(step)
+            print(f"{suite_name} {prog['method']} seed {prog['seed']}: step {step} queries {prog['queries']} "
+                  f"reward {means['eval_reward_mean']:.3f} judge {means['eval_judge_count']:.3f} ({time.strftime('%H:%M:%S')})",
+                  flush=True)
+    return prog
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def crossings(suite_name: str, out_root: Path, name: str, seeds: list[int], target: float, rng) -> list[dict]:
+    """Per finished seed of ``name``: the interpolated crossing of ``target`` and its interval."""
+    from rewardiff.report.stats import crossing, crossing_interval
+
+    rows = []
+    for s in seeds:
+        _, prog_path, npz_path = _paths(out_root, suite_name, name, s)
+        prog, _, _ = _load(prog_path, npz_path)
+        if prog is None or prog["queries"] < prog["budget"]:
+            continue
+        values = np.load(npz_path)["reward"]
+        x = [p["queries"] for p in prog["points"]]
+        c = crossing(x, values.mean(1), target)
+        lo, hi, share = crossing_interval(x, values, target, rng)
+        rows.append({"seed": s, "queries": math.inf if c is None else c, "low": lo, "high": hi, "share": share, "prog": prog})
+    return rows
+
+
+def _q(v: float) -> str:
+    return "never" if math.isinf(v) else f"{v:.0f}"
+
+
+def summarize(suite_name: str, out_root: Path, seeds: list[int]) -> str:
+    from rewardiff.report.stats import paired_se, ratio_of_medians
+
+    suite = SUITES[suite_name]
+    rng = np.random.default_rng(0)
+    lines = [f"Held-out {suite['reward']}, {suite['eval_samples']} samples (held-out prompts, fixed seeds), "
+             f"evaluated at the query grid {GRID}; runs go to their budget ({suite['budget']}, DDPO {suite['budgets'].get('ddpo')})."]
+    medians: dict[tuple[str, float], list[float]] = {}
+    for target in suite["targets"]:
+        lines += ["", f"**Target {target}** (reward queries to reach it; interpolated, 95 % bootstrap interval over the "
+                  "evaluation set per seed)", "", "| method | seeds | median | per seed [interval] |", "|---|---|---|---|"]
+        for name in suite["methods"]:
+            rows = crossings(suite_name, out_root, name, seeds, target, rng)
+            if not rows:
+                continue
+            qs = [r["queries"] for r in rows]
+            medians[(name, target)] = qs
+            per = ", ".join(f"{_q(r['queries'])} [{_q(r['low'])}, {_q(r['high'])}]" for r in rows)
+            lines.append(f"| {name} | {len(rows)} | {_q(statistics.median(qs))} | {per} |")
+        a, b = medians.get(("ddpo", target)), medians.get(("draft-lv", target))
+        if a and b:
+            est, (lo, hi) = ratio_of_medians(a, b, rng)
+            lines += ["", f"DDPO / DRaFT-LV, median queries: {est:.1f}x (95 % interval over seeds {lo:.1f}x to {hi:.1f}x)."]
+    lines += ["", "| method | final held-out reward | judge count | diversity | KL to base | SE of the change from base, last point |",
+              "|---|---|---|---|---|---|"]
+    for name in suite["methods"]:
+        last, ses = [], []
+        for s in seeds:
+            _, prog_path, npz_path = _paths(out_root, suite_name, name, s)
+            prog, _, _ = _load(prog_path, npz_path)
+            if prog is not None and prog["queries"] >= prog["budget"]:
+                last.append(prog["points"][-1])
+                ses.append(float(paired_se(np.load(npz_path)["reward"])[-1]))
+        if last:
+            m = lambda k: statistics.mean(p[k] for p in last)  # noqa: E731
+            lines.append(f"| {name} | {m('eval_reward_mean'):.3f} | {m('eval_judge_count'):.3f} | {m('eval_diversity'):.3f} | "
+                         f"{m('eval_kl_to_base'):.1f} | {statistics.mean(ses):.4f} |")
+    return "\n".join(lines)
+
+
+def plot(suite_name: str, out_root: Path, seeds: list[int]) -> list[Path]:
+    from rewardiff.report import plot_curves
+
+    suite = SUITES[suite_name]
+    curves, judge = {}, {}
+    for name in suite["methods"]:
+        for s in seeds:
+            _, prog_path, npz_path = _paths(out_root, suite_name, name, s)
+            prog, _, _ = _load(prog_path, npz_path)
+            if prog is None:
+                continue
+            curves[f"{name} s{s}"] = [(max(p["queries"], 1), p["eval_reward_mean"]) for p in prog["points"]]
+            judge[f"{name} s{s}"] = [(max(p["queries"], 1), p["eval_judge_count"]) for p in prog["points"]]
+    d = out_root / suite_name
+    method = lambda label: label.rsplit(" s", 1)[0]  # noqa: E731  (one colour per method, a line style per seed)
+    return [plot_curves(curves, d / "reward_vs_queries.png", "reward queries (samples scored)", f"held-out {suite['reward']}",
+                        f"targets {suite['targets']} (dashed: the first)", group=method, hline=suite["targets"][0]),
+            plot_curves(judge, d / "judge_vs_queries.png", "reward queries", "judge: count correct", "read by the judge",
+                        group=method)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=list(SUITES), default="count")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "query_efficiency")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary-only", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.methods.split(",") if args.methods else SUITES[args.suite]["methods"]
+    if not args.summary_only:
+        for seed in seeds:  # seed by seed, so a stopped benchmark has every method at the first seeds
+            for name in names:
+                run_one(args.suite, name, seed, args.out)
+    table = summarize(args.suite, args.out, seeds)
+    (args.out / args.suite).mkdir(parents=True, exist_ok=True)
+    (args.out / args.suite / "table.md").write_text(table + "\n")
+    plot(args.suite, args.out, seeds)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
