@@ -83,6 +83,22 @@ def evaluate(run) -> tuple[dict, np.ndarray, np.ndarray]:
     return means, r.numpy(), np.asarray(verdict["count"], dtype=np.float32)
 
 
+def base_evaluation(run, folder: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The base model's evaluation, the same for every method and seed (one model, one set):
+    computed once and kept in ``base.npz``."""
+    path = folder / "base.npz"
+    if path.is_file():
+        a = np.load(path)
+        if len(a["reward"]) == len(run.eval_seeds):
+            return json.loads(str(a["means"])), a["reward"], a["judge"]
+    means, r, j = evaluate(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    from rewardiff.io import atomic_write
+
+    atomic_write(path, lambda p: np.savez_compressed(open(p, "wb"), reward=r, judge=j, means=json.dumps(means)))
+    return means, r, j
+
+
 def _paths(out_root: Path, suite_name: str, name: str, seed: int) -> tuple[Path, Path, Path]:
     d = out_root / suite_name
     return d / f"{name}-seed{seed}", d / "progress" / f"{name}-seed{seed}.json", d / "samples" / f"{name}-seed{seed}.npz"
@@ -129,7 +145,7 @@ def run_one(suite_name: str, name: str, seed: int, out_root: Path) -> dict:
         last = prog["points"][-1]
         prog.update(step=last["step"], queries=last["queries"], seconds=last["seconds"], nfe=last["nfe"])
     if prog is None:
-        means, r, j = evaluate(run)
+        means, r, j = base_evaluation(run, out_root / suite_name)
         prog = {"method": name, "seed": seed, "reward": cfg.reward, "targets": list(suite["targets"]), "budget": budget,
                 "eval_samples": cfg.eval_samples, "step": 0, "queries": 0, "seconds": 0.0, "nfe": 0,
                 "points": [{"step": 0, "queries": 0, "seconds": 0.0, "nfe": 0, **means}]}
