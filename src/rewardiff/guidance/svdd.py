@@ -11,6 +11,11 @@ code) or a draw with p ∝ exp(v / alpha).
   no extra denoiser calls: c * T NFE per sample.
 
 One candidate (M = 1) is the base sampler exactly: candidate 0 is the sampler's own draw.
+
+``lookahead`` says what SVDD-PM scores: ``mean`` (the paper's; for masked diffusion the
+argmax decode of the predicted clean tokens) or ``sample`` (a deviation, token processes
+only: one draw of the clean tokens from the predicted probabilities, an unbiased one-sample
+estimate of the expected reward instead of the reward of the most likely completion).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.guidance.base import Method, candidates, pick_per_parent
 from rewardiff.rollout import gather_rows
-from rewardiff.types import Reward, Selection, StepContext, ValueFn
+from rewardiff.types import TOKENS, Reward, Selection, StepContext, ValueFn
 
 
 class SVDD(Method):
@@ -29,6 +34,7 @@ class SVDD(Method):
         m: candidates per step (M >= 1).
         alpha: selection temperature (0: argmax).
         value: a learned value function; given, the method is SVDD-MC.
+        lookahead: ``mean`` (the paper's) or ``sample`` (see the module doc).
         seed: randomness of the candidates and of soft selection.
     """
 
@@ -36,11 +42,14 @@ class SVDD(Method):
     default_eta = 1.0
     needs_stochastic = True
 
-    def __init__(self, reward: Reward | None, m: int = 20, alpha: float = 0.0, value: ValueFn | None = None, seed: int = 0):
+    def __init__(self, reward: Reward | None, m: int = 20, alpha: float = 0.0, value: ValueFn | None = None,
+                 lookahead: str = "mean", seed: int = 0):
         super().__init__(reward, seed)
         if alpha < 0:
             raise UserError(f"svdd: alpha must be >= 0, got {alpha}")
-        self.alpha, self.value = float(alpha), value
+        if lookahead not in ("mean", "sample"):
+            raise UserError(f"svdd: lookahead must be mean or sample, got {lookahead!r}")
+        self.alpha, self.value, self.lookahead = float(alpha), value, lookahead
         self.name = "svdd-mc" if value is not None else "svdd-pm"
         self.set_width(m)
 
@@ -62,7 +71,12 @@ class SVDD(Method):
         super().plan(budget, T, c)
 
     def options(self) -> dict:
-        return {"m": self.m, "alpha": self.alpha}
+        return {"m": self.m, "alpha": self.alpha, **({"lookahead": "sample"} if self.lookahead == "sample" else {})}
+
+    def begin(self, num_samples: int, model, eta: float) -> None:
+        if self.lookahead == "sample" and TOKENS not in model.capabilities:
+            raise UserError(f"{self.name}: lookahead=sample draws clean tokens; {model.name} does not sample tokens")
+        super().begin(num_samples, model, eta)
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         if self.m == 1 or ctx.index == ctx.num_steps - 1:
@@ -71,6 +85,8 @@ class SVDD(Method):
         if self.value is None:
             assert ctx.predict is not None
             model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
+            if self.lookahead == "sample":  # one draw of the clean tokens [N, L] from x0_hat [N, L, V]
+                x0 = self.process.draw(x0, ctx.out.std, self.process.noise_like(cands, self.gen))
             v = self.score(x0, ctx.prompts, rows)
         else:
             model_out, v = None, self.value(cands, ctx.t_prev, gather_rows(ctx.cond, rows)).float()
