@@ -14,17 +14,22 @@ Fine-tuning (one optimizer step or a few, on a one-parameter model or a tiny tok
   -> ``test_draft_k_gradient_window_off_by_one_is_caught``; in the source (``last_k(T, k + 1)``
   in ``_window_loss``) it fails tests/test_finetune.py::test_draft_and_draft_k_gradients_match_the_closed_form.
 - draft-lv: the copies re-noised to the level of the step before the last (``add_noise`` at
-  ``ts[-2]``) -> ``test_draft_lv_renoising_at_the_wrong_level_is_caught``; the closed form it
-  checks is tests/test_finetune.py::test_draft_lv_gradient_matches_closed_form's.
+  ``ts[-2]``) -> ``test_draft_lv_renoising_at_the_wrong_level_is_caught``, the closed form of
+  tests/test_finetune.py::test_draft_lv_gradient_matches_closed_form at w = 1.2. That test
+  itself (w = 0.8) passes with ``t_last = timesteps(T)[-2]`` in the source: there the two
+  levels' gradients differ by 2 %, inside its Monte Carlo tolerance.
 - alignprop: the drawn truncation mirrored (the window of the last T + 1 - K steps instead of
-  the last K that ``truncation_k`` drew) -> ``test_alignprop_uses_the_drawn_window``.
-- refl: the reward's sign flipped (``draft._objective``) -> ``test_refl_gradient_matches_the_closed_form``.
+  the last K that ``truncation_k`` drew) -> ``test_alignprop_uses_the_drawn_window``; the same
+  edit in the source passes every test in tests/test_finetune.py.
+- refl: the reward's sign flipped (``draft._objective``) -> ``test_refl_gradient_matches_the_closed_form``;
+  the same flip in the source (``r = -reward_fn(...)`` in ``refl``) passes tests/test_finetune.py.
 - ddpo: the probability ratio inverted (pi_old / pi_theta, ``ppo_loss`` handed 1 / ratio) ->
   ``test_ddpo_raises_the_reward_and_an_inverted_ratio_does_not``; the same edit in the source
   (``torch.exp(old - lp)``) fails tests/test_ddpo.py::test_ddpo_raises_a_black_box_reward_on_a_toy.
 - vard: the value term's sign flipped (the value model read as -V_phi in ``VARD._step_loss``
   only; its regression on the rewards unchanged) -> ``test_vard_raises_the_reward_and_a_flipped_value_lowers_it``.
-  No other test catches it: tests/test_vard.py checks that weights move, the KL and resume.
+  No other test catches it: with ``v.mean()`` for ``-v.mean()`` in the source every test in
+  tests/test_vard.py passes (they check that weights move, the KL and resume).
 - gumbel, autoregressive: the reward's sign flipped in the loss (the method handed -r) ->
   ``test_gumbel_autoregressive_raises_the_reward_and_a_flipped_sign_lowers_it``; the same edit
   in the source (``loss = r.mean() + ...``) fails
@@ -39,14 +44,24 @@ same seeds by at least 2, where the base mean is about -8 and the target mode sc
 - best-of-n: the selection inverted (argmin: ``best_of_n.pick_per_parent`` handed -values) ->
   ``test_guidance_beats_the_base_and_its_mutation_does_not[best-of-n]``; in the source it also
   fails tests/test_guidance.py::test_methods_move_toy_samples_toward_the_reward_maximum[best-of-n-kw0-False].
-- svdd-pm: the selection inverted (``svdd.pick_per_parent`` handed -values) -> ``[svdd-pm]``.
+- svdd-pm: the selection inverted (``svdd.pick_per_parent`` handed -values) -> ``[svdd-pm]``; in
+  the source it also fails test_guidance.py::test_methods_move_toy_samples_toward_the_reward_maximum[svdd-pm-kw1-False]
+  and tests/test_token_guidance.py::test_guidance_raises_a_black_box_reward_on_tokens[svdd-pm].
 - svdd-mc: the value's sign flipped (the exact value r(E[x0 | x_t]) negated) -> ``[svdd-mc]``.
 - smc: the resampling weights inverted (the potentials exp(-v / alpha): alpha negated after
-  construction), final particle drawn by weight -> ``[smc]``.
-- gradient: the step taken down the gradient (scale negated after construction) -> ``[gradient]``.
+  construction), final particle drawn by weight -> ``[smc]``; the increments' sign flipped in
+  the source also fails test_guidance.py::test_methods_move_toy_samples_toward_the_reward_maximum[smc-kw6-False]
+  and tests/test_token_guidance.py::test_guidance_raises_a_black_box_reward_on_tokens[smc].
+- gradient: the step taken down the gradient (scale negated after construction) -> ``[gradient]``;
+  ``prev - scale * g`` in the source also fails
+  test_guidance.py::test_methods_move_toy_samples_toward_the_reward_maximum[gradient-kw7-True].
 - dsearch, dsearch-r, free2guide: through the public API only (``make_method`` +
   ``guided_sample``), the selection inverted by handing the method the negated reward ->
-  ``[dsearch]``, ``[dsearch-r]``, ``[free2guide]``.
+  ``[dsearch]``, ``[dsearch-r]``, ``[free2guide]``, so that the tests hold for any rewrite of
+  their internals. The same check also fails when their internal selection is inverted instead
+  (``pick_per_parent`` handed -values, ``topk`` taking the smallest: gains -6 to -10). Not told
+  apart: DSearch-R's replacement of the worst few particles (5 %) drawn with inverted softmax
+  weights (its temperature negated: gain 7.93 against 7.99); the beam selection dominates.
 """
 
 from __future__ import annotations
