@@ -102,3 +102,27 @@ def test_masked_guidance_runs_at_eta_zero_and_eta_changes_nothing():
         a, ia = guided_sample(model, make_method(name, count_twos(), width=2), [""] * 3, [0, 1, 2], 4, guidance_scale=1.0, eta=0.0)
         b, _ = guided_sample(model, make_method(name, count_twos(), width=2), [""] * 3, [0, 1, 2], 4, guidance_scale=1.0, eta=1.0)
         assert torch.equal(a, b) and ia["eta"] == 0.0, name
+
+
+def test_svdd_sampled_lookahead_scores_a_draw_of_the_clean_tokens_and_still_steers():
+    """lookahead=sample: M = 1 is the base sampler; with M = 6 it raises the reward, as the
+    argmax look-ahead does; it scores draws, so its choices differ from the argmax ones; and a
+    model of continuous states is refused in one line."""
+    m = tiny_masked(2)
+    seeds, prompts = list(range(24)), [""] * 24
+    reward = count_twos()
+    base = m.generate(prompts, seeds, num_inference_steps=6, eta=1.0)
+    one, _ = guided_sample(m, make_method("svdd-pm", reward, width=1, lookahead="sample"), prompts, seeds, 6, guidance_scale=1.0)
+    assert torch.equal(one, base)
+    drawn, info = guided_sample(m, make_method("svdd-pm", reward, width=6, lookahead="sample"), prompts, seeds, 6, guidance_scale=1.0)
+    mean, _ = guided_sample(m, make_method("svdd-pm", reward, width=6), prompts, seeds, 6, guidance_scale=1.0)
+    assert info["options"]["lookahead"] == "sample" and not torch.equal(drawn, mean)
+    assert float(reward(drawn, prompts).mean()) > float(reward(base, prompts).mean()) + 0.5
+
+
+def test_svdd_sampled_lookahead_refuses_continuous_states():
+    from rewardiff.worlds.toy2d import target_reward_blackbox, toy2d_model
+
+    with pytest.raises(UserError, match="lookahead=sample draws clean tokens"):
+        guided_sample(toy2d_model(), make_method("svdd-pm", target_reward_blackbox(), width=2, lookahead="sample"),
+                      [""] * 2, [0, 1], 4, guidance_scale=1.0)
