@@ -112,6 +112,9 @@ def label(p: dict) -> str:
         return f"best-of-n (eta={p['eta']:g})"
     if name == "gradient":
         return f"gradient (s={p['options']['scale']:g})"
+    setting = (p.get("method_options") or {}).get("setting")
+    if setting:  # DSearch: the authors' o = M = w = 5, or the planner's reduction to fit the budget
+        return f"{name} ({setting})"
     return name
 
 

@@ -80,8 +80,9 @@ def test_nfe_is_exact_and_matches_hand_counts():
     assert _nfe("best-of-n", c_scale=1.0, width=3) == 4 * 3  # no CFG: one evaluation a call
     # SVDD-PM: one call at x_T, then M look-aheads at steps 0..T-2 (reused by the next step)
     assert _nfe("svdd-pm", width=3) == 2 * (1 + 3 * 3)
-    # Free2Guide n = 3, window 2: 3 starts, 3 look-aheads at step 0, then 2 plain steps
-    assert _nfe("free2guide", width=3, window=2) == 2 * (3 + 3 + 2)
+    # Free2Guide n = 3, window 2 on this zero-SNR model (start = step): one call at x_T and 3
+    # look-aheads at step 0, 3 look-aheads at step 1 (each kept output reused), one call at step 3
+    assert _nfe("free2guide", width=3, window=2) == 2 * (1 + 3 + 3 + 1)
     assert _nfe("smc", width=2) == 2 * 4 * 2
     assert _nfe("gradient", scale=0.05) == 2 * 4  # plus one backward a step, not an NFE
     # SVDD-MC: the value net is not the denoiser: the base sampler's count

@@ -39,8 +39,10 @@ def test_nfe_is_exact_on_token_ids(monkeypatch):
     assert nfe("svdd-pm", width=3) == 1 + 3 * 3  # one call at x_T, then M look-aheads at steps 0..T-2
     assert nfe("smc", width=2) == 4 * 2
     monkeypatch.setattr(DSearch, "coins", lambda self, T: [False, True, True, False])
-    # beams 4, 2, 1, 1; expansions m = 2, then int(1 * 2 * 4 / 2) = 4, int(1 * 2 * 4 / 1) = 8
-    assert nfe("dsearch", width=4, m=2, w=1) == 4 + 4 * 2 + 2 * 4 + 1 * 8
+    # the two requests share one prompt (""), so one beam of B0 = 2 * 4 = 8 shrinking to b = 2:
+    # n_i = max(2, floor(8 * (2/8) ** (i/3))) = 8, 5, 3, 2; expansions m = 2, then
+    # int(1 * 2 * 8 / 5) = 3, int(1 * 2 * 8 / 3) = 5; the batch costs 8 + 8*2 + 5*3 + 3*5 = 54
+    assert nfe("dsearch", width=4, m=2, w=1) == (8 + 8 * 2 + 5 * 3 + 3 * 5) / 2
 
 
 @pytest.mark.parametrize("name", ["svdd-pm", "dsearch", "smc"])

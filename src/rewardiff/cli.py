@@ -92,7 +92,7 @@ def sample(
     guidance_scale: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (default: 2; unconditional models take none)")] = None,
     eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the method's: 0 for base, best-of-n, gradient; 1 for svdd, dsearch, free2guide, smc)")] = None,
     method: Annotated[str, typer.Option(help="base, best-of-n, gradient, svdd-pm, svdd-mc, dsearch, dsearch-r, free2guide, smc (autoregressive models: base, best-of-n)")] = "base",
-    width: Annotated[Optional[int], typer.Option(help="the method's width: best-of-n N, svdd M, dsearch k0, free2guide n, smc K")] = None,
+    width: Annotated[Optional[int], typer.Option(help="the method's width: best-of-n N, svdd M, dsearch oversample, free2guide n, smc K")] = None,
     nfe_budget: Annotated[Optional[int], typer.Option(help="denoiser evaluations per sample: sets the width")] = None,
     value: Annotated[Optional[Path], typer.Option(help="value model directory (svdd-mc, smc), from rewardiff train-value")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="method option key=value (alpha, scale, lam, window, m, w, ess, final, replace, ...)")] = None,

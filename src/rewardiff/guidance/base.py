@@ -102,6 +102,11 @@ class Method:
         """NFE per sample of this configuration."""
         raise NotImplementedError
 
+    def batch_cost(self, T: int, c: int, prompts: list[str]) -> int:
+        """NFE of one batch of requests with these ``prompts``: ``cost`` per request unless the
+        method's particles interact across requests (DSearch's shared beam of a prompt)."""
+        return self.cost(T, c) * len(prompts)
+
     def plan(self, budget: int, T: int, c: int) -> None:
         """Set the width to the largest that spends at most ``budget`` NFE per sample (the
         cost grows with the width)."""

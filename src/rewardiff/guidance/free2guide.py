@@ -1,34 +1,70 @@
-"""Free2Guide (arXiv 2411.17041): gradient-free path-integral control on the first steps.
+"""Free2Guide (Kim et al. 2024, arXiv 2411.17041): gradient-free path-integral control on the first steps.
 
-At the first ``window`` decisions of a stochastic DDIM sampler (eta = 1), draw n candidates,
-score each on a one-step look-ahead x0 estimate and keep one: the argmax (lam = 0, as the
-paper and its code) or a draw with p ∝ exp(r / lam), the path-integral weighting. Decision 0
-chooses among n initial noises x_T (scored on x0_hat(x_T), which the first step computes
-anyway); decisions 1 .. window-1 choose among n draws of x_{t-1}. Later steps run unguided.
+On the first ``window`` steps of a stochastic DDIM sampler (eta = 1) draw n candidates, score
+each on a one-step look-ahead x0 estimate and keep one: the argmax (lam = 0, as the paper and
+its code) or a draw with p ∝ exp(r / lam), the path-integral weighting. Later steps run unguided.
+The reference code (``path_integral_video.py``, ``ddim_sampling``) guides steps i = 0 .. 5:
 
-Cost per sample: c * (n * window + T - window) NFE (the kept candidate's look-ahead output is
-reused by the next step). n = 1, or lam = inf (uniform selection among exchangeable draws, so
-keeping the sampler's own draw is that selection), is the base sampler exactly.
+1. Step 0 (``start = "noise"``) chooses among n initial noises x_T: the rollout starts with n
+   particles per request (the request's own seed first), each takes its own first step, and
+   each is scored on x0_hat(x_T), which that step computed anyway; the chosen particle (its
+   x_T, its first step and that step's log-probability) is kept, the others dropped.
+2. Steps i = 1 .. window-1 draw n candidates of x_{t_{i+1}} from the base transition (the
+   sampler's own draw first) and score each on x0_hat(candidate) from one look-ahead call; the
+   kept candidate's look-ahead output is reused by the next step.
+3. Steps from ``window`` on, and always the last step, run unguided.
+
+Zero terminal SNR (named deviation, ``start = "step"``). When abar at the first timestep is
+below ``MIN_START_ABAR``, x_T = sqrt(abar) x0 + sqrt(1 - abar) eps holds (almost) nothing of x0,
+so the Bayes answer x0_hat(x_T) = E[x0 | x_T] is E[x0 | prompt] whatever x_T, for every
+prediction type: with v-prediction x0_hat = sqrt(abar) x_T - sqrt(1 - abar) v_hat = -v_hat at
+abar = 0, and the regression target there is v = -x0, independent of x_T; with x0-prediction the
+output is E[x0 | x_T] itself; with epsilon-prediction (abar clamped to 2^-24)
+x0_hat = (x_T - sqrt(1 - abar) eps_hat) / sqrt(abar) is E[x0] plus the network's error times
+2^12. Scores of initial noises then rank the network's errors (on the shipped shapes model they
+correlated -0.05 with the final reward over 64 noises). So on such a process step 0 instead
+draws n candidates of x_{t_1} from the sampler's own x_T and scores them on a look-ahead, like
+steps 1 .. window-1; with eta = 1 and abar = 0 the DDIM step x_{t_1} = sqrt(abar_1) x0_hat +
+sqrt(1 - abar_1) z does not depend on x_T at all, so these candidates are n fresh starts at the
+first state that carries signal. ``start = "auto"`` (the default) picks ``noise`` or ``step``
+from the process; ``options()["start"]`` reports the choice made.
+
+Cost per sample: c * (T + (n - 1) * D) NFE with D = min(window, T - 1) guided decisions (at
+T = 1 the noise choice is the only one: D = 1; the step choice has none: D = 0); both starts
+spend the same. n = 1, or lam = inf (uniform selection among exchangeable draws, so keeping the
+sampler's own draw is that selection), is the base sampler exactly.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.guidance.base import Method, candidates, pick_per_parent
-from rewardiff.types import CHAIN, GAUSSIAN, Reward, Selection, StepContext
+from rewardiff.types import CHAIN, GAUSSIAN, Process, Reward, Selection, StepContext
+
+MIN_START_ABAR = 1e-4  # below it x_T's clean part is under 1 % of its amplitude: no initial-noise choice
+STARTS = ("auto", "noise", "step")
+
+
+def informative_start(process: Any) -> bool:
+    """Whether x0_hat at the sampler's first timestep can tell initial noises apart."""
+    t0 = process.timesteps(1)[0]
+    return float(process.alpha_bar(t0)) >= MIN_START_ABAR
 
 
 class Free2Guide(Method):
     """Args:
         reward: black-box reward (ensembles welcome: ``0.5*z(a)+0.5*z(b)``).
-        n: candidates per decision (n >= 1).
-        window: number of guided decisions, from the start of the chain.
+        n: candidates per decision (n >= 1; the reference: 5 for LaVie, 10 for VideoCrafter2).
+        window: guided steps from the start of the chain (0 .. window-1; the reference: 6).
         lam: selection temperature: 0 argmax, > 0 softmax, inf uniform (the base sampler).
+        start: step 0's decision: ``noise`` (among n initial noises), ``step`` (among n
+            candidates of x_{t_1}) or ``auto`` (noise unless the process has zero terminal SNR).
         seed: randomness of the candidates and of soft selection.
     """
 
@@ -38,13 +74,16 @@ class Free2Guide(Method):
     needs_stochastic = True
     requires = (CHAIN, GAUSSIAN)
 
-    def __init__(self, reward: Reward, n: int = 5, window: int = 5, lam: float = 0.0, seed: int = 0):
+    def __init__(self, reward: Reward, n: int = 5, window: int = 6, lam: float = 0.0, start: str = "auto", seed: int = 0):
         super().__init__(reward, seed)
         if window < 1:
             raise UserError(f"free2guide: window must be at least 1, got {window}")
         if lam < 0:
             raise UserError(f"free2guide: lam must be >= 0, got {lam}")
-        self.window, self.lam = int(window), float(lam)
+        if start not in STARTS:
+            raise UserError(f"free2guide: start must be one of {', '.join(STARTS)}, got {start!r}")
+        self.window, self.lam, self.start = int(window), float(lam), start
+        self.start_used = None if start == "auto" else start  # resolved from the process when auto
         self.set_width(n)
 
     def set_width(self, width: int) -> None:
@@ -60,23 +99,49 @@ class Free2Guide(Method):
     def _off(self) -> bool:
         return self.n == 1 or math.isinf(self.lam)
 
-    def cost(self, T: int, c: int) -> int:
+    def _resolve(self, process: Any) -> None:
+        if self.start == "auto":
+            self.start_used = "noise" if informative_start(process) else "step"
+
+    def check(self, eta: float, process: Process | None = None) -> None:
+        super().check(eta, process)
+        if process is not None:
+            self._resolve(process)  # before the rollout reads ``particles``
+
+    @property
+    def particles(self) -> int:
+        return self.n if self.start_used == "noise" and not self._off() else 1
+
+    def decisions(self, T: int) -> int:
+        """D, the guided decisions of a T-step run."""
         if self._off():
-            return c * T
-        W = min(self.window, T)
-        return c * (self.n * W + T - W)
+            return 0
+        if T == 1:
+            return 1 if (self.start_used or "noise") == "noise" else 0
+        return min(self.window, T - 1)
+
+    def cost(self, T: int, c: int) -> int:
+        return c * (T + (self.n - 1) * self.decisions(T))
 
     def options(self) -> dict:
-        return {"n": self.n, "window": self.window, "lam": self.lam}
+        start = self.start_used or self.start
+        if self.start == "auto" and self.start_used == "step":
+            start = "step (zero terminal SNR: no initial-noise choice)"
+        return {"n": self.n, "window": self.window, "lam": self.lam, "start": start}
+
+    def begin(self, num_samples: int, model, eta: float) -> None:
+        super().begin(num_samples, model, eta)
+        self._resolve(model.process)
+        self.num_samples = num_samples
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
-        i = ctx.index
-        if self._off() or i >= min(self.window, ctx.num_steps):
+        i, T = ctx.index, ctx.num_steps
+        if self._off() or i >= self.window:
             return None
-        if i == 0:
-            ctx = self._choose_start(ctx)
-        if i + 1 >= min(self.window, ctx.num_steps) or i == ctx.num_steps - 1:
-            return ctx.out.prev if i == 0 else None
+        if i == 0 and self.start_used == "noise":
+            return self._choose_start(ctx)
+        if i == T - 1:  # no look-ahead after the last step
+            return None
         cands, rows = candidates(ctx, self.n, self.gen, self.process)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
@@ -84,23 +149,13 @@ class Free2Guide(Method):
         keep = pick_per_parent(v, self.n, self.lam, self.gen).to(cands.device)
         return Selection(cands[keep], rows[keep], model_out[keep])
 
-    def _choose_start(self, ctx: StepContext) -> StepContext:
-        """Decision 0: the best of n initial noises (the sampler's own first), then its step."""
-        x, B, n = ctx.x_t, ctx.x_t.shape[0], self.n
-        z = torch.randn((B, n - 1) + tuple(x.shape[1:]), generator=self.gen).to(x)
-        rows = torch.arange(B, device=x.device).repeat_interleave(n - 1)
-        assert ctx.predict is not None
-        out_z, x0_z = ctx.predict(z.flatten(0, 1), ctx.t, rows)
-        v = torch.cat([self.score(ctx.out.x0_hat, ctx.prompts).view(B, 1),
-                       self.score(x0_z, ctx.prompts, rows).view(B, n - 1)], 1)
-        j = pick_per_parent(v.flatten(), n, self.lam, self.gen) - torch.arange(B) * n  # 0 .. n-1
-        starts = torch.cat([x.unsqueeze(1), z], 1)[torch.arange(B), j]
-        prev, mean, x0_hat = ctx.out.prev.clone(), ctx.out.mean.clone(), ctx.out.x0_hat.clone()
-        chosen = (j > 0).nonzero().flatten()
-        if len(chosen):
-            o = out_z.view(B, n - 1, *out_z.shape[1:])[chosen, j[chosen] - 1]
-            noise = None if ctx.noise is None else ctx.noise[chosen]
-            s = self.process.step(o, ctx.t, ctx.t_prev, starts[chosen], self.eta, noise)
-            prev[chosen], mean[chosen], x0_hat[chosen] = s.prev, s.mean, s.x0_hat
-        out = ctx.out._replace(prev=prev, mean=mean, x0_hat=x0_hat)
-        return ctx._replace(x_t=starts, out=out)
+    def _choose_start(self, ctx: StepContext) -> Selection:
+        """Step 0: the best of each request's n initial noises (particles, the sampler's own
+        first), scored on x0_hat(x_T); the chosen particle keeps its own first step."""
+        B = ctx.x_t.shape[0]
+        if B != self.num_samples * self.n:
+            raise RuntimeError(f"free2guide chooses among {self.n} initial noises: the rollout must start with "
+                               f"{self.n} particles per request, got {B} for {self.num_samples} requests")
+        v = self.score(ctx.out.x0_hat, ctx.prompts)  # [B], request-major groups of n
+        keep = pick_per_parent(v, self.n, self.lam, self.gen).to(ctx.out.prev.device)
+        return Selection(ctx.out.prev[keep], keep)

@@ -40,8 +40,8 @@ REGISTRY: dict[str, GuidanceEntry] = {
     "gradient": GuidanceEntry("rewardiff.guidance.gradient:GradientGuidance"),
     "svdd-pm": GuidanceEntry("rewardiff.guidance.svdd:SVDD", "m", 20),
     "svdd-mc": GuidanceEntry("rewardiff.guidance.svdd:SVDD", "m", 20, value="required"),
-    "dsearch": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "k0", 4),
-    "dsearch-r": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "k0", 4, {"replace": 0.05}),
+    "dsearch": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "oversample", 5),  # the paper's o = M = w = 5
+    "dsearch-r": GuidanceEntry("rewardiff.guidance.dsearch:DSearch", "oversample", 1, {"replace": 0.03}),  # theirs: o = 1
     "free2guide": GuidanceEntry("rewardiff.guidance.free2guide:Free2Guide", "n", 5),
     "smc": GuidanceEntry("rewardiff.guidance.smc:SMC", "k", 4, value="optional"),
 }
@@ -83,7 +83,7 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
     Args:
         name: one of :data:`METHODS`.
         reward: the reward it steers toward (None only for ``base``).
-        width: the method's width (best-of-n: n; svdd: m; dsearch: k0; free2guide: n; smc: k).
+        width: the method's width (best-of-n: n; svdd: m; dsearch: oversample; free2guide: n; smc: k).
         seed: the method's own randomness.
         value: a value function (``svdd-mc`` needs one; ``smc`` may use one).
         options: method-specific settings (alpha, scale, window, lam, m, w, ess, ...).
@@ -140,7 +140,7 @@ def guided_sample(
     c = evaluations_per_call(guidance_scale)
     k = method.particles
     per_batch = max(1, batch_size // k)
-    images, nfe, stats = [], 0, {}
+    images, nfe, expected, stats = [], 0, 0, {}
     for s in range(0, len(prompts), per_batch):
         req_p, req_s = prompts[s : s + per_batch], seeds[s : s + per_batch]
         method.begin(len(req_p), model, eta)
@@ -154,6 +154,7 @@ def guided_sample(
         with torch.no_grad():
             images.append(model.output(traj.x0.detach()))
         nfe += traj.nfe
+        expected += method.batch_cost(T, c, req_p)
         for key, val in method.stats.items():
             stats[key] = stats.get(key, 0) + val
         if progress is not None:
@@ -162,7 +163,7 @@ def guided_sample(
     info = {
         "method": method.name, "options": method.options(), "eta": eta, "num_inference_steps": T,
         "guidance_scale": guidance_scale, "nfe": nfe, "nfe_per_sample": nfe / n,
-        "expected_nfe_per_sample": method.cost(T, c),
+        "expected_nfe_per_sample": expected / n,
         **{f"{key}_per_sample": val / n for key, val in stats.items()},
     }
     return torch.cat(images), info
