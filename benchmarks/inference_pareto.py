@@ -37,6 +37,8 @@ def plan_points(args: argparse.Namespace) -> list[dict]:
             for method in args.methods:
                 for mult in args.mults:
                     pts.append(dict(reward=reward, seed=seed, method=method, mult=mult, eta=None))
+            for method in args.authors:  # the method as its paper set it, at whatever NFE that costs (mult 0: no plan)
+                pts.append(dict(reward=reward, seed=seed, method=method, mult=0, eta=None))
             if reward in args.gradient_rewards:
                 for s in args.gradient_scales:
                     pts.append(dict(reward=reward, seed=seed, method="gradient", mult=1, eta=0.0, options={"scale": s}))
@@ -84,7 +86,8 @@ def run_point(p: dict, args: argparse.Namespace, cache: dict) -> dict:
     reward = get_reward(p["reward"])
     value = load_value(args.value_dir / p["reward"]) if p["method"] == "svdd-mc" else None
     method = make_method(p["method"], reward, seed=p["seed"], value=value, **p.get("options", {}))
-    budget_plan(method, p["mult"] * BASE_COST, STEPS, SCALE)
+    if p["mult"]:  # mult 0: the method's own (paper) settings, unplanned
+        budget_plan(method, p["mult"] * BASE_COST, STEPS, SCALE)
     prompts_all = p.get("prompts") or [s.prompt for s in shapes.all_specs()]
     n = p.get("samples") or args.samples
     prompts = [prompts_all[i % len(prompts_all)] for i in range(n)]
@@ -229,6 +232,8 @@ def main() -> None:
     ap.add_argument("--rewards", type=lambda s: s.split(","), default=["shapes-count", "jpeg-compressibility", "shapes-ensemble"])
     ap.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x], default=["svdd-pm", "dsearch", "free2guide", "smc"])
     ap.add_argument("--mults", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
+    ap.add_argument("--authors", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="methods also run with their paper settings at their own cost (e.g. dsearch)")
     ap.add_argument("--bon", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--bon-eta", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 1.0],
                     help="DDIM eta of best-of-N's sampler (the guided methods use eta = 1)")
