@@ -6,8 +6,9 @@ Two parts, each resumable (finished points are kept and skipped on a rerun):
 1. ``--curve``: true QED (RDKit) against NFE per sample for best-of-N (N = 1 .. 16, 15 to
    240 NFE) and SVDD-PM (M = 2 .. 17, 29 to 239 NFE), ``--samples`` molecules a point (seeds
    0 .. n-1), with the paper's look-ahead (the reward of the argmax decode of the predicted
-   clean tokens) and with ``lookahead=sample`` (the reward of one draw from them, a named
-   deviation). Standard errors over molecules beside every mean.
+   clean tokens), with ``lookahead=sample`` (the reward of one draw from them, a named
+   deviation), and guided only from step ``GUIDE_FROM`` on (``guide_from``, a named
+   deviation that part 2 motivates). Standard errors over molecules beside every mean.
 2. ``--diagnose``: how well each look-ahead predicts what a candidate leads to. At step j of
    the T-step chain, each of P parent states gets M candidates of x_{t-1}; each candidate is
    scored by both look-aheads, then completed C times by the base sampler, whose mean final
@@ -33,7 +34,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "molecules" / "svdd"
 STEPS = 15
-CURVE = [("best-of-n", w, "mean") for w in (1, 2, 4, 8, 16)] + [("svdd-pm", m, la) for la in ("mean", "sample") for m in (2, 4, 8, 17)]
+GUIDE_FROM = 6  # the first step whose look-ahead reads something (the diagnosis: Spearman 0.16 there, 0.02 before)
+CURVE = ([("best-of-n", w, "mean", 0) for w in (1, 2, 4, 8, 16)] + [("svdd-pm", m, la, 0) for la in ("mean", "sample") for m in (2, 4, 8, 17)]
+         + [("svdd-pm", m, "mean", GUIDE_FROM) for m in (3, 7, 14, 29)])  # 7 + 8 M NFE: 31, 63, 119, 239
 
 
 def _model():
@@ -42,20 +45,20 @@ def _model():
     return base_model("molecules")
 
 
-def curve_point(model, method: str, width: int, lookahead: str, n: int) -> dict:
+def curve_point(model, method: str, width: int, lookahead: str, guide_from: int, n: int) -> dict:
     from rewardiff.guidance import guided_sample, make_method
     from rewardiff.rewards import get_reward
     from rewardiff.worlds.molecules import data as molecules
     from rewardiff.worlds.molecules.chem import property_values
 
     reward = get_reward("qed")
-    opts = {"lookahead": lookahead} if method == "svdd-pm" else {}
+    opts = {"lookahead": lookahead, "guide_from": guide_from} if method == "svdd-pm" else {}
     meth = make_method(method, reward, width=width, **opts)
     t0 = time.perf_counter()
     x, info = guided_sample(model, meth, [""] * n, list(range(n)), STEPS, guidance_scale=1.0, eta=1.0)
     smiles = model.texts(x)
     qed = property_values("qed", smiles).numpy()
-    return {"method": method, "width": width, "lookahead": lookahead, "samples": n, "nfe_per_sample": info["nfe_per_sample"],
+    return {"method": method, "width": width, "lookahead": lookahead, "guide_from": guide_from, "samples": n, "nfe_per_sample": info["nfe_per_sample"],
             "qed": float(qed.mean()), "qed_se": float(qed.std(ddof=1) / np.sqrt(n)), "sa": float(property_values("sa", smiles).mean()),
             "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles), "wall_s": time.perf_counter() - t0}
 
@@ -63,25 +66,28 @@ def curve_point(model, method: str, width: int, lookahead: str, n: int) -> dict:
 def run_curve(n: int, out: Path) -> list[dict]:
     path = out / "curve.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    have = {(r["method"], r["width"], r["lookahead"], r["samples"]) for r in rows}
+    have = {(r["method"], r["width"], r["lookahead"], r.get("guide_from", 0), r["samples"]) for r in rows}
     model = _model()
-    for method, width, la in CURVE:
-        if (method, width, la, n) in have:
+    for method, width, la, k in CURVE:
+        if (method, width, la, k, n) in have:
             continue
-        row = curve_point(model, method, width, la, n)
+        row = curve_point(model, method, width, la, k, n)
         rows.append(row)
         out.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{method} {width} {la}: {row['nfe_per_sample']:.0f} NFE, QED {row['qed']:.3f} ± {row['qed_se']:.3f} "
+        print(f"{method} {width} {la} from {k}: {row['nfe_per_sample']:.0f} NFE, QED {row['qed']:.3f} ± {row['qed_se']:.3f} "
               f"({row['wall_s']:.0f} s)", flush=True)
     return [r for r in rows if r["samples"] == n]
 
 
 def curve_table(rows: list[dict]) -> str:
-    lines = ["| method | look-ahead | width | NFE/sample | QED ± s.e. | SA | validity | uniqueness |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["lookahead"], r["nfe_per_sample"])):
-        lines.append(f"| {r['method']} | {r['lookahead'] if r['method'] == 'svdd-pm' else '-'} | {r['width']} | {r['nfe_per_sample']:.0f} | "
+    lines = ["| method | look-ahead | guided from step | width | NFE/sample | QED ± s.e. | SA | validity | uniqueness |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["lookahead"], r.get("guide_from", 0), r["nfe_per_sample"])):
+        svdd = r["method"] == "svdd-pm"
+        lines.append(f"| {r['method']} | {r['lookahead'] if svdd else '-'} | {r.get('guide_from', 0) if svdd else '-'} | "
+                     f"{r['width']} | {r['nfe_per_sample']:.0f} | "
                      f"{r['qed']:.3f} ± {r['qed_se']:.3f} | {r['sa']:.3f} | {r['validity']:.1%} | {r['uniqueness']:.1%} |")
     return "\n".join(lines)
 
@@ -91,7 +97,8 @@ def plot_curve(rows: list[dict], path: Path) -> Path:
 
     series: dict[str, list] = {}
     for r in sorted(rows, key=lambda r: r["nfe_per_sample"]):
-        label = r["method"] if r["method"] == "best-of-n" else f"svdd-pm ({r['lookahead']} look-ahead)"
+        label = r["method"] if r["method"] == "best-of-n" else (
+            f"svdd-pm ({r['lookahead']} look-ahead" + (f", from step {r['guide_from']})" if r.get("guide_from") else ")"))
         series.setdefault(label, []).append((r["nfe_per_sample"], r["qed"]))
     return plot_curves(series, path, "NFE per sample", "true QED (RDKit)", f"masked molecules model, {rows[0]['samples']} a point")
 

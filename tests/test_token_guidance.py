@@ -128,3 +128,26 @@ def test_svdd_sampled_lookahead_refuses_continuous_states():
     with pytest.raises(UserError, match="lookahead=sample draws clean tokens"):
         guided_sample(toy2d_model(), make_method("svdd-pm", target_reward_blackbox(), width=2, lookahead="sample"),
                       [""] * 2, [0, 1], 4, guidance_scale=1.0)
+
+
+def test_svdd_guided_from_a_later_step_costs_and_steers_as_stated():
+    """guide_from = k: steps 0 .. k-1 unguided (k + 1 calls through step k), M look-aheads at each of
+    the steps k .. T-2; k >= T - 1 guides nothing and gives the base sampler back; the early
+    steps are the base sampler's own (the same tokens as base up to step k)."""
+    m = tiny_masked(2)
+    seeds, prompts = list(range(24)), [""] * 24
+    reward = count_twos()
+    base = m.generate(prompts, seeds, num_inference_steps=6, eta=1.0)
+
+    def run(**kw):
+        x, info = guided_sample(m, make_method("svdd-pm", reward, **kw), prompts, seeds, 6, guidance_scale=1.0)
+        assert info["nfe_per_sample"] == info["expected_nfe_per_sample"]
+        return x, info["nfe_per_sample"]
+
+    assert run(width=4, guide_from=2)[1] == (2 + 1) + 4 * 3
+    x, nfe = run(width=4, guide_from=5)
+    assert nfe == 6 and torch.equal(x, base)
+    x, _ = run(width=6, guide_from=2)
+    assert float(reward(x, prompts).mean()) > float(reward(base, prompts).mean()) + 0.3
+    with pytest.raises(UserError, match="guide_from must be >= 0"):
+        make_method("svdd-pm", reward, width=2, guide_from=-1)
