@@ -138,6 +138,13 @@ def reference_stats(reference: str | tuple[str, ...] = "held-out") -> Reference:
     return Reference(*_gaussian(chemnet_activations(valid)), properties(valid), len(valid))
 
 
+def reference_summary(reference: str | Sequence[str] = "held-out") -> dict[str, float]:
+    """The reference's own ``samples`` (valid molecules), ``aromatic_fraction`` and ``<p>_mean``."""
+    ref = reference_stats(reference if isinstance(reference, str) else tuple(reference))
+    out = {"samples": float(ref.n), "aromatic_fraction": float((ref.values["aromatic_rings"] > 0).mean())}
+    return out | {f"{k}_mean": float(v.mean()) for k, v in ref.values.items()}
+
+
 def measures(smiles: Sequence[str], reference: str | Sequence[str] = "held-out") -> dict[str, float]:
     """Every yardstick of the molecules ``smiles`` against ``reference`` (a split name or SMILES).
 
