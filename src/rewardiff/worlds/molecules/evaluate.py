@@ -5,8 +5,10 @@ The true QED and SA of the samples, the true counterpart of a reward-model rewar
 against the held-out molecules: validity, uniqueness, novelty against the training molecules,
 FCD (with ``fcd_n``, the molecules it was measured on), internal diversity, the aromatic-ring
 fraction, and the mean and Wasserstein-1 distance of QED, SA score, logP, rings, aromatic rings
-and heavy atoms. About 1 s for 96 molecules, 2 s for 512 (one CPU thread), after a first call
-that also measures the held-out molecules (2 s).
+and heavy atoms. Cost, one thread: ChemNet reads 96 molecules in 0.2 s and 448 in 0.9 s on an
+idle core; the whole hook took 2.1 s for 96 molecules and 6.2 s for 512 on a loaded 2-core
+machine (about twice the idle times), plus 2-4 s at the first call of a process, which
+measures the held-out molecules once.
 """
 
 from __future__ import annotations
