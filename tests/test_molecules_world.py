@@ -126,3 +126,5 @@ def test_pretraining_cli_writes_a_card_that_matches_its_metrics(world, tmp_path)
     assert card["final_loss_mean_last_200"] == pytest.approx(sum(r["loss"] for r in rows) / len(rows))
     assert card["parameters"] == sum(p.numel() for p in net.parameters())
     assert 0 <= card["validity"] <= 1 and (tmp_path / "model" / "card.md").is_file()
+    assert card["yardsticks"]["fcd_n"] == 512 * card["validity"] and card["yardsticks_held_out"]["samples"] == 448
+    assert "FCD" in (tmp_path / "model" / "card.md").read_text()

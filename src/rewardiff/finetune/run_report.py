@@ -15,7 +15,8 @@ _ROWS = [
     ("eval_diversity", "diversity (pairwise RMS within a prompt)"),
     ("eval_kl_to_base", "KL to the base model (nats per sample, eta = 1 paths)"),
 ]
-_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base", "eval_true_reward_mean")  # not on the judge/diversity axes
+# not on the judge/diversity axes (other scales)
+_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base", "eval_true_reward_mean", "eval_fcd", "eval_fcd_n", "eval_heavy_atoms_mean")
 _TOKEN_ROWS = [
     ("eval_reward_mean", "training reward (fixed seeds)"),
     ("eval_true_reward_mean", "true reward: RDKit's value of what the reward model predicts"),
@@ -24,6 +25,12 @@ _TOKEN_ROWS = [
     ("eval_validity", "validity"),
     ("eval_uniqueness", "uniqueness"),
     ("eval_novelty", "novelty against the training molecules"),
+    ("eval_fcd", "FCD to the held-out molecules (ChemNet; biased up at small counts)"),
+    ("eval_fcd_n", "valid molecules FCD was measured on"),
+    ("eval_internal_diversity", "internal diversity (1 - Tanimoto, Morgan r2 2048)"),
+    ("eval_aromatic_fraction", "share of molecules with an aromatic ring"),
+    ("eval_qed_w1", "QED: Wasserstein-1 to the held-out molecules"),
+    ("eval_heavy_atoms_mean", "heavy atoms, mean"),
     ("eval_kl_to_base", "KL to the base model (nats per sample, on its own samples)"),
 ]
 

@@ -1,7 +1,14 @@
 """The molecules world's evaluation hook: the samples read by RDKit, which no learned reward uses.
 
 The true QED and SA of the samples, the true counterpart of a reward-model reward
-(``TRUE_REWARDS``), and validity, uniqueness and novelty against the training molecules.
+(``TRUE_REWARDS``), and the yardsticks of :func:`rewardiff.worlds.molecules.metrics.measures`
+against the held-out molecules: validity, uniqueness, novelty against the training molecules,
+FCD (with ``fcd_n``, the molecules it was measured on), internal diversity, the aromatic-ring
+fraction, and the mean and Wasserstein-1 distance of QED, SA score, logP, rings, aromatic rings
+and heavy atoms. Cost, one thread: ChemNet reads 96 molecules in 0.2 s and 448 in 0.9 s on an
+idle core; the whole hook took 2.1 s for 96 molecules and 6.2 s for 512 on a loaded 2-core
+machine (about twice the idle times), plus 2-4 s at the first call of a process, which
+measures the held-out molecules once.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ def chemistry_hook(model, outputs: Tensor, prompts: list[str], reward_name: str 
     """RDKit's measures of the molecules ``outputs`` (token ids [N, L]) and a "QED q" label each;
     None for a model of another world."""
     from rewardiff.rewards import get_reward
-    from rewardiff.worlds.molecules import data as molecules
     from rewardiff.worlds.molecules.chem import property_values
+    from rewardiff.worlds.molecules.metrics import measures
 
     if getattr(model, "world", None) != "molecules":
         return None
@@ -31,6 +38,5 @@ def chemistry_hook(model, outputs: Tensor, prompts: list[str], reward_name: str 
         r = torch.cat([get_reward(TRUE_REWARDS[reward_name])(outputs[i : i + 64], prompts[i : i + 64])
                        for i in range(0, len(prompts), 64)]).float()
         out["true_reward_mean"], out["true_reward_std"] = float(r.mean()), float(r.std()) if len(r) > 1 else 0.0
-    _, train = molecules.data("train")
-    out.update(validity=molecules.validity(smiles), uniqueness=molecules.uniqueness(smiles), novelty=molecules.novelty(smiles, train))
+    out.update({k: v for k, v in measures(smiles).items() if k != "samples"})
     return Evaluation(out, [f"QED {q:.2f}" if m else "(empty)" for m, q in zip(smiles, qed.tolist())])

@@ -25,7 +25,7 @@ from rewardiff.io import atomic_write_text
 from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
 from rewardiff.optim import warmup_cosine
 from rewardiff.pretraining import optimizer_step, resumable_loop, start_run
-from rewardiff.worlds.molecules.pretrain_masked import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures  # noqa: F401  (export: re-exported)
+from rewardiff.worlds.molecules.pretrain_masked import CARD_SAMPLES, CARD_SEED, card_head, export, sample_measures, yardstick_lines  # noqa: F401  (export: re-exported)
 
 
 @dataclass
@@ -139,6 +139,7 @@ def _card_md(card: dict, cfg: dict) -> str:
         f"uniqueness {card['uniqueness']:.1%}, novelty against the training set {card['novelty']:.1%}",
         f"- QED of the samples: {fmt(qs)}",
         f"- QED of the held-out molecules: {fmt(qh)}",
+        *yardstick_lines(card),
         "", "The samples' SMILES are in samples.txt; the first 24 are drawn below.", "", "![samples](samples.png)", "",
     ]
     return "\n".join(lines)

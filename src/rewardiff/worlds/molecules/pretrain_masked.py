@@ -150,9 +150,12 @@ def quantile_summary(values: list[float]) -> dict[str, float]:
 
 def sample_measures(model_dir: Path, smiles: list[str]) -> dict:
     """What every molecules card says of a model's samples: validity, uniqueness, novelty
-    against the training set and the QED distribution, beside the held-out molecules' QED;
-    the SMILES go to ``samples.txt`` in ``model_dir``."""
+    against the training set and the QED distribution, beside the held-out molecules' QED, and
+    the yardsticks against the held-out molecules (FCD, internal diversity, property
+    distributions: :func:`rewardiff.worlds.molecules.metrics.measures`) beside the held-out
+    molecules' own property means; the SMILES go to ``samples.txt`` in ``model_dir``."""
     from rewardiff.worlds.molecules import data as molecules
+    from rewardiff.worlds.molecules.metrics import measures, reference_summary
 
     atomic_write_text(model_dir / "samples.txt", "\n".join(smiles) + "\n")
     _, train = molecules.data("train")
@@ -161,7 +164,24 @@ def sample_measures(model_dir: Path, smiles: list[str]) -> dict:
         "validity": molecules.validity(smiles), "uniqueness": molecules.uniqueness(smiles),
         "novelty": molecules.novelty(smiles, train),
         "qed_samples": quantile_summary(_qed(smiles)), "qed_held_out": quantile_summary(_qed(held)),
+        "yardsticks": measures(smiles, "held-out"), "yardsticks_held_out": reference_summary("held-out"),
     }
+
+
+def yardstick_lines(card: dict) -> list[str]:
+    """The card.md lines of a card's yardsticks (see :func:`sample_measures`)."""
+    y, h = card["yardsticks"], card["yardsticks_held_out"]
+    names = {"qed": "QED", "sa_score": "SA score (1 easy ... 10 hard)", "logp": "logP", "rings": "rings",
+             "aromatic_rings": "aromatic rings", "heavy_atoms": "heavy atoms"}
+    props = "; ".join(f"{label} {y[k + '_mean']:.2f} ({h[k + '_mean']:.2f}, W1 {y[k + '_w1']:.3f})" for k, label in names.items())
+    return [
+        f"- against the {int(h['samples'])} held-out molecules (rewardiff.worlds.molecules.metrics): FCD {y['fcd']:.2f} "
+        f"on {int(y['fcd_n'])} valid samples (FCD falls with the sample count: compare at equal counts; "
+        "benchmarks/results/molecules/yardsticks.md has the training split's own FCD); internal diversity "
+        f"{y['internal_diversity']:.3f} (1 - Tanimoto, Morgan radius 2, 2048 bits)",
+        f"- molecules with an aromatic ring: {y['aromatic_fraction']:.1%} (held-out {h['aromatic_fraction']:.1%})",
+        f"- sample means (held-out means, Wasserstein-1 distance): {props}",
+    ]
 
 
 def measure(model_dir: Path, n: int = CARD_SAMPLES, steps: int = CARD_STEPS) -> dict:
@@ -247,6 +267,7 @@ def _card_md(card: dict, cfg: dict) -> str:
         f"uniqueness {card['uniqueness']:.1%}, novelty against the training set {card['novelty']:.1%}",
         f"- QED of the samples: {fmt(qs)}",
         f"- QED of the held-out molecules: {fmt(qh)}",
+        *yardstick_lines(card),
         "", "The samples' SMILES are in samples.txt.", "",
     ]
     return "\n".join(lines)
