@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
