@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 
@@ -37,3 +38,19 @@ def test_molecules_pretraining_resumes_bit_identically(tmp_path):
     b = pretrain_molecules(cfg(4), tmp_path / "b", progress=False)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_pretraining_config_overrides_are_typed_and_named():
+    from rewardiff.errors import UserError
+    from rewardiff.pretraining import configure
+    from rewardiff.worlds.molecules.pretrain_masked import MoleculesPretrainConfig
+
+    cfg = configure(MoleculesPretrainConfig, None, 3, {"dim": 192, "lr": 1, "schedule": "cosine"})
+    assert (cfg.steps, cfg.seed, cfg.dim, cfg.lr, cfg.schedule) == (MoleculesPretrainConfig.steps, 3, 192, 1.0, "cosine")
+    assert configure(MoleculesPretrainConfig, 7, 0).steps == 7
+    with pytest.raises(UserError, match="unknown pretraining field 'width'; fields: steps, batch_size"):
+        configure(MoleculesPretrainConfig, None, 0, {"width": 3})
+    with pytest.raises(UserError, match="pretraining field 'dim' must be int, got 'big'"):
+        configure(MoleculesPretrainConfig, None, 0, {"dim": "big"})
+    with pytest.raises(UserError, match="must be int, got True"):
+        configure(MoleculesPretrainConfig, None, 0, {"layers": True})

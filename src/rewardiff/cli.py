@@ -111,12 +111,14 @@ def pretrain(
     out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="a field of the world's pretraining config: key=value (dim=192)")] = None,
 ) -> None:
     """Train a world's base model (resumable), then export it with its card to OUT/model."""
     from rewardiff import plugins
+    from rewardiff.sampling import parse_options
 
     command = plugins.resolve(plugins.PRETRAIN, world, "world")
-    typer.echo(command(out or Path(f"runs/pretrain-{world}"), steps, seed))
+    typer.echo(command(out or Path(f"runs/pretrain-{world}"), steps, seed, parse_options(set_, "--set")))
 
 
 @app.command("train-reward")

@@ -18,7 +18,7 @@ Registries:
     TEXT_GRIDS: world name -> ``save(texts, path, legends=None)``: a picture of text outputs
         (molecules drawn from their SMILES), for models of that world (``model.world``).
     TOKENIZERS: tokenizer name -> ``tokenizer(path: str | None) -> tokenizer``.
-    PRETRAIN: world model name -> ``pretrain(out: Path, steps: int | None, seed: int) -> str``
+    PRETRAIN: world model name -> ``pretrain(out: Path, steps: int | None, seed: int, overrides: dict) -> str``
         (trains, exports to ``out/model`` with its card, returns one line for the user).
     REWARD_TRAINERS: world name -> ``train(out, steps, seed, base_samples) -> card``
         (``rewardiff train-reward``).

@@ -105,3 +105,29 @@ def _ema_update(ema, model, decay: float) -> None:
         pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+def configure(cls, steps: int | None, seed: int, overrides: dict | None = None):
+    """A world's pretraining config ``cls`` (a dataclass): its defaults, then ``steps`` (None:
+    the default), ``seed`` and ``overrides`` (``--set key=value`` of ``rewardiff pretrain``).
+
+    Raises:
+        UserError: an unknown field (the message lists the fields) or a value of the wrong type.
+    """
+    from dataclasses import fields
+
+    from rewardiff.errors import UserError
+
+    known = {f.name: f for f in fields(cls)}
+    values = {"seed": seed, **({} if steps is None else {"steps": steps})}
+    for key, val in (overrides or {}).items():
+        if key not in known:
+            raise UserError(f"unknown pretraining field {key!r}; fields: {', '.join(known)}")
+        default = getattr(cls, key, None)
+        kind = type(default) if default is not None else type(val)
+        if kind is float and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if not isinstance(val, kind) or (kind is int and isinstance(val, bool)):
+            raise UserError(f"pretraining field {key!r} must be {kind.__name__}, got {val!r}")
+        values[key] = val
+    return cls(**values)

@@ -42,7 +42,7 @@ def resolve_guidance_scale(m: Generator, guidance_scale: float | None) -> float:
     return 1.0
 
 
-def parse_options(items: list[str] | None) -> dict[str, Any]:
+def parse_options(items: list[str] | None, flag: str = "--option") -> dict[str, Any]:
     """``["alpha=0.1", "final=sample"]`` -> ``{"alpha": 0.1, "final": "sample"}`` (ints, floats,
     true/false and inf are typed; anything else stays a string)."""
     out: dict[str, Any] = {}
@@ -50,7 +50,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
-            raise UserError(f"--option must look like key=value, got {item!r}")
+            raise UserError(f"{flag} must look like key=value, got {item!r}")
         val: Any = raw.strip()
         low = val.lower()
         if low in ("true", "false"):

@@ -145,9 +145,10 @@ def _card_md(card: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def pretrain_command(out: Path, steps: int | None, seed: int) -> str:
+def pretrain_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
     """``rewardiff pretrain molecules-ar``: train, export ``out/model`` with its card; one line for the user."""
+    from rewardiff.pretraining import configure
     from rewardiff.worlds.molecules.pretrain_masked import card_line
 
-    cfg = MoleculesARPretrainConfig(steps=MoleculesARPretrainConfig.steps if steps is None else steps, seed=seed)
+    cfg = configure(MoleculesARPretrainConfig, steps, seed, overrides)
     return card_line(out, write_card(export(pretrain_molecules_ar(cfg, out), out / "model"), out))

@@ -290,7 +290,9 @@ def card_line(out: Path, card: dict) -> str:
             f"novelty {card['novelty']:.1%}, QED {card['qed_samples']['mean']:.3f} (held-out data {card['qed_held_out']['mean']:.3f})")
 
 
-def pretrain_command(out: Path, steps: int | None, seed: int) -> str:
+def pretrain_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
     """``rewardiff pretrain molecules``: train, export ``out/model`` with its card; one line for the user."""
-    cfg = MoleculesPretrainConfig(steps=MoleculesPretrainConfig.steps if steps is None else steps, seed=seed)
+    from rewardiff.pretraining import configure
+
+    cfg = configure(MoleculesPretrainConfig, steps, seed, overrides)
     return card_line(out, write_card(export(pretrain_molecules(cfg, out), out / "model"), out))

@@ -54,11 +54,12 @@ def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
     return optimizer_step(model, opt, loss, cfg.lr * min(1.0, (step + 1) / cfg.warmup))
 
 
-def pretrain_command(out: Path, steps: int | None, seed: int) -> str:
+def pretrain_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
     """``rewardiff pretrain shapes``: train, export ``out/model`` with its card; one line for the user."""
+    from rewardiff.pretraining import configure
     from rewardiff.worlds.shapes.card import write_card
 
-    ema = pretrain_shapes(PretrainConfig(steps=PretrainConfig.steps if steps is None else steps, seed=seed), out)
+    ema = pretrain_shapes(configure(PretrainConfig, steps, seed, overrides), out)
     ema.save(out / "model")
     card = write_card(out / "model", out)
     return f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}"
