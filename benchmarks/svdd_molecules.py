@@ -8,7 +8,9 @@ Two parts, each resumable (finished points are kept and skipped on a rerun):
    0 .. n-1), with the paper's look-ahead (the reward of the argmax decode of the predicted
    clean tokens), with ``lookahead=sample`` (the reward of one draw from them, a named
    deviation), and guided only from step ``GUIDE_FROM`` on (``guide_from``, a named
-   deviation that part 2 motivates). Standard errors over molecules beside every mean.
+   deviation that part 2 motivates), and with the last step selected too (``final``, look-ahead
+   label "final": the best of M final draws by the reward itself, no extra NFE; a named
+   deviation). Standard errors over molecules beside every mean.
 2. ``--diagnose``: how well each look-ahead predicts what a candidate leads to. At step j of
    the T-step chain, each of P parent states gets M candidates of x_{t-1}; each candidate is
    scored by both look-aheads, then completed C times by the base sampler, whose mean final
@@ -36,7 +38,8 @@ OUT = HERE / "results" / "molecules" / "svdd"
 STEPS = 15
 GUIDE_FROM = 6  # the first step whose look-ahead reads something (the diagnosis: Spearman 0.16 there, 0.02 before)
 CURVE = ([("best-of-n", w, "mean", 0) for w in (1, 2, 4, 8, 16)] + [("svdd-pm", m, la, 0) for la in ("mean", "sample") for m in (2, 4, 8, 17)]
-         + [("svdd-pm", m, "mean", GUIDE_FROM) for m in (3, 7, 14, 29)])  # 7 + 8 M NFE: 31, 63, 119, 239
+         + [("svdd-pm", m, "mean", GUIDE_FROM) for m in (3, 7, 14, 29)]  # 7 + 8 M NFE: 31, 63, 119, 239
+         + [("svdd-pm", m, "final", 0) for m in (2, 4, 8, 17)])  # the last step selected too, at no NFE
 
 
 def _model():
@@ -52,7 +55,8 @@ def curve_point(model, method: str, width: int, lookahead: str, guide_from: int,
     from rewardiff.worlds.molecules.chem import property_values
 
     reward = get_reward("qed")
-    opts = {"lookahead": lookahead, "guide_from": guide_from} if method == "svdd-pm" else {}
+    opts = {"lookahead": "mean" if lookahead == "final" else lookahead, "guide_from": guide_from, "final": lookahead == "final"}
+    opts = opts if method == "svdd-pm" else {}
     meth = make_method(method, reward, width=width, **opts)
     t0 = time.perf_counter()
     x, info = guided_sample(model, meth, [""] * n, list(range(n)), STEPS, guidance_scale=1.0, eta=1.0)

@@ -18,6 +18,11 @@ of the look-ahead with what a candidate leads to is about 0.02 over the first 3 
 ``benchmarks/results/molecules/svdd/``), run unguided; SVDD-PM then costs
 c * (guide_from + 1 + M * (T - 1 - guide_from)), so a budget buys a larger M on the steps that count.
 
+``final=True`` (a deviation; the paper leaves the last step unguided): where the last step
+draws (masked diffusion always does), M candidates of the final sample are drawn and the one
+the reward scores highest is kept; they are final samples, so scoring them costs no denoiser
+evaluation. Where the last step is deterministic (DDIM's to t = -1) there is nothing to choose.
+
 ``lookahead`` says what SVDD-PM scores: ``mean`` (the paper's; for masked diffusion the
 argmax decode of the predicted clean tokens) or ``sample`` (a deviation, token processes
 only: one draw of the clean tokens from the predicted probabilities, an unbiased one-sample
@@ -26,6 +31,7 @@ estimate of the expected reward instead of the reward of the most likely complet
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
@@ -42,6 +48,7 @@ class SVDD(Method):
         value: a learned value function; given, the method is SVDD-MC.
         lookahead: ``mean`` (the paper's) or ``sample`` (see the module doc).
         guide_from: the first step that selects (0, the paper's, selects from the first).
+        final: also select among M draws of the final sample, by the reward itself (see the module doc).
         seed: randomness of the candidates and of soft selection.
     """
 
@@ -50,7 +57,7 @@ class SVDD(Method):
     needs_stochastic = True
 
     def __init__(self, reward: Reward | None, m: int = 20, alpha: float = 0.0, value: ValueFn | None = None,
-                 lookahead: str = "mean", guide_from: int = 0, seed: int = 0):
+                 lookahead: str = "mean", guide_from: int = 0, final: bool = False, seed: int = 0):
         super().__init__(reward, seed)
         if alpha < 0:
             raise UserError(f"svdd: alpha must be >= 0, got {alpha}")
@@ -59,6 +66,7 @@ class SVDD(Method):
         if guide_from < 0:
             raise UserError(f"svdd: guide_from must be >= 0, got {guide_from}")
         self.alpha, self.value, self.lookahead, self.guide_from = float(alpha), value, lookahead, int(guide_from)
+        self.final = bool(final)
         self.name = "svdd-mc" if value is not None else "svdd-pm"
         self.set_width(m)
 
@@ -82,7 +90,7 @@ class SVDD(Method):
 
     def options(self) -> dict:
         return {"m": self.m, "alpha": self.alpha, **({"lookahead": "sample"} if self.lookahead == "sample" else {}),
-                **({"guide_from": self.guide_from} if self.guide_from else {})}
+                **({"guide_from": self.guide_from} if self.guide_from else {}), **({"final": True} if self.final else {})}
 
     def begin(self, num_samples: int, model, eta: float) -> None:
         if self.lookahead == "sample" and TOKENS not in model.capabilities:
@@ -90,8 +98,11 @@ class SVDD(Method):
         super().begin(num_samples, model, eta)
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
-        if self.m == 1 or ctx.index == ctx.num_steps - 1 or ctx.index < self.guide_from:
+        if self.m == 1 or ctx.index < self.guide_from:
             return None
+        if ctx.index == ctx.num_steps - 1:
+            draws = ctx.noise is not None and float(torch.as_tensor(ctx.out.std).max()) > 0
+            return self._final(ctx) if self.final and draws else None
         cands, rows = candidates(ctx, self.m, self.gen, self.process)
         if self.value is None:
             assert ctx.predict is not None
@@ -103,3 +114,9 @@ class SVDD(Method):
             model_out, v = None, self.value(cands, ctx.t_prev, gather_rows(ctx.cond, rows)).float()
         keep = pick_per_parent(v, self.m, self.alpha, self.gen).to(cands.device)
         return Selection(cands[keep], rows[keep], None if model_out is None else model_out[keep])
+
+    def _final(self, ctx: StepContext) -> Selection:
+        """The best of M draws of the final sample by the reward itself (no denoiser call)."""
+        cands, rows = candidates(ctx, self.m, self.gen, self.process)
+        keep = pick_per_parent(self.score(cands, ctx.prompts, rows), self.m, self.alpha, self.gen).to(cands.device)
+        return Selection(cands[keep], rows[keep])
