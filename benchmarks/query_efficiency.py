@@ -33,17 +33,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 GRID = [0, 40, 80, 160, 240, 320, 480, 640, 960, 1280, 1600, 2400, 3200, 4000]
 
-# each method with its own paper's kind of settings, all full fine-tuning of the shipped model
-COMMON = dict(model="shapes", batch_size=8, lora_rank=0, num_inference_steps=15, guidance_scale=2.0, eval_every=0, checkpoint_every=0)
-METHODS = {
-    "draft-1": dict(method="draft-k", k=1, lr=2e-5),
-    "draft-k": dict(method="draft-k", k=5, lr=2e-5),
-    "draft-lv": dict(method="draft-lv", lv_n=2, lr=2e-5),
-    "alignprop": dict(method="alignprop", truncation="uniform", lr=2e-5),
-    "refl": dict(method="refl", lr=2e-5),
-    "vard": dict(method="vard", eta=1.0, lr=2e-5, kl_weight=1e-3, vard_warmup=128),
-    "ddpo": dict(method="ddpo", eta=1.0, lr=1e-5, batch_size=16, ppo_minibatches=2),
-}
+# the methods with their settings, as in the earlier benchmark; its 96 evaluation samples are overridden
+from sample_efficiency import COMMON, METHODS  # noqa: E402  (a sibling script: run from benchmarks/ or by path)
+
 SUITES = {
     "count": dict(reward="shapes-count", targets=(-0.70, -0.65), methods=list(METHODS), eval_samples=384,
                   budget=1600, budgets={"ddpo": 4000}),

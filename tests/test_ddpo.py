@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
-from torch import nn
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
@@ -18,7 +17,7 @@ from rewardiff.finetune.trainer import Run
 from rewardiff.models.base import DiffusionModel
 from rewardiff.worlds.shapes.denoiser import shapes_model
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
-from tests.helpers import assert_trains_and_resumes_bit_identically, blackbox_cfg
+from tests.helpers import AffineDenoiser, assert_trains_and_resumes_bit_identically, blackbox_cfg
 
 
 def test_ppo_loss_hand_example():
@@ -87,22 +86,11 @@ def test_per_prompt_statistics_by_hand():
     assert restored.advantages(["a"], torch.tensor([4.0])).tolist() == stats.advantages(["a"], torch.tensor([4.0])).tolist()
 
 
-class _Affine(nn.Module):
-    """'sample' prediction x0_hat = x_t + b: the bias moves every sample by the same amount."""
-
-    def __init__(self):
-        super().__init__()
-        self.b = nn.Parameter(torch.zeros(2))
-
-    def forward(self, x, t, cond):
-        return x * 0.5 + self.b
-
-
 def test_ddpo_raises_a_black_box_reward_on_a_toy():
     """Reward x[0], read as values only: DDPO must push the bias's first coordinate up and
     leave the reward's blind coordinate roughly alone."""
     proc = GaussianProcess(make_betas("linear"), "sample")
-    net = _Affine()
+    net = AffineDenoiser()
     model = DiffusionModel(net, proc, lambda p: torch.zeros(len(p), 1), (2,), output_range=None)
     reward = lambda x, prompts: x[:, 0].detach()  # noqa: E731
     cfg = FinetuneConfig(num_inference_steps=4, eta=1.0, guidance_scale=1.0, batch_size=32, ppo_minibatches=1, ppo_clip=0.2,

@@ -70,7 +70,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from rewardiff.finetune import draft as draft_module
 from rewardiff.finetune.config import FinetuneConfig
@@ -78,7 +77,7 @@ from rewardiff.finetune.draft import alignprop, draft, draft_k, draft_lv, refl, 
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
 from rewardiff.rewards.base import RewardFn
-from tests.helpers import ScaleDenoiser, linear_ddim_gradient
+from tests.helpers import AffineDenoiser, ScaleDenoiser, linear_ddim_gradient
 
 C = torch.tensor([0.5, -0.2, 0.1, 0.3])  # the target of the reward -||x - C||^2
 
@@ -220,20 +219,9 @@ def test_draft_lv_renoising_at_the_wrong_level_is_caught(monkeypatch):
 # ----------------------------------------------------------------------------- black-box rewards: DDPO and VARD
 
 
-class _Affine(nn.Module):
-    """'sample' prediction x0_hat = x_t / 2 + b: the bias b [2] moves every sample alike."""
-
-    def __init__(self):
-        super().__init__()
-        self.b = nn.Parameter(torch.zeros(2))
-
-    def forward(self, x, t, cond):
-        return x * 0.5 + self.b
-
-
-def _affine_model() -> tuple[DiffusionModel, _Affine]:
+def _affine_model() -> tuple[DiffusionModel, AffineDenoiser]:
     proc = GaussianProcess(make_betas("linear"), "sample")
-    net = _Affine()
+    net = AffineDenoiser()
     return DiffusionModel(net, proc, lambda p: torch.zeros(len(p), 1), (2,), output_range=None), net
 
 
