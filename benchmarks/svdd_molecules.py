@@ -102,8 +102,9 @@ def plot_curve(rows: list[dict], path: Path) -> Path:
 
     series: dict[str, list] = {}
     for r in sorted(rows, key=lambda r: r["nfe_per_sample"]):
+        la = "mean look-ahead, last step selected" if r["lookahead"] == "final" else f"{r['lookahead']} look-ahead"
         label = r["method"] if r["method"] == "best-of-n" else (
-            f"svdd-pm ({r['lookahead']} look-ahead" + (f", from step {r['guide_from']})" if r.get("guide_from") else ")"))
+            f"svdd-pm ({la}" + (f", from step {r['guide_from']})" if r.get("guide_from") else ")"))
         series.setdefault(label, []).append((r["nfe_per_sample"], r["qed"]))
     return plot_curves(series, path, "NFE per sample", "true QED (RDKit)", f"masked molecules model, {rows[0]['samples']} a point")
 
