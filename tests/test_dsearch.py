@@ -131,3 +131,22 @@ def test_dsearch_with_the_paper_setting_raises_the_toy_reward():
     x, info = guided_sample(toy, make_method("dsearch", reward), prompts, seeds, 10, guidance_scale=1.0)
     assert info["nfe_per_sample"] == info["expected_nfe_per_sample"]
     assert float(reward(x, prompts).mean()) > float(reward(base, prompts).mean()) + 1.0
+
+
+def test_dsearch_r_replaces_the_worst_by_draws_weighted_toward_high_values():
+    """_replace_worst: the best na - r of ``top`` (sorted best first) are kept in order, and the r
+    replacements are softmax(v / temperature) draws over the pool, so with a small temperature
+    they are the pool's highest values; weights inverted (softmax(-v)) would draw the lowest."""
+    import torch
+
+    from rewardiff.guidance.dsearch import DSearch
+
+    d = DSearch(None, replace=0.5, temperature=0.05, seed=0)
+    v = torch.arange(20, dtype=torch.float)  # value of pool row i is i
+    pool = torch.arange(20)
+    top = torch.tensor([19, 17, 15, 13, 11, 9, 7, 5, 3, 1])  # best first
+    got = d._replace_worst(top, pool, v)
+    assert len(got) == 10
+    r = d.stats["replaced"]
+    assert r in (5, 6) and torch.equal(got[: 10 - r], top[: 10 - r])  # the worst r went, the rest kept in order
+    assert float(v[got[10 - r :]].mean()) >= 18.5  # draws concentrate on the highest values (19, then 18)

@@ -59,9 +59,11 @@ same seeds by at least 2, where the base mean is about -8 and the target mode sc
   ``guided_sample``), the selection inverted by handing the method the negated reward ->
   ``[dsearch]``, ``[dsearch-r]``, ``[free2guide]``, so that the tests hold for any rewrite of
   their internals. The same check also fails when their internal selection is inverted instead
-  (``pick_per_parent`` handed -values, ``topk`` taking the smallest: gains -6 to -10). Not told
-  apart: DSearch-R's replacement of the worst few particles (5 %) drawn with inverted softmax
-  weights (its temperature negated: gain 7.93 against 7.99); the beam selection dominates.
+  (``pick_per_parent`` handed -values, ``topk`` taking the smallest: gains -6 to -10). The
+  behavioural check does not tell apart DSearch-R's replacement draws with inverted softmax
+  weights (gain 7.93 against 7.99; the beam selection dominates); the unit test
+  test_dsearch.py::test_dsearch_r_replaces_the_worst_by_draws_weighted_toward_high_values
+  does (softmax(-v) in ``DSearch._replace_worst`` fails it).
 """
 
 from __future__ import annotations
