@@ -1,5 +1,6 @@
 """Shared fixtures, small enough for CPU tests: a tiny shapes denoiser, a tiny random GPT-2 and a
-tiny masked molecules denoiser saved to disk, and a value-net scrambler."""
+tiny masked molecules denoiser and a tiny autoregressive molecules model saved to disk, and a
+value-net scrambler."""
 
 from __future__ import annotations
 
@@ -78,4 +79,17 @@ def masked_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-masked")
     torch.manual_seed(0)
     MaskedDenoiser(MaskedModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=2, heads=2)).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ar_dir(tmp_path_factory):
+    """A tiny random autoregressive molecules model on disk."""
+    from rewardiff.worlds.molecules import data as molecules
+    from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
+
+    tok = molecules.tokenizer()
+    d = tmp_path_factory.mktemp("tiny-ar")
+    torch.manual_seed(0)
+    ARTransformer(ARModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=1, heads=2, dropout=0.1)).save(d)
     return d

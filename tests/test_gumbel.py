@@ -17,21 +17,9 @@ from rewardiff.finetune.gumbel import SoftTokenInputs, gumbel, masked_chain, rel
 from rewardiff.finetune.trainer import Run, finetune
 from rewardiff.finetune.weights import attach_lora
 from rewardiff.models.registry import base_model
-from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
 from rewardiff.rewards import get_reward
-from rewardiff.worlds.molecules import data as molecules
 
 SEEDS = [1, 2, 3, 4]
-
-
-@pytest.fixture(scope="module")
-def ar_dir(tmp_path_factory):
-    """A tiny random autoregressive molecules model on disk."""
-    tok = molecules.tokenizer()
-    d = tmp_path_factory.mktemp("tiny-ar")
-    torch.manual_seed(0)
-    ARTransformer(ARModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=1, heads=2, dropout=0.1)).save(d)
-    return d
 
 
 def _cfg(model: str, **kw) -> FinetuneConfig:

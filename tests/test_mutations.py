@@ -307,19 +307,6 @@ def test_vard_raises_the_reward_and_a_flipped_value_lowers_it(monkeypatch):
 # ----------------------------------------------------------------------------- gumbel on tokens
 
 
-@pytest.fixture(scope="module")
-def ar_model_dir(tmp_path_factory):
-    """A tiny random autoregressive molecules model on disk (as tests/test_gumbel.py's ar_dir)."""
-    from rewardiff.worlds.molecules import data as molecules
-    from rewardiff.worlds.molecules.autoregressive import ARModelConfig, ARTransformer
-
-    tok = molecules.tokenizer()
-    d = tmp_path_factory.mktemp("tiny-ar-mutations")
-    torch.manual_seed(0)
-    ARTransformer(ARModelConfig(tok.size, tok.max_len, tok.mask_id, dim=32, layers=1, heads=2, dropout=0.1)).save(d)
-    return d
-
-
 def _ar_finetune(ar_dir, sign: float, steps: int = 10) -> tuple[float, float]:
     """Mean chem-rm-qed of 32 fixed samples before and after ``steps`` gumbel steps on ``sign`` * the reward."""
     from rewardiff.finetune.gumbel import gumbel
@@ -348,9 +335,9 @@ def _ar_finetune(ar_dir, sign: float, steps: int = 10) -> tuple[float, float]:
     return before, score()
 
 
-def test_gumbel_autoregressive_raises_the_reward_and_a_flipped_sign_lowers_it(ar_model_dir):
-    before, up = _ar_finetune(ar_model_dir, 1.0)
-    _, down = _ar_finetune(ar_model_dir, -1.0)
+def test_gumbel_autoregressive_raises_the_reward_and_a_flipped_sign_lowers_it(ar_dir):
+    before, up = _ar_finetune(ar_dir, 1.0)
+    _, down = _ar_finetune(ar_dir, -1.0)
     assert up > before + 0.05, (before, up)  # measured 0.25 -> 0.36
     assert down < before - 0.05, (before, down)  # measured 0.25 -> -0.01
 
