@@ -12,7 +12,7 @@ that lacks one is refused in one line that says what to use instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -20,9 +20,9 @@ import torch
 from rewardiff import plugins
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, Reward, missing
+from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, LossOut, Reward, missing
 
-TrainingMethod = Callable[[Any, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "Any | Iterable[Any]"]
+TrainingMethod = Callable[[Any, Reward, list[str], list[int], FinetuneConfig, torch.Generator], "LossOut | Iterable[LossOut]"]
 
 
 class FinetuneEntry(NamedTuple):
