@@ -121,9 +121,11 @@ def _nan_reward_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
-def test_non_finite_reward_stops_with_the_step(tiny_model_dir, tmp_path, monkeypatch):
+def test_non_finite_reward_stops_with_the_reward_named(tiny_model_dir, tmp_path, monkeypatch):
+    from rewardiff.rewards.guard import RewardFailure
+
     _nan_reward_module(tmp_path, monkeypatch)
-    with pytest.raises(NonFiniteError, match="step 1"):
+    with pytest.raises(RewardFailure, match="reward 'nanreward:reward' returned NaN for 4 of 4 samples at the evaluation 'before'"):
         finetune(_cfg(tiny_model_dir, reward="nanreward:reward"), tmp_path / "run", progress=False)
 
 

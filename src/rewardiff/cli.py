@@ -23,11 +23,14 @@ def demo(
     """Teach the shipped shapes model to count by reward backpropagation, then write the report."""
     from rewardiff.finetune.presets import demo_config
     from rewardiff.finetune.trainer import finetune as run
+    from rewardiff.finetune.trainer import is_run
 
     cfg = demo_config(steps)
-    typer.echo(f"fine-tuning the shapes model with {cfg.method} on {cfg.reward} for {cfg.steps} steps -> {out}")
+    again = is_run(out)  # a second `make demo` continues (or re-reads) the first one's run
+    typer.echo(f"fine-tuning the shapes model with {cfg.method} on {cfg.reward} for {cfg.steps} steps -> {out}"
+               + (" (continuing the run there)" if again else ""))
     t0 = time.perf_counter()
-    summary = run(cfg, out)
+    summary = run(cfg, out, resume=again)
     demo = demo_summary(cfg, summary, time.perf_counter() - t0, out)
     typer.echo(f"judge counting accuracy on held-out prompts: {demo['judge_count_before']:.1%} -> {demo['judge_count_after']:.1%}")
     typer.echo(f"reward ({cfg.reward}) on held-out prompts: {demo['reward_before']:.3f} -> {demo['reward_after']:.3f}")
@@ -64,15 +67,21 @@ def _step_seconds(out: Path) -> float | None:
 
 @app.command()
 def finetune(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML preset (configs/*.yaml)")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help="YAML preset (configs/*.yaml; every method has one)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: key=value")] = None,
-    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/finetune"),
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    out: Annotated[Path, typer.Option(help="run directory (must not hold a run, unless --resume)")] = Path("runs/finetune"),
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint, with the same config")] = False,
 ) -> None:
-    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard; gumbel for token models)."""
+    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard; gumbel for token models).
+
+    Ctrl-C or SIGTERM stops at the end of the current step with a checkpoint (exit status 130 or
+    143); --resume continues bit for bit. A mistake in the config or the arguments is one line
+    and exit status 2, with nothing written."""
     from rewardiff.finetune.config import load_config
     from rewardiff.finetune.trainer import finetune as run
 
+    if config is None and not set_:
+        raise UserError("give a CONFIG (a preset: configs/*.yaml) or fields with --set key=value; see rewardiff finetune --help")
     cfg = load_config(config, set_)
     summary = run(cfg, out, resume=resume)
     typer.echo(json.dumps({k: summary[k] for k in ("before", "after")}, indent=2))
@@ -204,12 +213,22 @@ def rewards() -> None:
 
 
 def main() -> None:
-    """Entry point: user mistakes print one line and exit 2, never a traceback."""
+    """Entry point: user mistakes print one line and exit 2, never a traceback; a run stopped by
+    a signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+    import os
+
+    from rewardiff.errors import Stopped
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a user's `--reward mymodule:fn` beside them imports, as with `python -m`
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
     except (UserError, NonFiniteError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted; the last checkpoint is intact (resume with --resume)", err=True)
         sys.exit(130)
@@ -220,4 +239,11 @@ def main() -> None:
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":  # the parser's name for an interrupt at a prompt
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
         raise
+    if isinstance(rv, int) and rv != 0:  # the parser turns an interrupt it caught into 130
+        if rv == 130:
+            typer.echo("interrupted; the last checkpoint is intact (resume with --resume)", err=True)
+        sys.exit(rv)

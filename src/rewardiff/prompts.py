@@ -39,7 +39,10 @@ def prompt_set(spec: str) -> list[str]:
     p = Path(spec)
     if not p.is_file():
         raise UserError(f"prompt set {spec!r} is neither {', '.join(plugins.PROMPT_SETS)} nor a file")
-    prompts = _json_prompts(p) if p.suffix == ".json" else [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        prompts = _json_prompts(p) if p.suffix == ".json" else [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {p} is not UTF-8 text (a binary file?)") from None
     if not prompts:
         raise UserError(f"prompt file {p} holds no prompts")
     return prompts
@@ -47,7 +50,7 @@ def prompt_set(spec: str) -> list[str]:
 
 def _json_prompts(p: Path) -> list[str]:
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"prompt file {p} is not valid JSON: {e}") from None
     data = data.get("prompts") if isinstance(data, dict) else data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -51,35 +52,131 @@ class FinetuneConfig:
     gumbel_estimator: str = "relaxed"  # gumbel: relaxed (the reward reads the relaxation) | straight-through (one-hot, relaxed gradient)
     prompts: str = "train"  # train | held-out | all | animals | animals-held-out | a .txt (one a line) or .json file
     eval_prompts: str = "held-out"  # prompts of the fixed evaluation set
-    eval_samples: int = 96  # evaluation samples (fixed prompts and seeds)
+    eval_samples: int = 96  # evaluation samples (fixed prompts and seeds); each evaluation costs about 2 x eval_samples x num_inference_steps x 2 (guidance) denoiser calls: the samples, then the base model along their paths for the KL (96 x 15: 5,760, a minute on a CPU for shapes)
     eval_every: int = 50  # steps between evaluations on the held-out set (0: only before and after)
     seed: int = 0  # seeds weights, prompts, noise
     checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
     mixed_precision: str = "no"  # no | bf16 (accelerate)
     tracker: str = "none"  # none | tensorboard | wandb (through accelerate; metrics.jsonl is always written)
+    reward_errors: str = "raise"  # raise | skip: a reward that fails (raises, NaN, wrong shape, timeout) stops the run, or its batch is skipped and counted
+    reward_timeout: float = 0.0  # seconds a black-box reward call may take before it counts as failed (0: no limit)
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
-    """``value`` as the field's type, or a UserError naming the field."""
+    """``value`` as the field's type, or a UserError naming the field.
+
+    Strict where YAML is loose: ``true`` is not a number, a number is not a name, a float with
+    a fraction is not an int, and text is taken only for a text field (or parsed, for a
+    ``--set`` override, which is always text).
+    """
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+
+    def bad() -> UserError:
+        return UserError(f"config field {name!r} expects {kind.__name__}, got {_show(value)}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad()
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad()
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        if kind is int and isinstance(value, str):
+        if kind is int:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
             return int(value)
         return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config field {name!r} expects {kind.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad() from None
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, shortened, with its type when not obvious."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return text if isinstance(value, (str, int, float)) else f"{text} ({type(value).__name__})"
+
+
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
+
+
+def _range_errors(cfg: "FinetuneConfig") -> list[str]:
+    """What is out of range in ``cfg``: one phrase per field, empty when everything is."""
+    errs: list[str] = []
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            errs.append(f"config field {field!r} must be {what}, got {getattr(cfg, field)!r}")
+
+    finite = lambda v: math.isfinite(v)  # noqa: E731
+    need(cfg.steps >= 1, "steps", "at least 1")
+    need(cfg.batch_size >= 1, "batch_size", "at least 1")
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "a positive number")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(cfg.lora_rank >= 0, "lora_rank", "0 (every weight) or a positive rank")
+    need(finite(cfg.lora_alpha) and cfg.lora_alpha > 0, "lora_alpha", "a positive number")
+    need(1 <= cfg.num_inference_steps <= 1000, "num_inference_steps", "between 1 and 1000")
+    need(1 <= cfg.k <= max(1, cfg.num_inference_steps), "k", f"between 1 and num_inference_steps ({cfg.num_inference_steps})")
+    need(cfg.lv_n >= 1, "lv_n", "at least 1")
+    need(finite(cfg.eta) and 0 <= cfg.eta <= 1, "eta", "in [0, 1]")
+    need(finite(cfg.guidance_scale) and cfg.guidance_scale >= 0, "guidance_scale", "a number >= 0")
+    need(finite(cfg.kl_weight) and cfg.kl_weight >= 0, "kl_weight", "a number >= 0")
+    need(finite(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+    need(cfg.truncation in ("uniform", "gaussian"), "truncation", "uniform or gaussian")
+    need(finite(cfg.truncation_mean) and 0 <= cfg.truncation_mean <= 1, "truncation_mean", "in [0, 1]")
+    need(finite(cfg.truncation_std) and cfg.truncation_std > 0, "truncation_std", "a positive number")
+    need(finite(cfg.refl_start) and 0 <= cfg.refl_start < 1, "refl_start", "in [0, 1)")
+    need(finite(cfg.ppo_clip) and cfg.ppo_clip > 0, "ppo_clip", "a positive number")
+    need(finite(cfg.adv_clip) and cfg.adv_clip > 0, "adv_clip", "a positive number")
+    need(cfg.ppo_epochs >= 1, "ppo_epochs", "at least 1")
+    need(cfg.ppo_minibatches >= 1 and (cfg.method != "ddpo" or cfg.batch_size % cfg.ppo_minibatches == 0), "ppo_minibatches",
+         f"at least 1 and (ddpo) divide batch_size ({cfg.batch_size})")
+    need(cfg.stat_buffer >= 1, "stat_buffer", "at least 1")
+    need(cfg.stat_min_count >= 0, "stat_min_count", "at least 0")
+    need(finite(cfg.timestep_fraction) and 0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
+    need(cfg.vard_warmup >= 1, "vard_warmup", "at least 1")
+    need(cfg.vard_warmup_steps >= 0, "vard_warmup_steps", "at least 0")
+    need(cfg.vard_value_steps >= 0, "vard_value_steps", "at least 0")
+    need(finite(cfg.vard_value_lr) and cfg.vard_value_lr > 0, "vard_value_lr", "a positive number")
+    need(finite(cfg.gumbel_tau) and cfg.gumbel_tau > 0, "gumbel_tau", "a positive number")
+    need(cfg.gumbel_estimator in ("relaxed", "straight-through"), "gumbel_estimator", "relaxed or straight-through")
+    need(cfg.eval_samples >= 1, "eval_samples", "at least 1")
+    need(cfg.eval_every >= 0, "eval_every", "at least 0 (0: only before and after)")
+    need(0 <= cfg.seed <= MAX_SEED, "seed", f"between 0 and {MAX_SEED}")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", "at least 0 (0: only at the end)")
+    need(cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no, bf16 or fp16")
+    need(cfg.reward_errors in ("raise", "skip"), "reward_errors", "raise or skip")
+    need(finite(cfg.reward_timeout) and cfg.reward_timeout >= 0, "reward_timeout", "a number of seconds >= 0 (0: no limit)")
+    for field in ("model", "reward", "method", "prompts", "eval_prompts"):
+        need(bool(getattr(cfg, field).strip()), field, "a non-empty name")
+    return errs
+
+
+def validate(cfg: "FinetuneConfig") -> "FinetuneConfig":
+    """``cfg`` when every field is in range; a UserError naming the first field that is not.
+
+    Checks values only (names of models, rewards and methods are checked where they are
+    looked up); called by :func:`build_config`, so every config read from a file or the
+    command line, and every saved run's, passes through it.
+    """
+    errs = _range_errors(cfg)
+    if errs:
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise UserError(errs[0] + more)
+    return cfg
 
 
 def _field_types() -> dict[str, Any]:
@@ -99,7 +196,7 @@ def build_config(values: dict[str, Any] | None = None, overrides: list[str] | No
     unknown = sorted(set(merged) - set(kinds))
     if unknown:
         raise UserError(f"unknown config field {unknown[0]!r}; valid fields: {', '.join(kinds)}")
-    return FinetuneConfig(**{k: _coerce(k, kinds[k], v) for k, v in merged.items()})
+    return validate(FinetuneConfig(**{k: _coerce(k, kinds[k], v) for k, v in merged.items()}))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -109,10 +206,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file {p} is a directory, not a YAML file")
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {p} is not UTF-8 text (a binary file?)") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -65,8 +65,9 @@ class KLMeter:
 
 @torch.no_grad()
 def kl_to_base(model: DiffusionModel, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-               eta: float = 1.0, batch_size: int = 64) -> Tensor:
-    """Per-sample KL of the fine-tuned sampler's path to the base model's [N] (zeros without a reference)."""
+               eta: float = 1.0, batch_size: int = 64, progress=None) -> Tensor:
+    """Per-sample KL of the fine-tuned sampler's path to the base model's [N] (zeros without a
+    reference); ``progress(k)`` after each batch of k, when given."""
     if model.reference is None:
         return torch.zeros(len(prompts))
     variances = step_variances(model, model.process.timesteps(num_inference_steps), eta)
@@ -77,4 +78,6 @@ def kl_to_base(model: DiffusionModel, prompts: list[str], seeds: list[int], num_
         meter = KLMeter(model, model.reference, uncond, guidance_scale, eta, variances)
         model.sample(p, s, num_inference_steps, eta=eta, guidance_scale=guidance_scale, hook=meter)
         out.append(meter.kl.cpu())
+        if progress is not None:
+            progress(len(p))
     return torch.cat(out)

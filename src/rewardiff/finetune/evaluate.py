@@ -43,16 +43,17 @@ def reward_summary(reward: Reward, outputs: Tensor, prompts: list[str]) -> dict[
 @torch.no_grad()
 def evaluate(model, reward: Reward | None, prompts: list[str], seeds: list[int], *, num_inference_steps: int,
              guidance_scale: float, reward_name: str = "", grid_path: Path | None = None,
-             samples_path: Path | None = None) -> dict[str, float]:
+             samples_path: Path | None = None, progress=None) -> dict[str, float]:
     """Sample the fixed set and measure it.
 
-    Writes a grid of the first samples when asked (images: one column per prompt; text outputs:
+    ``progress(k)``, when given, is called after each batch of k samples. Writes a grid of the first samples when asked (images: one column per prompt; text outputs:
     their world's picture of them), and for text outputs the texts, one a line, to
     ``samples_path``.
     """
     from rewardiff.report import diversity_by_prompt
 
-    outputs = model.generate(prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    outputs = model.generate(prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             progress=progress)
     outputs = outputs.to(model.device)
     texts = model.texts(outputs) if model.texts is not None else None
     out: dict[str, float] = {} if texts is not None else {"diversity": diversity_by_prompt(outputs, prompts)}

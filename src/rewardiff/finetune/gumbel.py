@@ -210,7 +210,7 @@ def gumbel(model, reward_fn: Reward, prompts: list[str], seeds: list[int], cfg: 
 
 
 @torch.no_grad()
-def kl_to_base_tokens(model, seeds: list[int], cfg: FinetuneConfig, batch_size: int = 64) -> Tensor:
+def kl_to_base_tokens(model, seeds: list[int], cfg: FinetuneConfig, batch_size: int = 64, progress=None) -> Tensor:
     """Per-sample KL of the model's sequences to the base model's [N], on the model's own samples:
     the sum of per-token KLs (autoregressive) or of every step's transition KL (masked)."""
     if model.reference is None:
@@ -224,4 +224,6 @@ def kl_to_base_tokens(model, seeds: list[int], cfg: FinetuneConfig, batch_size: 
         else:
             T = cfg.num_inference_steps
             out.append(model.sample([""] * len(s), s, T, grad_steps=range(T), checkpoint=False, kl=True).kl.cpu())
+        if progress is not None:
+            progress(len(s))
     return torch.cat(out)

@@ -20,8 +20,11 @@ classifier-free guidance; every evaluation adds what the worlds' judges read
 
 from __future__ import annotations
 
+import errno
 import json
-import math
+import os
+import re
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rewardiff.errors import NonFiniteError, UserError
+from rewardiff.errors import NonFiniteError, Stopped, UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.diagnostics import kl_to_base
 from rewardiff.finetune.evaluate import evaluate
@@ -38,6 +41,7 @@ from rewardiff.finetune.weights import attach_lora, load_trainable, save_weights
 from rewardiff.models.registry import base_model
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.prompts import EVAL_SEED, eval_set, prompt_set
+from rewardiff.rewards.guard import GuardedReward, RewardFailure, describe_batch
 from rewardiff.types import TOKENS, Generator, LossOut
 
 
@@ -48,8 +52,11 @@ class Run:
         from rewardiff.rewards import get_reward
 
         check_method(cfg.method)  # fail early, before loading anything heavy
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("config field 'mixed_precision': fp16 needs a GPU; use bf16 or no on a CPU")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.reward = get_reward(cfg.reward)
+        self.reward = GuardedReward(get_reward(cfg.reward), cfg.reward_timeout)
+        self.skipped = 0  # batches skipped because the reward failed (reward_errors: skip)
         if needs_reward_gradient(cfg.method) and not self.reward.differentiable:
             raise UserError(f"reward {cfg.reward!r} is not differentiable; method {cfg.method!r} backpropagates through it "
                             "(ddpo and vard need only its values)")
@@ -61,6 +68,12 @@ class Run:
         if not self.model.conditional:  # e.g. molecules: every prompt is ""
             self.train_prompts = [""]
             self.eval_prompts, self.eval_seeds = eval_set([""], cfg.eval_samples)
+        elif getattr(self.model, "check_prompts", None) is not None:  # a text encoder that knows its own words only
+            for field in ("prompts", "eval_prompts"):
+                try:
+                    self.model.check_prompts(self.train_prompts if field == "prompts" else list(dict.fromkeys(self.eval_prompts)))
+                except UserError as e:
+                    raise UserError(f"config field {field!r} ({getattr(cfg, field)}): {e}") from None
         attach_lora(self.model, cfg.lora_rank, cfg.lora_alpha)
         self._setup_accelerate()
         self.method = make_method(cfg, self.model, self.acc)
@@ -88,38 +101,107 @@ class Run:
     def _ckpt_dir(self, step: int) -> Path:
         return self.out / "checkpoints" / f"step-{step:06d}"
 
-    def save_checkpoint(self, step: int) -> None:
-        """Weights, optimizer and step; ``latest`` is switched only once all are on disk.
+    def _agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process gets the same answer). Collective."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.acc.device)
+        return bool(self.acc.reduce(t, "sum").item() > 0)
 
-        Collective: every rank calls it; the main process writes, the others wait at a
-        barrier until the checkpoint is complete (weights and optimizer state are the same
-        on every rank, so one copy is enough).
+    def save_checkpoint(self, step: int) -> None:
+        """Weights, optimizer, the method's state and the step, as one folder that appears whole.
+
+        The folder is written under a temporary name and renamed into place, and ``latest``
+        is switched only then; a run killed at any moment leaves the previous checkpoint and
+        ``latest`` intact. A write that fails (a full disk, a read-only folder) removes its
+        partial folder and raises a UserError saying which checkpoint is still whole.
+
+        Collective: every rank calls it; the main process writes, the others wait until it has
+        written (weights and optimizer state are the same on every rank, so one copy is enough).
         """
         self.acc.wait_for_everyone()
+        error = ""
         if self.acc.is_main_process:
-            d = self._ckpt_dir(step)
-            save_weights(d, self.acc.unwrap_model(self.model.net), self.cfg)
-            atomic_write(d / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
+            try:
+                self._write_checkpoint(step)
+            except OSError as e:
+                error = (f"cannot write checkpoint step-{step:06d} in {self.out / 'checkpoints'}: {e.strerror or e}; "
+                         f"{self._last_checkpoint_text()} (resume with --resume once it can be written)")
+        if self._agree(bool(error)):
+            raise UserError(error or "the main process could not write the checkpoint (see its message); the last complete one is intact")
+
+    def _write_checkpoint(self, step: int) -> None:
+        import shutil
+
+        root = self.out / "checkpoints"
+        d, tmp = self._ckpt_dir(step), root / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_weights(tmp, self.acc.unwrap_model(self.model.net), self.cfg)
+            atomic_write(tmp / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
             if hasattr(self.method, "save"):
-                self.method.save(d)
-            atomic_write_text(d / "state.json", json.dumps({"step": step}))
-            atomic_write_text(self.out / "checkpoints" / "latest", d.name)
-            for old in sorted((self.out / "checkpoints").glob("step-*"))[:-2]:
-                _rmtree(old)
-        self.acc.wait_for_everyone()
+                self.method.save(tmp)
+            atomic_write_text(tmp / "state.json", json.dumps({"step": step, "reward_skipped": self.skipped}))
+            if d.exists():  # an earlier pass wrote this step before being stopped: the same content
+                shutil.rmtree(d)
+            os.replace(tmp, d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(root / "latest", d.name)
+        ckpts = _checkpoints(root)
+        below = [s for s, _ in ckpts if s < step]
+        keep = {step, max(below)} if below else {step}  # this one and the one before it, by step number
+        for s, path in ckpts:
+            if s not in keep:
+                _rmtree(path)
+
+    def _last_checkpoint_text(self) -> str:
+        latest = self.out / "checkpoints" / "latest"
+        name = latest.read_text().strip() if latest.is_file() else ""
+        return f"the last complete checkpoint, {name}, is intact" if name else "no earlier checkpoint was written"
 
     def resume(self) -> int:
-        """Load the last checkpoint; returns its step (0 when there is none). Collective."""
+        """Load the last checkpoint; returns its step (0 when there is none). Collective.
+
+        Raises:
+            UserError: ``latest`` names a missing folder, or a file of the checkpoint is
+                missing or unreadable; the message names it and the other checkpoints.
+        """
         self.acc.wait_for_everyone()
-        latest = self.out / "checkpoints" / "latest"
+        root = self.out / "checkpoints"
+        latest = root / "latest"
         if not latest.is_file():
             return 0
-        d = self.out / "checkpoints" / latest.read_text().strip()
-        load_trainable(d, self.acc.unwrap_model(self.model.net))
-        self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        d = root / latest.read_text(errors="replace").strip()
+        others = ", ".join(p.name for _, p in _checkpoints(root) if p != d) or "none"
+
+        def broken(what: str) -> UserError:
+            return UserError(f"cannot resume from {d}: {what}; other checkpoints: {others} "
+                             f"(write one's name into {latest} to resume from it, or start afresh in a new --out)")
+
+        if not d.is_dir():
+            raise broken("checkpoints/latest names a folder that does not exist")
+        try:
+            state = json.loads((d / "state.json").read_text())
+            step = int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise broken(f"state.json is missing or unreadable ({type(e).__name__})") from None
+        try:
+            load_trainable(d, self.acc.unwrap_model(self.model.net))
+        except UserError:
+            raise
+        except Exception as e:  # a truncated or corrupt safetensors file
+            raise broken(f"trainable.safetensors is missing or unreadable ({str(e).splitlines()[0][:80]})") from None
+        try:
+            self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        except Exception as e:
+            raise broken(f"optimizer.pt is missing or unreadable ({type(e).__name__})") from None
         if hasattr(self.method, "load"):
-            self.method.load(d)
-        step = int(json.loads((d / "state.json").read_text())["step"])
+            try:
+                self.method.load(d)
+            except Exception as e:
+                raise broken(f"the {self.cfg.method} state is missing or unreadable ({str(e).splitlines()[0][:80]})") from None
+        self.skipped = int(state.get("reward_skipped", 0))
         self.acc.wait_for_everyone()  # every rank has read the checkpoint before anything is written
         if self.acc.is_main_process:
             truncate_jsonl(self.out / "metrics.jsonl", step)
@@ -154,7 +236,20 @@ class Run:
         prompts, seeds, gen = self.batch(step)
         t0 = time.perf_counter()
         self.model.net.train()
-        res = self.method(self.model, self.reward, prompts, seeds, cfg, gen)
+        self.reward.context = describe_batch(step + 1, prompts, seeds)
+        failure = None
+        try:
+            res = self.method(self.model, self.reward, prompts, seeds, cfg, gen)
+        except RewardFailure as e:
+            failure = e
+        if self._agree(failure is not None):  # every process skips or stops together
+            self.opt.zero_grad(set_to_none=True)
+            if cfg.reward_errors != "skip":
+                raise failure or RewardFailure(f"the reward failed on another process at step {step + 1} (see its message)")
+            self.skipped += 1
+            return {"step": step + 1, "skipped": 1, "reward_skipped": self.skipped,
+                    "skip_reason": str(failure) if failure else "the reward failed on another process",
+                    "seconds": time.perf_counter() - t0}
         outs: list[LossOut] = []
         norms = []
         for out in [res] if isinstance(res, LossOut) else res:
@@ -201,38 +296,82 @@ class Run:
     def evaluate(self, tag: str) -> dict:
         """The fixed evaluation set. Every process computes it (the same numbers: the weights
         and the set are the same) on the unwrapped net; only the main process writes the grid
-        (and, for text outputs, the samples)."""
+        (and, for text outputs, the samples) and shows the progress: the samples, then the
+        base model along their paths for the KL."""
         cfg, main = self.cfg, self.acc.is_main_process
         wrapped = self.model.net
         self.model.net = self.acc.unwrap_model(wrapped)
+        n = len(self.eval_seeds)
+        self.reward.context = f"the evaluation {tag!r} ({n} held-out samples)"
+        bar = tqdm(total=2 * n, desc=f"evaluating ({tag})", unit="sample", leave=False, disable=not (self.progress and main))
         try:
             self.model.net.eval()
             scale = cfg.guidance_scale if self.model.conditional else 1.0
             res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=cfg.num_inference_steps,
                            guidance_scale=scale, reward_name=cfg.reward, grid_path=self.out / f"samples_{tag}.png" if main else None,
-                           samples_path=self.out / f"samples_{tag}.txt" if main else None)
-            res["kl_to_base"] = float(self._kl_to_base().mean())
+                           samples_path=self.out / f"samples_{tag}.txt" if main else None, progress=bar.update)
+            res["kl_to_base"] = float(self._kl_to_base(bar.update).mean())
         finally:
+            bar.close()
             self.model.net = wrapped
         return {f"eval_{k}": v for k, v in res.items()}
 
-    def _kl_to_base(self) -> torch.Tensor:
+    def _kl_to_base(self, progress=None) -> torch.Tensor:
         """Per-sample KL of the model's samples to the base model's [N]: of token distributions
         for token models, of the chain's paths otherwise."""
         if TOKENS in self.model.capabilities:
             from rewardiff.finetune.gumbel import kl_to_base_tokens
 
-            return kl_to_base_tokens(self.model, self.eval_seeds, self.cfg)
-        return kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale)
+            return kl_to_base_tokens(self.model, self.eval_seeds, self.cfg, progress=progress)
+        return kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale,
+                          progress=progress)
 
     def train(self, resume: bool = False) -> dict:
-        """Run (or continue) training; returns the summary also written to ``summary.json``."""
+        """Run (or continue) training; returns the summary also written to ``summary.json``.
+
+        The run directory is locked for the run's lifetime (``.lock``, released by the
+        operating system even when the process is killed), so a second process aimed at the
+        same ``--out`` refuses to start. SIGINT (Ctrl-C) and SIGTERM (a cluster's pre-emption)
+        stop the run at the end of the current step: it writes a checkpoint, says where, and
+        raises :class:`~rewardiff.errors.Stopped` (exit status 130 or 143); a second Ctrl-C
+        stops at once, with the last checkpoint intact.
+        """
         cfg = self.cfg
         main = self.acc.is_main_process
+        lock = None
+        error = ""
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(_yaml(asdict(cfg)))
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(self.out)
+                check_out(self.out, cfg, resume)  # again, now that no other process can start here
+                if not resume:
+                    atomic_write_text(self.out / "config.yaml", _yaml(asdict(cfg)))
+            except UserError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"cannot write the run directory {self.out}: {e.strerror or e}"
+        if self._agree(bool(error)):
+            if lock is not None:
+                lock.release()
+            raise UserError(error or f"the main process refused the run directory {self.out} (see its message)")
+        try:
+            with StopSignals() as stop:
+                return self._train(resume, stop)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+                raise UserError(f"cannot write to {self.out}: {e.strerror}; {self._last_checkpoint_text()}") from None
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, resume: bool, stop: "StopSignals") -> dict:
+        cfg = self.cfg
+        main = self.acc.is_main_process
         start = self.resume() if resume else 0
+        if start >= cfg.steps and (self.out / "summary.json").is_file():
+            return json.loads((self.out / "summary.json").read_text())  # the run is complete: nothing to redo
         if start == 0 and main:
             truncate_jsonl(self.out / "metrics.jsonl", 0)
         if cfg.tracker != "none":
@@ -241,22 +380,31 @@ class Run:
         self._track({f"before/{k}": v for k, v in before.items()}, start, "samples_before")
         log = (self.out / "metrics.jsonl").open("a") if main else None
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.method}", disable=not (self.progress and main))
-        for step in bar:
-            row = self.train_step(step)
-            grid = None
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                row.update(self.evaluate(f"step{step + 1:06d}"))
-                grid = f"samples_step{step + 1:06d}"
-            self._track({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1, grid)
+        saved = start
+        try:
+            for step in bar:
+                self._stop_if_asked(stop, step, saved)
+                row = self.train_step(step)
+                grid = None
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                    row.update(self.evaluate(f"step{step + 1:06d}"))
+                    grid = f"samples_step{step + 1:06d}"
+                self._track({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1, grid)
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if "reward_mean" in row:
+                    bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(step + 1)
+                    saved = step + 1
+            self._stop_if_asked(stop, cfg.steps, saved)
+        finally:
             if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                self.save_checkpoint(step + 1)
-        if log is not None:
-            log.close()
-        self.save_checkpoint(cfg.steps)
+                log.close()
+            bar.close()
+        if saved < cfg.steps:
+            self.save_checkpoint(cfg.steps)
         if main:
             save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg)
         summary = self._finish(before, self.evaluate("after"))
@@ -265,6 +413,18 @@ class Run:
             self.acc.end_training()
         self.acc.wait_for_everyone()  # no process returns before the run's files are complete
         return summary
+
+    def _stop_if_asked(self, stop: "StopSignals", step: int, saved: int) -> None:
+        """At a safe point (between steps): when a stop signal came to any process, checkpoint
+        step ``step`` (unless it is the last one saved) and raise Stopped. Collective."""
+        if not self._agree(stop.signum is not None):
+            return
+        if step > saved:
+            self.save_checkpoint(step)
+        where = self._ckpt_dir(step) if step > 0 else None
+        name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
+        raise Stopped(stop.signum or signal.SIGTERM, f"stopped by {name} after step {step} of {self.cfg.steps}; "
+                      + (f"checkpoint {where}; continue with --resume" if where else "no step was trained yet; start again to run it"))
 
     def _track(self, values: dict, step: int, grid: str | None) -> None:
         """Send scalars, and the named sample grid when there is one, to the trackers."""
@@ -302,10 +462,130 @@ class Run:
 
         summary = {"method": self.cfg.method, "reward": self.cfg.reward, "steps": self.cfg.steps, "before": before, "after": after}
         if self.acc.is_main_process:
-            (self.out / "eval_after.json").write_text(json.dumps(after, indent=2))
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "eval_after.json", json.dumps(after, indent=2))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
             write_run_report(self.out, self.cfg, before, after)
         return summary
+
+
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "tracker")
+"""Fields a resumed run may change: they decide how long it runs and what it writes, not what
+it computes, so the resumed run stays the one it continues."""
+
+
+def is_run(out: Path) -> bool:
+    """Whether ``out`` holds (part of) a fine-tuning run."""
+    return any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json"))
+
+
+def check_out(out: Path, cfg: FinetuneConfig, resume: bool) -> None:
+    """A UserError, before anything is written, when ``out`` cannot take this run.
+
+    ``out`` must be a directory (or not exist yet) under a writable parent. Without
+    ``resume`` it must not hold a run already (two runs in one folder would mix their
+    checkpoints and logs); with ``resume`` it must hold one, started with the same config
+    except for the fields of :data:`RESUMABLE_CHANGES`. A run folder without a checkpoint yet
+    (stopped before its first) is resumed from step 0.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write to {parent} (read-only or no permission)")
+    if not resume:
+        if is_run(out):
+            raise UserError(f"--out {out} already holds a run; continue it with --resume, or choose another --out (nothing was changed)")
+        return
+    if not is_run(out):
+        raise UserError(f"--resume: {out} holds no run to continue; start it without --resume")
+    try:
+        import yaml
+
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, UnicodeDecodeError, __import__("yaml").YAMLError) as e:
+        raise UserError(f"--resume: the run's config {out / 'config.yaml'} is missing or unreadable ({type(e).__name__})") from None
+    now = asdict(cfg)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k]]
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise UserError(f"--resume: the config differs from the run's in {k!r}: {saved.get(k)!r} in the run, {now[k]!r} now{more}; "
+                        f"resume with the run's config ({out / 'config.yaml'}) or choose another --out")
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``out/.lock``, holding the owner's pid).
+
+    ``fcntl.flock``: the operating system releases it when the process ends, however it ends,
+    so a killed run never leaves a stale lock. Where flock is missing (Windows) it is a no-op.
+    """
+
+    def __init__(self, out: Path):
+        self.path, self.fd = Path(out) / ".lock", None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"--out {out} is in use by another rewardiff process (pid {owner}); wait for it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only ask the run to stop (``signum`` is set); a second
+    SIGINT raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        import sys
+
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under ``root``, by step number."""
+    found = []
+    for d in root.glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
 
 
 def _check_tracker(name: str) -> list[str] | None:
@@ -334,7 +614,14 @@ def _yaml(d: dict) -> str:
 
 
 def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune per ``cfg`` into ``out``; see :class:`Run`."""
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise UserError(f"config field 'lr' must be a positive number, got {cfg.lr}")
+    """Fine-tune per ``cfg`` into ``out``; see :class:`Run`.
+
+    Everything that can be checked is checked before anything is loaded or written: the
+    config's values (:func:`~rewardiff.finetune.config.validate`) and the run directory
+    (:func:`check_out`); a mistake is a UserError and leaves ``out`` as it was.
+    """
+    from rewardiff.finetune.config import validate
+
+    validate(cfg)
+    check_out(Path(out), cfg, resume)
     return Run(cfg, out, progress).train(resume=resume)

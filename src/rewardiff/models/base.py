@@ -121,10 +121,13 @@ class DiffusionModel:
         )
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, **kwargs) -> Tensor:
-        """Decoded images [N, 3, H, W] in [-1, 1], sampled without gradient in batches."""
+    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, progress=None, **kwargs) -> Tensor:
+        """Decoded images [N, 3, H, W] in [-1, 1], sampled without gradient in batches
+        (``progress(k)`` after each batch of k, when given)."""
         out = []
         for i in range(0, len(prompts), batch_size):
             traj = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], **kwargs)
             out.append(self.output(traj.x0))
+            if progress is not None:
+                progress(len(out[-1]))
         return torch.cat(out)

@@ -142,11 +142,16 @@ class TokenModel:
         return self._never(out)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, **kwargs) -> Tensor:
-        """Token ids [N, L] (long), one sequence per seed, sampled without gradient in batches.
+    def generate(self, prompts: list[str], seeds: list[int], batch_size: int = 64, progress=None, **kwargs) -> Tensor:
+        """Token ids [N, L] (long), one sequence per seed, sampled without gradient in batches
+        (``progress(k)`` after each batch of k, when given).
 
         ``prompts`` are ignored (the model is unconditional), as are sampler options of
         diffusion models in ``kwargs`` (``num_inference_steps``, ``guidance_scale``).
         """
-        out = [self.sample(seeds[i : i + batch_size]).tokens.argmax(-1) for i in range(0, len(seeds), batch_size)]
+        out = []
+        for i in range(0, len(seeds), batch_size):
+            out.append(self.sample(seeds[i : i + batch_size]).tokens.argmax(-1))
+            if progress is not None:
+                progress(len(out[-1]))
         return torch.cat(out).cpu()
