@@ -236,8 +236,10 @@ def main() -> None:
         sys.exit(e.exit_code)
     except Exception as e:
         # usage errors of the command-line parser (typer bundles its own click)
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "rewardiff"
+            typer.echo(f"error: {e.format_message()} (see {where} --help)".replace("\n", " "), err=True)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":  # the parser's name for an interrupt at a prompt
             typer.echo("interrupted", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,23 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     """
     from rewardiff.guidance import budget_plan, make_method
     from rewardiff.rewards.value import load_value
+    from rewardiff.finetune.config import MAX_SEED
     from rewardiff.rewards import get_reward
+    from rewardiff.rewards.guard import GuardedReward
+
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if eta is not None and not 0 <= eta <= 1:
         raise UserError(f"--eta must be in [0, 1], got {eta}")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise UserError(f"--guidance-scale must be a number >= 0, got {guidance_scale}")
+    if not 0 <= seed <= MAX_SEED - n * max(1, len(prompts)):
+        raise UserError(f"--seed must be between 0 and {MAX_SEED - n * max(1, len(prompts))} (one seed a sample, below 2**32), got {seed}")
     if width is not None and nfe_budget is not None:
         raise UserError("give --width or --nfe-budget, not both")
-    reward_fn = get_reward(reward) if reward else None
+    reward_fn = GuardedReward(get_reward(reward)) if reward else None
     value_fn = load_value(value) if value is not None else None
     meth = make_method(method, reward_fn, width=width, seed=seed, value=value_fn, **(options or {}))
     m = load_model(model, checkpoint)

@@ -111,6 +111,7 @@ def _show(value: Any) -> str:
 
 
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
+MAX_INT = 2**31 - 1  # the largest count (steps, batch size, ...) a config takes
 
 
 def _range_errors(cfg: "FinetuneConfig") -> list[str]:
@@ -162,6 +163,9 @@ def _range_errors(cfg: "FinetuneConfig") -> list[str]:
     need(finite(cfg.reward_timeout) and cfg.reward_timeout >= 0, "reward_timeout", "a number of seconds >= 0 (0: no limit)")
     for field in ("model", "reward", "method", "prompts", "eval_prompts"):
         need(bool(getattr(cfg, field).strip()), field, "a non-empty name")
+    for field, kind in _field_types().items():  # no count of anything needs more than 31 bits
+        if kind is int and field != "seed":
+            need(getattr(cfg, field) <= MAX_INT, field, f"at most {MAX_INT}")
     return errs
 
 
@@ -211,11 +215,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"config file {p} is not UTF-8 text (a binary file?)") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not values:
+            raise UserError(f"config file {p} is empty; a preset holds field: value lines (see configs/*.yaml)")
         if not isinstance(values, dict):
             raise UserError(f"config file {p} must hold a mapping of field: value")
     return build_config(values, overrides)

@@ -25,6 +25,10 @@ from rewardiff.errors import UserError
 from rewardiff.processes.gaussian import GaussianProcess
 from rewardiff.types import CHAIN, Process, Reward, Selection, StepContext, missing
 
+MAX_WIDTH = 4096
+"""The largest width (best-of-n N, svdd M, ...) a method takes: candidates of one sample are
+denoised in one batch, and wider would not fit a machine's memory."""
+
 
 class Method:
     """Base class of guidance methods (a ``StepHook`` once :meth:`begin` has run).
@@ -117,12 +121,15 @@ class Method:
                 f"NFE per sample ({T} steps, {c} evaluation(s) per denoiser call)"
             )
         w = 1
-        while w < 4096:
+        while w < MAX_WIDTH:
             self.set_width(w + 1)
             if self.cost(T, c) > budget:
                 break
             w += 1
         self.set_width(w)
+        if w == MAX_WIDTH and self.cost(T, c) < budget:
+            raise UserError(f"--nfe-budget {budget} is more than {self.name} can spend: at its largest width ({MAX_WIDTH}) it costs "
+                            f"{self.cost(T, c)} NFE per sample; give at most that")
 
     def set_width(self, width: int) -> None:
         raise NotImplementedError

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
-from rewardiff.guidance.base import Method
+from rewardiff.guidance.base import MAX_WIDTH, Method
 from rewardiff.rollout import evaluations_per_call
 from rewardiff.types import Generator, Reward
 
@@ -101,6 +101,8 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
         raise UserError(f"{name} needs a value model (--value DIR, trained by: rewardiff train-value)")
     kwargs = {**spec.defaults, **options}
     if spec.width:
+        if width is not None and width > MAX_WIDTH:
+            raise UserError(f"--width {width} is more than {name} takes (at most {MAX_WIDTH}: its candidates are denoised in one batch)")
         kwargs[spec.width] = spec.default_width if width is None else width
     if spec.value:
         kwargs["value"] = value

@@ -58,6 +58,9 @@ class GuardedReward:
             raise
         except Exception as e:  # a user's reward can raise anything; the run names it
             msg = str(e).splitlines()[0] if str(e).strip() else ""
+            own = f"reward {self.name!r} "
+            if isinstance(e, UserError) and msg.startswith(own):  # its wrapper's own check (e.g. RewardFn's shape)
+                raise self._fail(msg[len(own):]) from None
             raise self._fail(f"raised {type(e).__name__}" + (f": {msg}" if msg else "")) from None
         return self._check(out, x)
 
