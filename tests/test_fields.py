@@ -17,8 +17,8 @@ REGENERATE = "python -m rewardiff.finetune.fields --write"
 
 @dataclass
 class Example:
-    name: str = "a # b"  # the name; a '#' inside the string is not the comment
-    size: int | None = None  # how many | or none
+    name: str = "a*b # c"  # the name; a '#' inside the string is not the comment
+    size: int | None = None  # how *many* | or none
     flag: bool = True
     ratio: float = (
         0.5  # a field written over three lines
@@ -27,8 +27,8 @@ class Example:
 
 def test_fields_are_read_with_their_types_defaults_and_comments():
     assert config_fields(Example) == [
-        ("name", "str", "a # b", "the name; a '#' inside the string is not the comment"),
-        ("size", "int | None", None, "how many | or none"),
+        ("name", "str", "a*b # c", "the name; a '#' inside the string is not the comment"),
+        ("size", "int | None", None, "how *many* | or none"),
         ("flag", "bool", True, ""),
         ("ratio", "float", 0.5, "a field written over three lines"),
     ]
@@ -37,8 +37,9 @@ def test_fields_are_read_with_their_types_defaults_and_comments():
 def test_the_table_escapes_pipes_and_writes_defaults_as_yaml_does():
     lines = config_table(Example).splitlines()
     assert lines[0] == "| field | type | default | what |"
-    assert lines[2] == "| `name` | str | `\"a # b\"` | the name; a '#' inside the string is not the comment |"
-    assert lines[3] == "| `size` | int \\| None | `null` | how many \\| or none |"
+    # asterisks are escaped in text (0.7*a+0.3*b is no emphasis) and kept in code
+    assert lines[2] == "| `name` | str | `\"a*b # c\"` | the name; a '#' inside the string is not the comment |"
+    assert lines[3] == "| `size` | int \\| None | `null` | how \\*many\\* \\| or none |"
     assert lines[4] == "| `flag` | bool | `true` |  |"
     assert len(lines) == 2 + 4
 

@@ -46,7 +46,7 @@ def config_fields(cls: type = FinetuneConfig) -> list[ConfigField]:
     source = textwrap.dedent(inspect.getsource(cls))
     comments = _comments(source)
     body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
     out = []
     for node in body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in defaults:
@@ -54,6 +54,13 @@ def config_fields(cls: type = FinetuneConfig) -> list[ConfigField]:
             lines = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
             out.append(ConfigField(name, ast.unparse(node.annotation), defaults[name], lines[-1] if lines else ""))
     return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default, built when it has a factory (None when it has neither)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _literal(v: Any) -> str:
@@ -67,15 +74,16 @@ def _literal(v: Any) -> str:
     return repr(v)
 
 
-def _cell(text: str) -> str:
-    """``text`` safe in a markdown table cell: pipes and asterisks escaped."""
-    return text.replace("|", "\\|").replace("*", "\\*")
+def _cell(text: str, code: bool = False) -> str:
+    """``text`` safe in a markdown table cell: pipes escaped, and asterisks outside code."""
+    text = text.replace("|", "\\|")
+    return f"`{text}`" if code else text.replace("*", "\\*")
 
 
 def config_table(cls: type = FinetuneConfig) -> str:
     """A markdown table of :func:`config_fields`, one row a field."""
     rows = ["| field | type | default | what |", "|---|---|---|---|"]
-    rows += [f"| `{f.name}` | {_cell(f.type)} | `{_cell(_literal(f.default))}` | {_cell(f.comment)} |" for f in config_fields(cls)]
+    rows += [f"| `{f.name}` | {_cell(f.type)} | {_cell(_literal(f.default), code=True)} | {_cell(f.comment)} |" for f in config_fields(cls)]
     return "\n".join(rows) + "\n"
 
 
