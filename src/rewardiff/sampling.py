@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write_text
-from rewardiff.report.strict import write_json
 from rewardiff.types import AUTOREGRESSIVE, Generator
 
 
@@ -130,7 +129,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
             r = reward_fn(x, all_prompts)
         summary.update(reward=reward, reward_mean=float(r.mean()), reward_std=float(r.std()) if len(r) > 1 else 0.0)
     _write_samples(out, m, x, prompts, n, summary)
-    write_json(out / "summary.json", summary)
+    _write_summary(out, summary)
     return summary
 
 
@@ -169,6 +168,13 @@ def _write_samples(out: Path, m: Generator, x: torch.Tensor, prompts: list[str],
     save_grid(cells, out / "grid.png", nrow=columns, labels=labels)
 
 
+def _write_summary(out: Path, summary: dict) -> None:
+    """``summary.json`` as strict JSON: null where a value is NaN or infinite."""
+    from rewardiff.report.strict import strict_json
+
+    atomic_write_text(out / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
+
+
 def prompt_grid(images: torch.Tensor, prompts: list[str], n: int, columns: int = GRID_COLUMNS) -> tuple[np.ndarray, list[str | None] | None, int]:
     """The cells of ``grid.png`` [C, H, W, 3] uint8, their labels and the columns a row.
 
@@ -177,6 +183,8 @@ def prompt_grid(images: torch.Tensor, prompts: list[str], n: int, columns: int =
     cells), so that no row mixes two prompts, and the first cell of each row is labelled with
     its prompt (no labels when every prompt is "", an unconditional model's).
     """
+    import numpy as np
+
     from rewardiff.report.grid import BACKGROUND, to_uint8_hwc
 
     arr = to_uint8_hwc(images)  # [P n, H, W, 3]
