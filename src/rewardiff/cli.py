@@ -93,7 +93,10 @@ def sample(
     out: Annotated[Path, typer.Option(help="output directory")],
     model: Annotated[str, typer.Option(help="model: shapes, molecules, molecules-ar, hf:DIR, diffusers:DIR or a model directory")] = "shapes",
     checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="prompt (repeat for several)")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="prompt (repeat for several; default: 'two red circles')")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="file of prompts: one a line (blank lines and # comments "
+                                                         "skipped) or a .json list; with --prompt, both are sampled, "
+                                                         "the --prompt ones first")] = None,
     n: Annotated[int, typer.Option("-n", help="samples per prompt")] = 8,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
     reward: Annotated[Optional[str], typer.Option(help="reward to steer toward and to score the samples with")] = None,
@@ -106,12 +109,13 @@ def sample(
     value: Annotated[Optional[Path], typer.Option(help="value model directory (svdd-mc, smc), from rewardiff train-value")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="method option key=value (alpha, scale, lam, window, m, w, ess, final, replace, ...)")] = None,
 ) -> None:
-    """Sample a model, optionally steered by an inference-time method; writes grid.png, samples/ and summary.json."""
-    from rewardiff.sampling import parse_options, sample_to_dir
+    """Sample a model, optionally steered by an inference-time method; writes grid.png (a row per prompt), samples/ and summary.json."""
+    from rewardiff.report.strict import strict_dumps
+    from rewardiff.sampling import gather_prompts, parse_options, sample_to_dir
 
-    summary = sample_to_dir(out, model, checkpoint, prompt or ["two red circles"], n, seed, reward, steps, guidance_scale, eta,
-                            method, width, nfe_budget, value, parse_options(option))
-    typer.echo(json.dumps(summary, indent=2))
+    summary = sample_to_dir(out, model, checkpoint, gather_prompts(prompt, prompts_file), n, seed, reward, steps, guidance_scale,
+                            eta, method, width, nfe_budget, value, parse_options(option))
+    typer.echo(strict_dumps(summary, indent=2))
 
 
 @app.command()

@@ -31,26 +31,42 @@ def prompt_set(spec: str) -> list[str]:
     """Prompts by name or from a file.
 
     Names: those of ``plugins.PROMPT_SETS`` (``train``, ``held-out``, ``all``: the shapes world;
-    ``animals``, ``animals-held-out``: simple animals). Files: a text file with one prompt a
-    line, or a JSON file holding a list of strings or ``{"prompts": [...]}``.
+    ``animals``, ``animals-held-out``: simple animals). Files: see :func:`read_prompt_file`.
     """
     if spec in plugins.PROMPT_SETS:
         return list(plugins.load(plugins.PROMPT_SETS[spec])())
-    p = Path(spec)
-    if not p.is_file():
+    if not Path(spec).is_file():
         raise UserError(f"prompt set {spec!r} is neither {', '.join(plugins.PROMPT_SETS)} nor a file")
+    return read_prompt_file(spec)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a file: a text file with one prompt a line (blank lines and lines that
+    start with ``#`` skipped), or a ``.json`` file holding a list of strings or ``{"prompts": [...]}``.
+
+    Raises:
+        UserError: naming the file, when it is missing, not UTF-8 text, not valid JSON, or holds
+            no prompts.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file not found: {p}")
     try:
-        prompts = _json_prompts(p) if p.suffix == ".json" else [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"prompt file {p} is not UTF-8 text (a binary file?)") from None
+    if p.suffix == ".json":
+        prompts = _json_prompts(p, text)
+    else:
+        prompts = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {p} holds no prompts")
     return prompts
 
 
-def _json_prompts(p: Path) -> list[str]:
+def _json_prompts(p: Path, text: str) -> list[str]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"prompt file {p} is not valid JSON: {e}") from None
     data = data.get("prompts") if isinstance(data, dict) else data

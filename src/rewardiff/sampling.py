@@ -15,6 +15,8 @@ from rewardiff.types import AUTOREGRESSIVE, Generator
 
 
 DEFAULT_GUIDANCE_SCALE = 2.0  # classifier-free guidance of conditional models when none is given
+DEFAULT_PROMPT = "two red circles"  # what is sampled when no prompt is given
+GRID_COLUMNS = 16  # the most samples in a row of grid.png
 
 
 def load_model(model: str, checkpoint: Path | None = None) -> Generator:
@@ -41,6 +43,15 @@ def resolve_guidance_scale(m: Generator, guidance_scale: float | None) -> float:
         raise UserError(f"--guidance-scale {guidance_scale:g} does not apply: model {m.name!r} is unconditional "
                         "(no prompts to guide by); leave --guidance-scale out")
     return 1.0
+
+
+def gather_prompts(prompts: list[str] | None, prompts_file: Path | None = None) -> list[str]:
+    """The prompts to sample: those given one by one, then those of ``prompts_file`` (see
+    :func:`~rewardiff.prompts.read_prompt_file`); :data:`DEFAULT_PROMPT` when there are none."""
+    from rewardiff.prompts import read_prompt_file
+
+    out = list(prompts or []) + (read_prompt_file(prompts_file) if prompts_file is not None else [])
+    return out or [DEFAULT_PROMPT]
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict[str, Any]:
@@ -73,7 +84,8 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
                   options: dict[str, Any] | None = None) -> dict:
     """Sample with ``method`` and write ``grid.png``, ``samples/NNNN.png`` and ``summary.json`` into ``out``
     (for a model of text outputs, e.g. molecules, ``samples.txt`` instead of the images, and
-    for a world that draws its texts, e.g. molecules, ``grid.png`` of their drawings).
+    for a world that draws its texts, e.g. molecules, ``grid.png`` of their drawings). The
+    samples are scored before anything is written, so a reward that fails leaves no folder.
 
     The summary holds ``nfe`` (denoiser evaluations, classifier-free guidance counting 2),
     ``nfe_per_sample``, with a reward ``reward_mean`` and ``reward_std``, and for text outputs
@@ -118,14 +130,14 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     all_prompts = [p for p in prompts for _ in range(n)]
     x, info = _sample(m, meth, all_prompts, [seed + i for i in range(len(all_prompts))], steps, guidance_scale, eta)
     summary: dict = {"prompts": prompts, "n": len(all_prompts), **info}
-    _write_samples(out, m, x, n, summary)
     if nfe_budget is not None:
         summary["nfe_budget"] = nfe_budget
     if reward_fn is not None:
         with torch.no_grad():
             r = reward_fn(x, all_prompts)
         summary.update(reward=reward, reward_mean=float(r.mean()), reward_std=float(r.std()) if len(r) > 1 else 0.0)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    _write_samples(out, m, x, prompts, n, summary)
+    _write_summary(out, summary)
     return summary
 
 
@@ -141,9 +153,9 @@ def _sample(m: Generator, meth: Any, prompts: list[str], seeds: list[int], steps
         return guided_sample(m, meth, prompts, seeds, steps, guidance_scale=guidance_scale, eta=eta, progress=bar)
 
 
-def _write_samples(out: Path, m: Generator, x: torch.Tensor, n: int, summary: dict) -> None:
+def _write_samples(out: Path, m: Generator, x: torch.Tensor, prompts: list[str], n: int, summary: dict) -> None:
     """Text outputs: ``samples.txt`` (and ``texts`` in the summary), molecules drawn in ``grid.png``;
-    images: ``samples/NNNN.png`` and ``grid.png`` (``n`` a row, 16 at most)."""
+    images: ``samples/NNNN.png`` and ``grid.png`` (one prompt a row, see :func:`prompt_grid`)."""
     from PIL import Image
 
     from rewardiff import plugins
@@ -160,7 +172,37 @@ def _write_samples(out: Path, m: Generator, x: torch.Tensor, n: int, summary: di
     (out / "samples").mkdir(exist_ok=True)
     for i, im in enumerate(to_uint8_hwc(x)):  # any [-1, 1] RGB batch
         Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
-    save_grid(x, out / "grid.png", nrow=n if n <= 16 else 16)
+    cells, labels, columns = prompt_grid(x, prompts, n)
+    save_grid(cells, out / "grid.png", nrow=columns, labels=labels)
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """``summary.json`` as strict JSON: null where a value is NaN or infinite."""
+    from rewardiff.report.strict import strict_json
+
+    atomic_write_text(out / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
+
+
+def prompt_grid(images: torch.Tensor, prompts: list[str], n: int, columns: int = GRID_COLUMNS) -> tuple[np.ndarray, list[str | None] | None, int]:
+    """The cells of ``grid.png`` [C, H, W, 3] uint8, their labels and the columns a row.
+
+    ``images`` hold ``n`` samples of each prompt in turn. Each prompt takes its own row of ``n``
+    (``n`` > ``columns``: as many rows of ``columns`` as it needs, the last padded with blank
+    cells), so that no row mixes two prompts, and the first cell of each row is labelled with
+    its prompt (no labels when every prompt is "", an unconditional model's).
+    """
+    import numpy as np
+
+    from rewardiff.report.grid import BACKGROUND, to_uint8_hwc
+
+    arr = to_uint8_hwc(images)  # [P n, H, W, 3]
+    assert len(arr) == len(prompts) * n, (len(arr), len(prompts), n)
+    cols = min(n, columns)
+    span = -(-n // cols) * cols  # cells of one prompt: whole rows
+    blank = np.full(arr.shape[1:], BACKGROUND, dtype=np.uint8)
+    cells = [c for k in range(len(prompts)) for c in [*arr[k * n : (k + 1) * n], *[blank] * (span - n)]]
+    labels = [p if j % cols == 0 else None for p in prompts for j in range(span)] if any(prompts) else None
+    return np.stack(cells), labels, cols
 
 
 class progress_bar:

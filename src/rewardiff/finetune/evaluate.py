@@ -20,6 +20,7 @@ from rewardiff.types import Evaluation, Reward
 
 TEXT_GRID = 24  # text outputs (molecules) drawn in an evaluation's grid
 IMAGE_GRID = 48  # images in an evaluation's grid
+GRID_COLUMNS = 8  # columns of an evaluation's image grid: one prompt each
 
 
 def world_evaluations(model, outputs: Tensor, prompts: list[str], reward_name: str = "") -> Evaluation:
@@ -46,9 +47,10 @@ def evaluate(model, reward: Reward | None, prompts: list[str], seeds: list[int],
              samples_path: Path | None = None, progress=None) -> dict[str, float]:
     """Sample the fixed set and measure it.
 
-    ``progress(k)``, when given, is called after each batch of k samples. Writes a grid of the first samples when asked (images: one column per prompt; text outputs:
-    their world's picture of them), and for text outputs the texts, one a line, to
-    ``samples_path``.
+    ``progress(k)``, when given, is called after each batch of k samples. Writes a grid of the
+    first samples when asked (images: one column per prompt, see :func:`grid_columns`; text
+    outputs: their world's picture of them) with its legend beside it, and for text outputs the
+    texts, one a line, to ``samples_path``.
     """
     from rewardiff.report import diversity_by_prompt
 
@@ -68,13 +70,37 @@ def evaluate(model, reward: Reward | None, prompts: list[str], seeds: list[int],
     return out
 
 
+def grid_columns(prompts: list[str], limit: int = IMAGE_GRID, max_columns: int = GRID_COLUMNS) -> tuple[list[str], list[int]]:
+    """The prompt of each column of an evaluation's image grid, and the samples it shows, row by row.
+
+    One column per prompt, in the order the prompts first appear (the first ``max_columns`` of
+    them), each holding that prompt's samples in order, as deep as every column can go within
+    ``limit`` images; so a column reads as one prompt across seeds. Samples of a single prompt
+    fill ``max_columns`` columns instead.
+
+    >>> grid_columns(["a", "b", "c", "a", "b", "c", "a"], limit=6, max_columns=2)
+    (['a', 'b'], [0, 1, 3, 4])
+    """
+    columns = list(dict.fromkeys(prompts))[: max(1, min(max_columns, limit))]
+    if len(columns) == 1:
+        shown = list(range(min(limit, len(prompts))))
+        return columns * min(max_columns, len(shown)), shown
+    rows = {p: [i for i, q in enumerate(prompts) if q == p] for p in columns}
+    depth = min(min(len(r) for r in rows.values()), limit // len(columns))
+    return columns, [rows[p][d] for d in range(depth) for p in columns]
+
+
 def _grid(model, outputs: Tensor, texts: list[str] | None, prompts: list[str], labels: list[str] | None, path: Path) -> None:
+    """The grid at ``path`` and its legend beside it (``path`` with ``.json``): ``samples`` (the
+    evaluation's), ``shown`` (the grid's), and for images ``columns``, the prompt of each column."""
     from rewardiff.report import save_grid
+    from rewardiff.report.strict import write_json
 
     if texts is None:
-        k = min(IMAGE_GRID, len(outputs))
-        # one column per prompt (they cycle), so a column reads as one prompt across seeds
-        save_grid(outputs[:k].cpu(), path, nrow=min(8, len(set(prompts))), labels=labels[:k] if labels else None)
+        columns, shown = grid_columns(prompts)
+        save_grid(outputs[shown].cpu(), path, nrow=len(columns), labels=[labels[i] for i in shown] if labels else None)
+        write_json(path.with_suffix(".json"), {"samples": len(prompts), "shown": len(shown), "columns": columns})
     elif getattr(model, "world", None) in plugins.TEXT_GRIDS:
         draw = plugins.load(plugins.TEXT_GRIDS[model.world])
         draw(texts[:TEXT_GRID], path, legends=labels[:TEXT_GRID] if labels else None)
+        write_json(path.with_suffix(".json"), {"samples": len(texts), "shown": min(TEXT_GRID, len(texts))})

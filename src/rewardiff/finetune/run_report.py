@@ -3,7 +3,10 @@ models: RDKit's measures of the molecules and their drawings)."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 from rewardiff.finetune.config import FinetuneConfig
 
@@ -40,11 +43,21 @@ def _rows(before: dict) -> list[tuple[str, str]]:
     return _TOKEN_ROWS if "eval_validity" in before else _ROWS
 
 
+def _finite(v: Any) -> bool:
+    """A measured value: a number, neither None (strict JSON's NaN) nor NaN nor infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if _finite(v) else "n/a"
+
+
 def comparison_table(before: dict, after: dict) -> list[list[str]]:
+    """Rows of (measure, before, after); "n/a" for a measure with no value (NaN, or null in JSON)."""
     rows = [["measure", "before", "after"]]
     for key, label in _rows(before):
         if key in before and key in after:
-            rows.append([label, f"{before[key]:.3f}", f"{after[key]:.3f}"])
+            rows.append([label, _fmt(before[key]), _fmt(after[key])])
     return rows
 
 
@@ -54,7 +67,7 @@ def eval_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Pat
 
     last = metrics[-1]["step"] if metrics else 0
     points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r or "eval_validity" in r] + [(last, after)]
-    series = {label: [(s, e[key]) for s, e in points if key in e] for key, label in _rows(before) if key not in _OWN_AXES}
+    series = {label: [(s, e[key]) for s, e in points if _finite(e.get(key))] for key, label in _rows(before) if key not in _OWN_AXES}
     path = out / "eval_curve.png"
     plot_curves({k: v for k, v in series.items() if v}, path, "step", "held-out value", "held-out evaluations")
     return path
@@ -66,12 +79,49 @@ def kl_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Path 
 
     last = metrics[-1]["step"] if metrics else 0
     points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_kl_to_base" in r] + [(last, after)]
-    series = [(s, e["eval_kl_to_base"]) for s, e in points if "eval_kl_to_base" in e]
+    series = [(s, e["eval_kl_to_base"]) for s, e in points if _finite(e.get("eval_kl_to_base"))]
     if not series:
         return None
     path = out / "kl_curve.png"
     plot_curves({"KL to the base model": series}, path, "step", "nats per sample", "distance from the base model")
     return path
+
+
+def write_summary(out: Path, cfg: FinetuneConfig, summary: dict) -> Path:
+    """The end of a run: ``eval_after.json`` and ``summary.json`` as strict JSON (a measure with
+    no value, e.g. a diversity where no prompt has two samples, is ``null``), then ``report.html``,
+    whose path it returns."""
+    from rewardiff.report.strict import write_json
+
+    write_json(out / "eval_after.json", summary["after"])
+    write_json(out / "summary.json", summary)
+    return write_run_report(out, cfg, summary["before"], summary["after"])
+
+
+def grid_legend(out: Path, tag: str) -> tuple[str, list[list[Any]] | None]:
+    """What the grid ``samples_{tag}.png`` shows, from the legend written beside it: a sentence
+    ("48 of the evaluation's 96 samples") and a table of the prompt of each column (None for
+    text outputs, or when the legend is missing, as in runs older than it)."""
+    path = out / f"samples_{tag}.json"
+    if not path.is_file():
+        return "", None
+    legend = json.loads(path.read_text())
+    shown = f"{legend['shown']} of the evaluation's {legend['samples']} samples"
+    columns = legend.get("columns")
+    if not columns:
+        return shown + ".", None
+    if len(set(columns)) == 1:
+        return f"{shown}, all of one prompt: {columns[0]!r}." if columns[0] else f"{shown} (unconditional).", None
+    depth = legend["shown"] // len(columns)
+    text = f"{shown}: one column per prompt, its first {depth} samples down the column."
+    return text, [["column", "prompt"], *[[i + 1, p] for i, p in enumerate(columns)]]
+
+
+def _samples_section(out: Path, tag: str, heading: str, text: str) -> Any:
+    from rewardiff.report import Section
+
+    shown, table = grid_legend(out, tag)
+    return Section(heading, f"{shown} {text}".strip(), images=[out / f"samples_{tag}.png"], table=table)
 
 
 def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) -> Path:
@@ -96,9 +146,8 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
         *([Section("Distance from the base model", "KL divergence of the fine-tuned sampler's paths (eta = 1) to the base "
                     "model's, on the held-out set: a KL that climbs while the held-out reward stalls is drift bought "
                     "for nothing.", images=[kl])] if kl else []),
-        Section("Samples before fine-tuning", "One column per prompt; 'ok' where the judge reads the asked count.",
-                images=[out / "samples_before.png"]),
-        Section("Samples after fine-tuning", "Same prompts and seeds as above.", images=[out / "samples_after.png"]),
+        _samples_section(out, "before", "Samples before fine-tuning", "'ok' where the judge reads the asked count."),
+        _samples_section(out, "after", "Samples after fine-tuning", "Same prompts and seeds as above."),
     ]
     return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta=_head(cfg))
 
@@ -121,9 +170,9 @@ def _write_token_report(out: Path, cfg: FinetuneConfig, before: dict, after: dic
                 "the fixed seeds as training goes.", images=curves),
         *([Section("Distance from the base model", "KL of the fine-tuned model's sequences to the base model's, "
                    "on the fine-tuned model's own samples.", images=[kl])] if kl else []),
-        Section("Molecules before fine-tuning", "The first samples of the fixed seeds, with their QED; every SMILES is "
-                "in samples_before.txt.", images=[out / "samples_before.png"]),
-        Section("Molecules after fine-tuning", "Same seeds; every SMILES is in samples_after.txt.", images=[out / "samples_after.png"]),
+        _samples_section(out, "before", "Molecules before fine-tuning", "The first samples of the fixed seeds, with their QED; "
+                         "every SMILES is in samples_before.txt."),
+        _samples_section(out, "after", "Molecules after fine-tuning", "Same seeds; every SMILES is in samples_after.txt."),
     ]
     model = {"model": cfg.model, **({"gumbel_tau": cfg.gumbel_tau, "gumbel_estimator": cfg.gumbel_estimator} if cfg.method == "gumbel" else {})}
     return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta={**model, **_head(cfg)})

@@ -4,6 +4,7 @@ from rewardiff.report.diversity import diversity_by_prompt, pairwise_diversity
 from rewardiff.report.grid import GUTTER, grid_image, label_height, save_grid
 from rewardiff.report.html import Section, read_metrics, write_report
 from rewardiff.report.plots import plot_curves, plot_reward_curve
+from rewardiff.report.strict import strict_dumps, strict_json, write_json
 
 __all__ = [
     "GUTTER",
@@ -16,5 +17,8 @@ __all__ = [
     "plot_reward_curve",
     "read_metrics",
     "save_grid",
+    "strict_dumps",
+    "strict_json",
+    "write_json",
     "write_report",
 ]
