@@ -118,6 +118,7 @@ def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["finetune"], "give a CONFIG"),
+    (["finetune", "a\nb\x1d\u2028.yaml"], "config file not found: a\\nb\\x1d\\u2028.yaml"),
     (["finetune", "--set", "steps=0"], "'steps' must be at least 1"),
     (["finetune", "--set", "steps=-5"], "'steps' must be at least 1"),
     (["finetune", "--set", "k=100"], "'k' must be between 1"),

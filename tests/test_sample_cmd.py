@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from rewardiff.cli import app, main
 from rewardiff.errors import UserError
+from rewardiff.rewards.guard import RewardFailure
 from rewardiff.prompts import read_prompt_file
 from rewardiff.report import GUTTER, label_height
 from rewardiff.report.grid import BACKGROUND
@@ -106,7 +107,7 @@ def test_sample_writes_a_labelled_row_per_prompt_and_scores_it(tmp_path):
 
 def test_a_failing_reward_writes_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "s"
-    with pytest.raises(RuntimeError, match="server is down"):
+    with pytest.raises(RewardFailure, match="raised RuntimeError: the reward server is down"):
         sample_to_dir(out, "shapes", None, ["two red circles"], 2, 0, "tests.test_sample_cmd:failing_reward", 2, None, None)
     assert not out.exists()
     code, err = _main(["sample", "--out", str(out), "-n", "2", "--steps", "2", "--reward", "tests.test_sample_cmd:refusing_reward"],

@@ -42,8 +42,8 @@ def demo_summary(cfg, summary: dict, seconds: float, out: Path) -> dict:
     after on the held-out samples, the time, the machine and the commit."""
     from dataclasses import asdict
 
-    from rewardiff.io import atomic_write_text
     from rewardiff.provenance import stamp
+    from rewardiff.report.strict import write_json
 
     b, a = summary["before"], summary["after"]
     demo = {"command": f"rewardiff demo --out {out}" + ("" if cfg.steps == 200 else f" --steps {cfg.steps}"),
@@ -51,7 +51,7 @@ def demo_summary(cfg, summary: dict, seconds: float, out: Path) -> dict:
             "reward": cfg.reward, "reward_before": b["eval_reward_mean"], "reward_after": a["eval_reward_mean"],
             "eval_samples": cfg.eval_samples, "steps": cfg.steps, "seconds": seconds, "seconds_per_step": _step_seconds(out),
             **stamp(), "config": asdict(cfg)}
-    atomic_write_text(out / "demo.json", json.dumps(demo, indent=2))
+    write_json(out / "demo.json", demo)
     return demo
 
 
@@ -84,7 +84,9 @@ def finetune(
         raise UserError("give a CONFIG (a preset: configs/*.yaml) or fields with --set key=value; see rewardiff finetune --help")
     cfg = load_config(config, set_)
     summary = run(cfg, out, resume=resume)
-    typer.echo(json.dumps({k: summary[k] for k in ("before", "after")}, indent=2))
+    from rewardiff.report.strict import strict_dumps
+
+    typer.echo(strict_dumps({k: summary[k] for k in ("before", "after")}, indent=2))
     typer.echo(f"report: {out / 'report.html'}")
 
 
@@ -221,14 +223,14 @@ def main() -> None:
     a signal exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
     import os
 
-    from rewardiff.errors import Stopped
+    from rewardiff.errors import Stopped, one_line
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a user's `--reward mymodule:fn` beside them imports, as with `python -m`
     try:
         rv = app(standalone_mode=False)
     except (UserError, NonFiniteError) as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {one_line(str(e))}", err=True)
         sys.exit(2)
     except Stopped as e:
         typer.echo(str(e), err=True)
@@ -243,7 +245,7 @@ def main() -> None:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None else "rewardiff"
-            typer.echo(f"error: {e.format_message()} (see {where} --help)".replace("\n", " "), err=True)
+            typer.echo(f"error: {one_line(e.format_message())} (see {where} --help)", err=True)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":  # the parser's name for an interrupt at a prompt
             typer.echo("interrupted", err=True)

@@ -21,3 +21,16 @@ class Stopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum, self.exit_code = int(signum), 128 + int(signum)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters and line breaks (a file name may hold
+    them) written as escapes, so an error message is always exactly one line."""
+    import unicodedata
+
+    def show(ch: str) -> str:
+        if ch == " " or unicodedata.category(ch) not in ("Cc", "Zl", "Zp"):
+            return ch
+        return repr(ch)[1:-1] if ch.isascii() or ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+    return "".join(show(ch) for ch in text)

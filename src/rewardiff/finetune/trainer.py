@@ -41,6 +41,7 @@ from rewardiff.finetune.weights import attach_lora, load_trainable, save_weights
 from rewardiff.models.registry import base_model
 from rewardiff.io import atomic_write, atomic_write_text, truncate_jsonl
 from rewardiff.prompts import EVAL_SEED, eval_set, prompt_set
+from rewardiff.report.strict import strict_dumps, write_json
 from rewardiff.rewards.guard import GuardedReward, RewardFailure, describe_batch
 from rewardiff.types import TOKENS, Generator, LossOut
 
@@ -391,7 +392,7 @@ class Run:
                     grid = f"samples_step{step + 1:06d}"
                 self._track({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1, grid)
                 if log is not None:
-                    log.write(json.dumps(row) + "\n")
+                    log.write(strict_dumps(row) + "\n")
                     log.flush()
                 if "reward_mean" in row:
                     bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
@@ -430,7 +431,7 @@ class Run:
         """Send scalars, and the named sample grid when there is one, to the trackers."""
         if self.cfg.tracker == "none" or not self.acc.is_main_process:
             return
-        self.acc.log(values, step=step)
+        self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)  # not a null read back
         path = self.out / f"{grid}.png" if grid else None
         if path is None or not path.is_file():
             return
@@ -454,17 +455,15 @@ class Run:
             return json.loads(path.read_text())
         res = self.evaluate(tag)
         if self.acc.is_main_process:
-            atomic_write_text(path, json.dumps(res, indent=2))
+            write_json(path, res)
         return res
 
     def _finish(self, before: dict, after: dict) -> dict:
-        from rewardiff.finetune.run_report import write_run_report
+        from rewardiff.finetune.run_report import write_summary
 
         summary = {"method": self.cfg.method, "reward": self.cfg.reward, "steps": self.cfg.steps, "before": before, "after": after}
         if self.acc.is_main_process:
-            atomic_write_text(self.out / "eval_after.json", json.dumps(after, indent=2))
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
-            write_run_report(self.out, self.cfg, before, after)
+            write_summary(self.out, self.cfg, summary)
         return summary
 
 
