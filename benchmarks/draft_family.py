@@ -27,7 +27,7 @@ VARIANTS = {
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
     from rewardiff.finetune.presets import demo_config
-    from rewardiff.finetune.trainer import finetune
+    from rewardiff.finetune.trainer import finetune, is_run
 
     out = args.out / f"{name}-seed{seed}"
     if (out / "summary.json").is_file():
@@ -37,7 +37,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
                      "checkpoint_every": args.eval_every, "kl_weight": args.kl_weight, "model": args.model,
                      "reward": args.reward}.items():
         setattr(cfg, key, val)
-    return finetune(cfg, out, resume=True, progress=False)
+    return finetune(cfg, out, resume=is_run(Path(out)), progress=False)  # a finished or stopped run is continued
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:

@@ -10,7 +10,6 @@ kind, failures with their command lines) and ``tally.md``; exits 1 when any exam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter

@@ -144,13 +144,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from rewardiff.finetune.trainer import finetune
+    from rewardiff.finetune.trainer import finetune, is_run
 
     cfg = config(args)
     tag = "" if args.estimator == "relaxed" else "-st"
     run = args.out / f"{args.model.replace(':', '_').replace('/', '_')}-{args.reward}{tag}-tau{args.tau:g}-seed{args.seed}"
     t0 = time.time()
-    summary = finetune(cfg, run, resume=True, progress=False)
+    summary = finetune(cfg, run, resume=is_run(run), progress=False)  # a finished or stopped run is continued
     result = {
         "command": "python benchmarks/gumbel_molecules.py " + shlex.join(sys.argv[1:]),
         "config": {k: getattr(cfg, k) for k in ("model", "method", "reward", "steps", "batch_size", "lr", "lora_rank", "lora_alpha",

@@ -3,7 +3,7 @@ multi-process launch (``torchrun`` or ``accelerate launch``); used by test_multi
 
     python -m torch.distributed.run --nproc_per_node 2 tests/mp_finetune.py PIPE PROMPTS OUT STEPS [resume] [bf16]
 
-Each rank writes ``OUT/rank{r}.safetensors`` (its trainable tensors after training) and
+Each rank writes ``OUT/rank{r}.pid`` when it starts, and ``OUT/rank{r}.safetensors`` (its trainable tensors after training) and
 ``OUT/rank{r}.json`` (the process count, and per step the prompts and seeds it trained on and
 the rewards of its own samples).
 """
@@ -11,6 +11,7 @@ the rewards of its own samples).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> None:
 
     run.method = recording
     rank = run.acc.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.pid").write_text(str(os.getpid()))  # for a campaign that kills one rank
     seen = {s: run.batch(s)[:2] for s in range(steps)}
     run.train(resume="resume" in flags)
     net = run.acc.unwrap_model(run.model.net)

@@ -430,3 +430,30 @@ def test_sample_scores_before_it_writes(tiny_model_dir, tmp_path, monkeypatch, c
                        "--reward", "bad:fn"], monkeypatch, capsys)
     assert code == 2 and "reward 'bad:fn' raised RuntimeError: down" in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage", ["finetune-json", "weights"])
+def test_sampling_a_damaged_fine_tuned_model_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch, capsys, damage):
+    finetune(_cfg(tiny_model_dir, steps=2), tmp_path / "run", progress=False)
+    final = tmp_path / "run" / "final"
+    if damage == "finetune-json":
+        (final / "finetune.json").write_text("{broken")
+    else:
+        w = final / "trainable.safetensors"
+        w.write_bytes(w.read_bytes()[:40])
+    code, err = _main(["sample", "--out", str(tmp_path / "s"), "--checkpoint", str(tmp_path / "run"), "-n", "1", "--steps", "2"],
+                      monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("option", "needle"), [("m=abc", "'m' takes a finite number, got 'abc'"), ("alpha=nan", "finite number"),
+                                                ("final=3", "true or false"), ("lookahead=2", "a word")])
+def test_guidance_options_of_the_wrong_kind_are_named(option, needle):
+    from rewardiff.guidance import make_method
+    from rewardiff.rewards import get_reward
+    from rewardiff.sampling import parse_options
+
+    name = "dsearch" if option.startswith("m=") else "svdd-pm"
+    with pytest.raises(UserError, match=needle):
+        make_method(name, get_reward("brightness"), **parse_options([option]))

@@ -171,6 +171,9 @@ class Run:
         self.acc.wait_for_everyone()
         root = self.out / "checkpoints"
         latest = root / "latest"
+        if self.acc.is_main_process and root.is_dir():  # what a killed write left: never part of a checkpoint
+            for stale in [*root.glob(".tmp-step-*"), *root.glob(".*.tmp"), *self.out.glob(".*.tmp")]:
+                _rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         if not latest.is_file():
             return 0
         d = root / latest.read_text(errors="replace").strip()

@@ -208,11 +208,22 @@ def weights_dir(directory: str | Path) -> Path:
 def load_finetuned(directory: str | Path) -> DiffusionModel:
     """A fine-tuned model from a run directory, its ``final/`` folder, or a checkpoint folder."""
     d = weights_dir(directory)
-    cfg = build_config(json.loads((d / "finetune.json").read_text()))
+    try:
+        saved = json.loads((d / "finetune.json").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {d / 'finetune.json'} ({type(e).__name__}): the fine-tuned model's config is damaged") from None
+    cfg = build_config(saved)
     from rewardiff.models.registry import base_model
 
     model = base_model(cfg.model)
     attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    load_trainable(d, model.net)
+    try:
+        load_trainable(d, model.net)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or corrupt safetensors file
+        raise UserError(f"cannot read {d / 'trainable.safetensors'}: {str(e).splitlines()[0][:100]}") from None
     model.net.eval()
     return model

@@ -92,10 +92,12 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
     spec = REGISTRY[name]
     if name != "base" and reward is None:
         raise UserError(f"method {name} needs a reward (--reward)")
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "reward", "seed", "value", spec.width)]
-    for key in options:
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "reward", "seed", "value", spec.width)]
+    for key, val in options.items():
         if key not in allowed:
             raise UserError(f"{name} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
+        _check_option(name, key, val, params[key].default)
     # options are checked against the signature above; widths by each method's set_width
     if spec.value == "required" and value is None:
         raise UserError(f"{name} needs a value model (--value DIR, trained by: rewardiff train-value)")
@@ -107,6 +109,24 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
     if spec.value:
         kwargs["value"] = value
     return cls(reward, seed=seed, **kwargs)
+
+
+def _check_option(method: str, key: str, value: Any, default: Any) -> None:
+    """A UserError when ``value`` is not of the kind the option's default is (a number, true or
+    false, a word), or is a number that is not finite."""
+    def bad(kind: str) -> UserError:
+        return UserError(f"{method} option {key!r} takes {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise bad("a whole number")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad(f"a word (default {default!r})")
 
 
 def particle_seeds(seed: int, k: int) -> list[int]:
