@@ -54,8 +54,12 @@ def main() -> int:
     write_json(a.out / "tally.json", tally)
     rows = [f"| {k} | {v['examples']} | {v['failed']} |" for k, v in tally["commands"].items()]
     (a.out / "tally.md").write_text("| command | generated mistakes | not one line with status 2, or wrote files |\n|---|---|---|\n"
-                                    + "\n".join(rows) + f"\n\n{tally['date']}, {tally['machine']}, commit {tally['commit']}\n")
+                                    + "\n".join(rows) + f"\n\n{tally['date']}, {_machine(tally['machine'])}, commit {tally['commit'][:7]}\n")
     return 1 if any(v["failed"] for v in tally["commands"].values()) else 0
+
+
+def _machine(m: dict) -> str:
+    return f"{m['cpus']}-core {m['processor']} CPU{', ' + m['gpu'] if m.get('gpu') else ''}, torch {m['torch']}"
 
 
 if __name__ == "__main__":

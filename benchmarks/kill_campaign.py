@@ -253,6 +253,8 @@ def two_process(kills: int, out: Path, rng: random.Random, bound: float) -> dict
     log, problems = [], []
     for attempt in range(kills + 1):
         resume = (run_dir / "config.yaml").is_file()
+        for stale in run_dir.glob("rank*.pid"):  # a pid of an earlier attempt names no process of this one
+            stale.unlink()
         p = subprocess.Popen([*launcher, str(script), str(pipe), str(prompts), str(run_dir), steps, *(["resume"] if resume else [])],
                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if attempt == kills:
@@ -268,7 +270,12 @@ def two_process(kills: int, out: Path, rng: random.Random, bound: float) -> dict
             p.wait()
             log.append({"attempt": attempt + 1, "kind": f"rank 1 at {delay:.1f} s: finished first", "exit": p.returncode})
             continue
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:  # rank 1 was done; rank 0 finishing
+            p.wait()
+            log.append({"attempt": attempt + 1, "kind": f"rank 1 at {delay:.1f} s: finished first", "exit": p.returncode})
+            continue
         t_kill = time.perf_counter()
         try:
             code = p.wait(timeout=bound)
@@ -318,9 +325,13 @@ def main() -> int:
     for r in results:
         lines.append(f"| {r['method']} | {r['kills']} | {'yes' if r['all_identical'] else 'NO: ' + str(r['identical'])} | "
                      f"{len(r['unloadable'])} | {len(r.get('strays', []))} |")
-    (a.out / f"{name}.md").write_text("\n".join(lines) + f"\n\n`{cmd}`; {results and stamp()['date']}, {stamp()['machine']}\n")
+    (a.out / f"{name}.md").write_text("\n".join(lines) + f"\n\n`{cmd}`; {stamp()['date']}, {_machine(stamp()['machine'])}\n")
     print("\n".join(lines))
     return 0 if all(r["all_identical"] and not r["unloadable"] and not r.get("strays") for r in results) else 1
+
+
+def _machine(m: dict) -> str:
+    return f"{m['cpus']}-core {m['processor']} CPU{', ' + m['gpu'] if m.get('gpu') else ''}, torch {m['torch']}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,16 @@ from rewardiff.finetune.config import FinetuneConfig
 V, L, MASK = 8, 6, 1  # vocabulary, sequence length and mask id of the tiny masked model
 
 
+def tiny_cfg(tiny_model_dir, **kw) -> FinetuneConfig:
+    """DRaFT-K (k = 1) on the tiny shapes model and ``brightness``: 4 steps of 2 samples, 3 DDIM
+    steps, 4 evaluation samples, a checkpoint every 2 steps; ``kw`` overrides."""
+    base = dict(model=str(tiny_model_dir), reward="brightness", method="draft-k", steps=4, batch_size=2, lr=1e-2,
+                lora_rank=2, lora_alpha=2.0, k=1, num_inference_steps=3, guidance_scale=1.0, eval_samples=4,
+                checkpoint_every=2, seed=3)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
 def blackbox_cfg(tiny_model_dir, **kw) -> FinetuneConfig:
     """A few-step LoRA run of the tiny shapes model on a black-box reward (DDPO unless told)."""
     base = dict(model=str(tiny_model_dir), reward="jpeg-compressibility", method="ddpo", steps=4, batch_size=2, lr=1e-2,

@@ -7,21 +7,16 @@ import json
 import pytest
 import torch
 
-from rewardiff.errors import NonFiniteError, UserError
+from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig, build_config
 from rewardiff.finetune.draft import draft, draft_k, draft_lv, refl, truncation_k
 from rewardiff.finetune.trainer import Run, finetune
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
-from tests.helpers import ScaleDenoiser, linear_ddim_gradient
+from tests.helpers import ScaleDenoiser, linear_ddim_gradient, tiny_cfg
 
 
-def _cfg(tiny_model_dir, **kw) -> FinetuneConfig:
-    base = dict(model=str(tiny_model_dir), reward="brightness", method="draft-k", steps=4, batch_size=2, lr=1e-2,
-                lora_rank=2, lora_alpha=2.0, k=1, num_inference_steps=3, guidance_scale=1.0, eval_samples=4,
-                checkpoint_every=2, seed=3)
-    base.update(kw)
-    return FinetuneConfig(**base)
+_cfg = tiny_cfg
 
 
 def test_draft_lv_gradient_matches_closed_form():

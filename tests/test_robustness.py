@@ -22,20 +22,16 @@ import pytest
 import torch
 
 from rewardiff.errors import Stopped, UserError
-from rewardiff.finetune.config import FinetuneConfig, build_config, load_config
+from rewardiff.finetune.config import build_config, load_config
 from rewardiff.finetune.trainer import Run, RunLock, finetune
 from rewardiff.rewards.guard import GuardedReward, RewardFailure
 from rewardiff.rewards.base import RewardFn
+from tests.helpers import tiny_cfg
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def _cfg(tiny_model_dir, **kw) -> FinetuneConfig:
-    base = dict(model=str(tiny_model_dir), reward="brightness", method="draft-k", steps=4, batch_size=2, lr=1e-2,
-                lora_rank=2, lora_alpha=2.0, k=1, num_inference_steps=3, guidance_scale=1.0, eval_samples=4,
-                checkpoint_every=2, seed=3)
-    base.update(kw)
-    return FinetuneConfig(**base)
+_cfg = tiny_cfg
 
 
 def _weights(run_dir: Path) -> dict:
@@ -447,7 +443,7 @@ def test_sampling_a_damaged_fine_tuned_model_is_a_one_line_error(tiny_model_dir,
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize(("option", "needle"), [("m=abc", "'m' takes a finite number, got 'abc'"), ("alpha=nan", "finite number"),
+@pytest.mark.parametrize(("option", "needle"), [("m=abc", "'m' takes a number, got 'abc'"), ("alpha=nan", "takes a number, got nan"),
                                                 ("final=3", "true or false"), ("lookahead=2", "a word")])
 def test_guidance_options_of_the_wrong_kind_are_named(option, needle):
     from rewardiff.guidance import make_method
@@ -457,3 +453,20 @@ def test_guidance_options_of_the_wrong_kind_are_named(option, needle):
     name = "dsearch" if option.startswith("m=") else "svdd-pm"
     with pytest.raises(UserError, match=needle):
         make_method(name, get_reward("brightness"), **parse_options([option]))
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_checkpoint(tiny_model_dir, tmp_path):
+    """A finite reward but a NaN loss (weights blown up): the trainer's own check names the step."""
+    from rewardiff.errors import NonFiniteError
+
+    run = Run(_cfg(tiny_model_dir), tmp_path, progress=False)
+    method = run.method
+
+    def blown(*args):
+        out = method(*args)
+        return out._replace(loss=out.loss * float("nan"))
+
+    run.train_step(0)
+    run.method = blown
+    with pytest.raises(NonFiniteError, match="non-finite loss or reward at step 2"):
+        run.train_step(1)

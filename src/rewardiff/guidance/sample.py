@@ -113,7 +113,7 @@ def make_method(name: str, reward: Reward | None, *, width: int | None = None, s
 
 def _check_option(method: str, key: str, value: Any, default: Any) -> None:
     """A UserError when ``value`` is not of the kind the option's default is (a number, true or
-    false, a word), or is a number that is not finite."""
+    false, a word), or is NaN (inf is a number: an ``alpha`` or ``lam`` of inf is the hard limit)."""
     def bad(kind: str) -> UserError:
         return UserError(f"{method} option {key!r} takes {kind}, got {value!r}")
 
@@ -121,8 +121,8 @@ def _check_option(method: str, key: str, value: Any, default: Any) -> None:
         if not isinstance(value, bool):
             raise bad("true or false")
     elif isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad("a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise bad("a number")
         if isinstance(default, int) and not float(value).is_integer():
             raise bad("a whole number")
     elif isinstance(default, str) and not isinstance(value, str):
