@@ -93,6 +93,16 @@ def test_forward_process_split_and_target():
     assert float(proc.snr(1000.0)) == 0.0 and math.isinf(float(proc.snr(0.0)))
 
 
+def test_both_continuous_processes_fit_the_contract_and_the_masked_one_only_the_rollouts():
+    from rewardiff.processes.gaussian import GaussianProcess
+    from rewardiff.processes.masked import MaskedProcess
+    from rewardiff.types import ContinuousProcess, Process
+
+    for proc in (FlowProcess(), FlowProcess(sde="cps"), GaussianProcess.from_config()):
+        assert isinstance(proc, ContinuousProcess) and isinstance(proc, Process)
+    assert isinstance(MaskedProcess(8, 1), Process) and not isinstance(MaskedProcess(8, 1), ContinuousProcess)
+
+
 # ----------------------------------------------------------------------------- the Flow-GRPO SDE
 
 
