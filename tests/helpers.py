@@ -1,6 +1,6 @@
 """Small builders shared by several test files: a black-box fine-tuning config, a tiny masked
 denoiser on an 8-token vocabulary with its black-box reward, skips for shipped weights, and a
-one-parameter linear denoiser with its DDIM gradient in closed form."""
+one-parameter linear denoiser with its DDIM gradient and its flow gradient in closed form."""
 
 from __future__ import annotations
 
@@ -124,6 +124,52 @@ def linear_ddim_gradient(process, ts: list[int], w: float, x_T: torch.Tensor, c:
     x0 = math.prod(factors) * x_T
     grad = (2 * ((x0 - c.double()) * x_T).flatten(1).sum(1) * dC).mean()
     return x0, float(grad)
+
+
+def linear_flow_factors(ts: list[float], eta: float = 0.0, sde: str = "flow-grpo", n_train: int = 1000) -> list[tuple[float, float, float]]:
+    """(p, q, b) of each step of a flow chain with the velocity ``ScaleDenoiser(w)``, out = w x_t,
+    written out from the equations (s, s' = t / N at both ends, N = ``n_train``, dt = s' - s): each step maps
+    x_t to (p + q w) x_t + b z with z the step's standard normal draw:
+
+        ODE (eta = 0)  p = 1, q = dt, b = 0
+        SDE            std_t = eta sqrt(s / (1 - s)) (s = 1 read as s' in the denominator):
+                       p = 1 + std_t^2 dt / (2 s), q = (1 + std_t^2 (1 - s) / (2 s)) dt, b = std_t sqrt(-dt)
+        CPS            b = s' sin(eta pi / 2), k = sqrt(s'^2 - b^2): from x0_hat = (1 - s w) x_t and
+                       eps_hat = (1 + (1 - s) w) x_t, p = 1 - s' + k, q = k (1 - s) - (1 - s') s
+    """
+    out = []
+    for t, tp in zip(ts, list(ts[1:]) + [0.0]):
+        s, sp = t / n_train, tp / n_train
+        dt = sp - s
+        if eta == 0:
+            out.append((1.0, dt, 0.0))
+        elif sde == "flow-grpo":
+            k = eta**2 * s / (1 - (sp if s == 1 else s))
+            out.append((1 + k * dt / (2 * s), (1 + k * (1 - s) / (2 * s)) * dt, math.sqrt(-k * dt)))
+        else:
+            b = sp * math.sin(eta * math.pi / 2)
+            k = math.sqrt(max(sp * sp - b * b, 0.0))
+            out.append((1 - sp + k, k * (1 - s) - (1 - sp) * s, b))
+    return out
+
+
+def linear_flow_gradient(ts: list[float], w: float, x_T: torch.Tensor, c: torch.Tensor, k: int,
+                         eta: float = 0.0, sde: str = "flow-grpo", noises: list[torch.Tensor] | None = None):
+    """The flow analogue of :func:`linear_ddim_gradient`: ``ScaleDenoiser(w)`` as the velocity,
+    steps x_{j+1} = f_j x_j + b_j z_j with f_j = p_j + q_j w (:func:`linear_flow_factors`), and
+    ``noises`` z_j [B, ...] the rollout's draws (None for the ODE). With gradient through the
+    last ``k`` steps only, dx_0/dw = sum_{j >= T - k} q_j x_j prod_{i > j} f_i (x_j the states
+    visited, constants for the earlier steps), so for L = mean_b ||x_0 - c||^2,
+    dL/dw = mean_b 2 (x_0 - c) . dx_0/dw. Returns (x_0, dL/dw) in float64."""
+    pqb = linear_flow_factors(ts, eta, sde)
+    T = len(ts)
+    f = [p + q * w for p, q, _ in pqb]
+    x, dx = x_T.double(), torch.zeros_like(x_T, dtype=torch.float64)
+    for j, (_, q, b) in enumerate(pqb):
+        dx = f[j] * dx + (q * x if j >= T - k else 0.0)  # d x_{j+1} / dw through the window
+        x = f[j] * x + (b * noises[j].double() if noises is not None else 0.0)
+    grad = (2 * ((x - c.double()) * dx).flatten(1).sum(1)).mean()
+    return x, float(grad)
 
 
 class AffineDenoiser(nn.Module):

@@ -14,7 +14,7 @@ from rewardiff import plugins
 from rewardiff.errors import UserError
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "rewardiff"
-MODEL_CLASSES = {"DiffusionModel", "TokenModel", "HFCausalLM", "GaussianProcess", "MaskedProcess"}
+MODEL_CLASSES = {"DiffusionModel", "TokenModel", "HFCausalLM", "GaussianProcess", "FlowProcess", "MaskedProcess"}
 
 
 def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:

@@ -64,6 +64,24 @@ same seeds by at least 2, where the base mean is about -8 and the target mode sc
   weights (gain 7.93 against 7.99; the beam selection dominates); the unit test
   test_dsearch.py::test_dsearch_r_replaces_the_worst_by_draws_weighted_toward_high_values
   does (softmax(-v) in ``DSearch._replace_worst`` fails it).
+
+The flow process (each test below applies its mutation itself, ``monkeypatch`` on
+``rewardiff.processes.flow``, and asserts that the correct step passes and the broken one fails):
+
+- flow-grpo SDE mean: the sign of the score correction on x_t flipped (``flow_grpo_mean`` with
+  1 - std_t^2 dt / (2 s)) -> tests/test_flow_process.py::test_sde_step_log_prob_matches_scipy_and_a_flipped_mean_does_not
+  (mean and density against scipy: error 1.6 against 3e-7) and
+  tests/test_flow_process.py::test_a_flipped_sde_mean_breaks_the_moments_and_the_marginals (the
+  one-Gaussian moments, and the mixture: covariance 191 SE off, modes 5.7 times too wide).
+- cps: the noise estimate's coefficient sigma' instead of sqrt(sigma'^2 - std^2) (``cps_mean``) ->
+  tests/test_flow_process.py::test_cps_keeps_the_noise_level_and_an_off_coefficient_does_not (the
+  variance of x_{t'} - (1 - sigma') x0 about 350 SE above sigma'^2) and
+  tests/test_flow_process.py::test_an_off_cps_coefficient_breaks_the_moments.
+- Checked by editing the source, running, reverting: the flow-grpo std without sqrt(-dt)
+  (``std_t * (s - s_next)`` in ``FlowProcess._std``) fails seven tests of test_flow_process.py
+  and test_flow_rollout.py (scipy's density, the moments, the marginals, the gradient windows,
+  DRaFT-K, the KL to the base); DRaFT-LV re-noising a flow at the level before the last
+  (``timesteps(T)[-2]``) fails tests/test_flow_rollout.py::test_draft_lv_renoises_a_flow_at_the_last_level.
 """
 
 from __future__ import annotations

@@ -215,4 +215,4 @@ def test_the_rollout_needs_only_the_process_protocol():
     stand_in = _OnlyProtocol(model.process)
     a, b = run(model.process), run(stand_in)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.log_probs, b.log_probs)
-    assert stand_in.calls == {"is_stochastic", "noise_like", "step", "split", "log_prob"}
+    assert stand_in.calls == {"prev_timesteps", "is_stochastic", "noise_like", "step", "split", "log_prob"}

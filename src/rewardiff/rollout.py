@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from rewardiff.types import Denoiser, Draw, Process, Selection, StepContext, StepHook, StepOut, Trajectory
+from rewardiff.types import Denoiser, Draw, Process, Selection, StepContext, StepHook, StepOut, Timestep, Trajectory
 
 
 def _cat_cond(uncond: Any, cond: Any) -> Any:
@@ -41,13 +41,32 @@ def evaluations_per_call(guidance_scale: float) -> int:
     return 1 if guidance_scale == 1.0 else 2
 
 
-def guided_output(model: Denoiser, x: Tensor, t: int, cond: Any, uncond: Any | None, scale: float) -> tuple[Tensor, int]:
+def timestep_batch(t: Timestep, n: int, device: Any) -> Tensor:
+    """One timestep for ``n`` rows, as the denoiser reads it: long [n] for an integer
+    timestep, float32 [n] for a float one (a flow process's N sigma)."""
+    if torch.as_tensor(t).is_floating_point():
+        return torch.full((n,), float(t), device=device, dtype=torch.float32)
+    return torch.full((n,), int(t), device=device, dtype=torch.long)
+
+
+def timestep_tensor(ts: list[Timestep]) -> Tensor:
+    """Timesteps as one tensor [T]: long for integer timesteps, float32 for float ones."""
+    floats = any(torch.as_tensor(t).is_floating_point() for t in ts)
+    return torch.tensor([float(t) for t in ts]) if floats else torch.tensor([int(t) for t in ts], dtype=torch.long)
+
+
+def plain_timestep(t: Timestep) -> Timestep:
+    """A timestep as a plain Python int or float (for JSON)."""
+    return float(t) if torch.as_tensor(t).is_floating_point() else int(t)
+
+
+def guided_output(model: Denoiser, x: Tensor, t: Timestep, cond: Any, uncond: Any | None, scale: float) -> tuple[Tensor, int]:
     """The (classifier-free guided) model output at (x, t) and its NFE per batch element.
 
     With ``uncond`` and ``scale != 1``: out_u + scale * (out_c - out_u) from one batched
     call on [uncond; cond] (2 NFE per element); otherwise one plain call (1 NFE).
     """
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    tt = timestep_batch(t, x.shape[0], x.device)
     if uncond is None or scale == 1.0:
         return model(x, tt, cond), 1
     out_u, out_c = model(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, cond)).chunk(2)
@@ -59,7 +78,7 @@ def rollout(
     process: Process,
     x_T: Tensor,
     cond: Any,
-    timesteps: list[int],
+    timesteps: list[Timestep],
     *,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
@@ -71,18 +90,19 @@ def rollout(
     generator: torch.Generator | list[torch.Generator] | None = None,
     keep_states: bool = False,
     prompts: list[str] | None = None,
-    t_final: int = -1,
+    t_final: Timestep | None = None,
     draw: Draw | None = None,
 ) -> Trajectory:
     """Run the reverse process from ``x_T`` through ``timesteps`` (largest first).
 
     Args:
         model: the denoiser ``model(x_t, t[B], cond) -> prediction``.
-        process: the diffusion math (DDIM steps, or masked-diffusion unmasking steps).
+        process: the diffusion math (DDIM steps, flow steps, or masked-diffusion unmasking steps).
         x_T: the starting particles [B, ...] (pure noise, or a re-noised sample).
         cond: the model condition for the batch; ``uncond`` the unconditional one.
-        timesteps: training timesteps to visit, in sampling order.
-        eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
+        timesteps: training timesteps to visit, in sampling order (from ``process.timesteps``).
+        eta: the step's stochasticity, 0 deterministic (DDIM, the flow ODE); DDIM's eta up to
+            1 (DDPM-like), the flow SDE's noise scale.
         guidance_scale: classifier-free guidance scale (1 disables it).
         grad_steps: indices (0 .. T-1, sampling order) of steps that carry gradient.
         checkpoint: recompute each gradient step's activations in the backward pass.
@@ -94,7 +114,8 @@ def rollout(
             per particle (then a particle's noise does not depend on the rest of the batch).
         keep_states: return every state x_T ... x_0 in ``Trajectory.xs``.
         prompts: the batch's prompts, passed on to the hook.
-        t_final: timestep after the last step (-1: the clean sample).
+        t_final: timestep after the last step (None: the clean sample, as
+            ``process.prev_timesteps`` ends a chain).
         draw: how a categorical process picks each step's tokens (``process.relax``); None
             or ``hard`` keeps the process's own draw. A relaxed or straight-through chain
             carries token probabilities [B, L, V] as its states, so ``model`` must read them
@@ -109,7 +130,7 @@ def rollout(
     x = x_T
     B = x.shape[0]
     T = len(timesteps)
-    prevs = timesteps[1:] + [t_final]
+    prevs = process.prev_timesteps(timesteps) if t_final is None else list(timesteps[1:]) + [t_final]
     log_probs, xs = [], [x_T] if keep_states else []
     kl = torch.zeros(B, device=x.device)
     prompts = list(prompts) if prompts is not None else [""] * B
@@ -224,7 +245,7 @@ class _Predictor:
         self.model, self.process, self.cond, self.uncond, self.scale = model, process, cond, uncond, scale
         self.counter = counter
 
-    def __call__(self, x: Tensor, t: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, t: Timestep, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
         outs = []

@@ -7,6 +7,12 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
+Timestep = int | float
+"""A training timestep: an int for the Gaussian and masked processes (an index into the schedule;
+-1 is the clean sample), a float N sigma for the flow process (0.0 is the clean sample). The
+rollout and the methods never compute with one: they take them from ``timesteps`` and
+``prev_timesteps`` and hand them back to the process, the denoiser and value models."""
+
 
 class StepOut(NamedTuple):
     """One reverse step x_t -> x_{t-1} of a diffusion process.
@@ -34,7 +40,7 @@ class Trajectory(NamedTuple):
         x0: the final sample [B, ...].
         xs: states x_T ... x_0, a list of T + 1 tensors [B, ...] (empty unless kept).
         log_probs: per-step transition log-probabilities [B, T].
-        timesteps: the T training timesteps visited, in sampling order.
+        timesteps: the T training timesteps visited, in sampling order (:data:`Timestep`).
         nfe: denoiser evaluations spent, counted per batch element (CFG counts 2).
         kl: sum over gradient-window steps of the process's divergence between the model's
             and the reference model's outputs [B] (``Process.divergence``: the per-sample mean
@@ -45,7 +51,7 @@ class Trajectory(NamedTuple):
     x0: Tensor
     xs: list[Tensor]
     log_probs: Tensor
-    timesteps: list[int]
+    timesteps: list[Timestep]
     nfe: int
     kl: Tensor
 
@@ -78,19 +84,35 @@ class LossOut(NamedTuple):
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """A network predicting the process's target (epsilon, v or x0) from (x_t, t, cond)."""
+    """A network predicting the process's target (epsilon, v, x0 or the flow velocity) from
+    (x_t, t, cond); ``t`` [B] is long for integer timesteps, float32 for float ones."""
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor: ...
 
 
 @runtime_checkable
 class Process(Protocol):
-    """The diffusion math the rollout drives: what it calls of a process, and nothing more.
+    """The diffusion math the rollout and ``DiffusionModel`` drive: what they call of a process,
+    and nothing more.
 
-    Both :class:`~rewardiff.processes.gaussian.GaussianProcess` (DDPM/DDIM on continuous states)
-    and :class:`~rewardiff.processes.masked.MaskedProcess` (absorbing-state diffusion on token
-    ids) fit it; ``t`` and ``t_prev`` are training timesteps (-1: the clean sample).
+    :class:`~rewardiff.processes.gaussian.GaussianProcess` (DDPM/DDIM on continuous states),
+    :class:`~rewardiff.processes.flow.FlowProcess` (rectified flow: Euler ODE, SDE, CPS) and
+    :class:`~rewardiff.processes.masked.MaskedProcess` (absorbing-state diffusion on token ids)
+    fit it; ``t`` and ``t_prev`` are training timesteps (:data:`Timestep`), which callers take
+    from ``timesteps`` and ``prev_timesteps`` and never compute themselves.
     """
+
+    def timesteps(self, n: int) -> list[Timestep]:
+        """The n timesteps of an n-step sampler, in sampling order (the noisiest first)."""
+        ...
+
+    def prev_timesteps(self, ts: list[Timestep]) -> list[Timestep]:
+        """The timestep after each step of ``ts``: the next one, and the clean sample's after the last."""
+        ...
+
+    def prior(self, shape: tuple[int, ...], generator: Any = None) -> Tensor:
+        """x_T for one sample of ``shape``."""
+        ...
 
     def is_stochastic(self, eta: float) -> bool:
         """Whether a step with this eta draws randomness (then ``noise_like`` supplies it)."""
@@ -100,11 +122,11 @@ class Process(Protocol):
         """One step's randomness for states ``x`` [B, ...] (a torch.Generator or None)."""
         ...
 
-    def step(self, model_out: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = ..., noise: Tensor | None = None) -> StepOut:
+    def step(self, model_out: Tensor, t: Timestep, t_prev: Timestep, x_t: Tensor, eta: float = ..., noise: Tensor | None = None) -> StepOut:
         """One reverse step x_t -> x_{t_prev} from the denoiser's output at (x_t, t)."""
         ...
 
-    def split(self, model_out: Tensor, x_t: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor | None]:
+    def split(self, model_out: Tensor, x_t: Tensor, t: Timestep | Tensor) -> tuple[Tensor, Tensor | None]:
         """(x0_hat, the noise estimate or None) from the denoiser's output at (x_t, t)."""
         ...
 
@@ -112,8 +134,33 @@ class Process(Protocol):
         """log p(x | x_t) [B] of states ``x`` [B, ...] under a step's ``mean`` and ``std``."""
         ...
 
-    def divergence(self, model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: int, t_prev: int) -> Tensor:
+    def divergence(self, model_out: Tensor, ref_out: Tensor, x_t: Tensor, t: Timestep, t_prev: Timestep) -> Tensor:
         """The per-sample penalty [B] between the model's and a reference model's outputs at (x_t, t)."""
+        ...
+
+
+@runtime_checkable
+class ContinuousProcess(Process, Protocol):
+    """A process over continuous states with Gaussian steps (a :data:`GAUSSIAN` model's):
+    :class:`~rewardiff.processes.gaussian.GaussianProcess` and
+    :class:`~rewardiff.processes.flow.FlowProcess`. What the methods beyond the rollout use
+    (re-noising, KL diagnostics, look-ahead checks), so that none of them branches on the kind.
+    """
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Timestep | Tensor) -> Tensor:
+        """The forward process: x_t of clean ``x0`` and standard normal ``noise`` at t ([B] or scalar)."""
+        ...
+
+    def target(self, x0: Tensor, noise: Tensor, t: Timestep | Tensor) -> Tensor:
+        """The denoiser's regression target at (x0, noise, t)."""
+        ...
+
+    def step_std(self, t: Timestep, t_prev: Timestep, eta: float) -> Tensor:
+        """The standard deviation of the step t -> t_prev at ``eta``, a scalar tensor (0: deterministic)."""
+        ...
+
+    def snr(self, t: Timestep | Tensor) -> Tensor:
+        """The signal-to-noise ratio of x_t: (coefficient of x0)^2 / (variance of the noise)."""
         ...
 
 
@@ -149,7 +196,7 @@ class Reward(Protocol):
     def __call__(self, x: Tensor, prompts: list[str]) -> Tensor: ...
 
 
-Predict = Callable[[Tensor, int, "Tensor | None"], "tuple[Tensor, Tensor]"]
+Predict = Callable[[Tensor, Timestep, "Tensor | None"], "tuple[Tensor, Tensor]"]
 
 
 class StepContext(NamedTuple):
@@ -157,7 +204,8 @@ class StepContext(NamedTuple):
 
     Fields:
         index: step number in sampling order, 0 .. T-1.
-        t: training timestep of x_t; t_prev the one of x_{t-1} (-1 for the clean sample).
+        t: training timestep of x_t; t_prev the one of x_{t-1} (the process's clean timestep
+            after the last step: -1 for the Gaussian and masked processes, 0.0 for flow).
         x_t: the current particles [B, ...] (B can change between steps when hooks select).
         out: the unguided step's result.
         cond: the model condition of these B particles.
@@ -173,8 +221,8 @@ class StepContext(NamedTuple):
     """
 
     index: int
-    t: int
-    t_prev: int
+    t: Timestep
+    t_prev: Timestep
     x_t: Tensor
     out: StepOut
     cond: Any
@@ -229,7 +277,7 @@ class Evaluation(NamedTuple):
 # What a generator offers; methods declare which of these they need (``requires``), and the
 # check that refuses a method on a model reads those declarations, never class names.
 CHAIN = "chain"  # sampled by a reverse diffusion chain through the rollout (guidance hooks, grad windows)
-GAUSSIAN = "gaussian"  # the chain's states are continuous with Gaussian steps (eta, re-noising, image rewards)
+GAUSSIAN = "gaussian"  # continuous states with Gaussian steps, a ContinuousProcess (eta, re-noising, image rewards)
 TOKENS = "tokens"  # outputs are token sequences over a vocabulary (relaxed tokens for differentiable rewards)
 AUTOREGRESSIVE = "autoregressive"  # sampled token by token, left to right (no chain to steer)
 
@@ -285,12 +333,12 @@ class ValueFn(Protocol):
     """A learned soft value ``v(x_t, t, cond) -> Tensor[B]``: the expected final reward from x_t.
 
     ``x_t`` is a noisy state in the denoiser's space [B, ...], ``t`` its training timestep
-    (one int for the batch), ``cond`` the model condition of those B rows (what
+    (one for the batch), ``cond`` the model condition of those B rows (what
     ``DiffusionModel.encode`` returns). Used by SVDD-MC and SMC.
     """
 
-    def __call__(self, x_t: Tensor, t: int, cond: Any) -> Tensor: ...
+    def __call__(self, x_t: Tensor, t: Timestep, cond: Any) -> Tensor: ...
 
 
-__all__ = ["StepOut", "Trajectory", "LossOut", "Draw", "Denoiser", "Process", "Reward", "ValueFn", "StepContext", "Selection",
+__all__ = ["Timestep", "StepOut", "Trajectory", "LossOut", "Draw", "Denoiser", "Process", "ContinuousProcess", "Reward", "ValueFn", "StepContext", "Selection",
            "StepHook", "Predict", "Evaluation", "Generator", "missing", "CHAIN", "GAUSSIAN", "TOKENS", "AUTOREGRESSIVE"]

@@ -1,7 +1,7 @@
 """DDPO: policy-gradient fine-tuning for rewards with no gradient (Black et al. 2023, arXiv 2305.13301).
 
-Each stochastic DDIM step (eta > 0; the authors use 1) is a Gaussian policy
-pi_theta(x_{t-1} | x_t, c). One training step of :class:`DDPO`:
+Each stochastic step (DDIM with eta > 0, the authors use 1; or a flow SDE or CPS step) is a
+Gaussian policy pi_theta(x_{t-1} | x_t, c). One training step of :class:`DDPO`:
 
 1. sample a batch of trajectories with the current weights, no gradient, keeping every
    state and each step's log-probability log pi_old;
@@ -18,7 +18,7 @@ pi_theta(x_{t-1} | x_t, c). One training step of :class:`DDPO`:
 
 Log-probabilities are averaged over the sample's dimensions, as the authors' code does: the
 clip range 1e-4 is calibrated against that scale. Steps with a deterministic transition
-(std 0, e.g. the last one when abar after it is 1) carry no probability ratio and are skipped.
+(std 0, e.g. DDIM's last one when abar after it is 1) carry no probability ratio and are skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from rewardiff.finetune.draft import PromptConditions
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import LossOut, Reward
+from rewardiff.types import LossOut, Reward, Timestep
 
 
 def ppo_loss(advantages: Tensor, ratio: Tensor, clip: float) -> Tensor:
@@ -82,8 +82,8 @@ class PerPromptStats:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.get("buffers", {}).items()}
 
 
-def step_log_prob(model: DiffusionModel, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, cond, uncond, cfg: FinetuneConfig) -> Tensor:
-    """log pi_theta(x_prev | x_t) of one DDIM step at eta = ``cfg.eta``, summed over dimensions [B]."""
+def step_log_prob(model: DiffusionModel, x_t: Tensor, x_prev: Tensor, t: Timestep, t_prev: Timestep, cond, uncond, cfg: FinetuneConfig) -> Tensor:
+    """log pi_theta(x_prev | x_t) of one step at eta = ``cfg.eta``, summed over dimensions [B]."""
     out, _ = guided_output(model.net, x_t, t, cond, uncond, cfg.guidance_scale)
     step = model.process.step(out, t, t_prev, x_t, cfg.eta, torch.zeros_like(x_t))
     return model.process.log_prob(x_prev, step.mean, step.std)
@@ -139,8 +139,8 @@ class DDPO:
         adv = self._advantages(prompts, rewards).clamp(-cfg.adv_clip, cfg.adv_clip)
         d = traj.x0[0].numel()
         ts = traj.timesteps
-        prevs = ts[1:] + [-1]
-        stochastic = [j for j in range(T) if float(model.process.sigma(ts[j], prevs[j], cfg.eta)) > 0]
+        prevs = model.process.prev_timesteps(ts)
+        stochastic = [j for j in range(T) if float(model.process.step_std(ts[j], prevs[j], cfg.eta)) > 0]
         n_train = max(1, round(cfg.timestep_fraction * len(stochastic)))
         steps = [stochastic[int(i)] for i in torch.randperm(len(stochastic), generator=gen)[:n_train]]
         per_call = evaluations_per_call(cfg.guidance_scale)

@@ -1,12 +1,13 @@
 """The fine-tuned model's distance from its base model, along the sampling chain.
 
-For two DDIM samplers that share the step variance sigma_t^2 (eta > 0), the KL divergence of
-one step's transitions is ||mu_theta - mu_base||^2 / (2 sigma_t^2), and the KL of the path
-measures is the expectation, over the fine-tuned model's own trajectories, of the sum over
-steps. :class:`KLMeter` measures that sum during an ordinary rollout (a guidance hook that
-changes nothing). A deterministic step (sigma = 0, the last one when abar after it is 1) has
-no finite KL; it is read with the smallest non-zero variance of the chain instead
-(:func:`step_variances`), which VARD's penalty shares.
+For two samplers with Gaussian steps that share the step variance sigma_t^2 (DDIM with eta > 0,
+the flow SDE or CPS; ``process.step_std``), the KL divergence of one step's transitions is
+||mu_theta - mu_base||^2 / (2 sigma_t^2), and the KL of the path measures is the expectation,
+over the fine-tuned model's own trajectories, of the sum over steps. :class:`KLMeter` measures
+that sum during an ordinary rollout (a guidance hook that changes nothing). A deterministic step
+(sigma = 0: DDIM's last one when abar after it is 1, CPS's into the clean sample) has no finite
+KL; it is read with the smallest non-zero variance of the chain instead (:func:`step_variances`),
+which VARD's penalty shares.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from torch import Tensor
 
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import guided_output
-from rewardiff.types import StepContext
+from rewardiff.types import StepContext, Timestep
 
 
-def step_variances(model: DiffusionModel, timesteps: list[int], eta: float) -> list[float]:
+def step_variances(model: DiffusionModel, timesteps: list[Timestep], eta: float) -> list[float]:
     """sigma_t^2 of each step at ``eta``, a zero variance replaced by the chain's smallest non-zero one."""
-    prevs = timesteps[1:] + [-1]
-    var = [float(model.process.sigma(t, tp, eta)) ** 2 for t, tp in zip(timesteps, prevs)]
+    prevs = model.process.prev_timesteps(timesteps)
+    var = [float(model.process.step_std(t, tp, eta)) ** 2 for t, tp in zip(timesteps, prevs)]
     floor = min((v for v in var if v > 0), default=1.0)
     return [v if v > 0 else floor for v in var]
 

@@ -6,14 +6,17 @@ only in which steps carry gradient and in where the reward is read:
     draft      Clark et al. 2023 (arXiv 2309.17400): gradient through every step.
     draft-k    the same paper: only the last K steps carry gradient.
     draft-lv   the same paper, K = 1 with lower variance: re-noise the final sample n times
-               to the last step's noise level and denoise each copy with gradient.
+               to the last step's noise level (the process's forward noising) and denoise
+               each copy with gradient.
     alignprop  Prabhudesai et al. 2023 (arXiv 2310.03739): the truncation point is drawn
                once per trajectory (uniform, or Gaussian near the end of the chain).
     refl       Xu et al. 2023 (ImageReward): stop at a random late step and read the reward
                on the one-step estimate x0_hat with gradient.
 
-The optional penalty ``kl_weight * ||out_theta - out_base||^2`` (DRaFT+) is computed by the
-rollout on the gradient steps against the frozen base model.
+The optional penalty ``kl_weight * ||out_theta - out_base||^2`` (DRaFT+, the process's
+``divergence``) is computed by the rollout on the gradient steps against the frozen base model.
+Nothing here reads the process's schedule: timesteps come from ``process.timesteps``, the
+re-noising from ``process.add_noise``, so every method runs on a Gaussian or a flow process.
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def draft_lv(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     """DRaFT-LV: K = 1 with ``lv_n`` re-noised copies of each final sample.
 
     1. sample x_0 with no gradient;
-    2. n times: x_1^i = sqrt(abar_1) x_0 + sqrt(1 - abar_1) eps_i at the last step's level;
+    2. n times: x_1^i = ``process.add_noise(x_0, eps_i, t_1)`` at the last step's level
+       (sqrt(abar_1) x_0 + sqrt(1 - abar_1) eps_i for DDPM, (1 - sigma_1) x_0 + sigma_1 eps_i for flow);
     3. denoise each x_1^i one step with gradient and average the rewards of the results.
     """
     T, n = cfg.num_inference_steps, cfg.lv_n
@@ -113,7 +117,7 @@ def draft_lv(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     t_last = model.process.timesteps(T)[-1]
     x0 = base.x0.repeat(n, *[1] * (base.x0.dim() - 1))  # [n*B, ...]
     eps = torch.randn(x0.shape, generator=gen).to(x0)
-    x1 = model.process.add_noise(x0, eps, torch.tensor(t_last))
+    x1 = model.process.add_noise(x0, eps, torch.tensor(t_last))  # a long or float timestep
     rep = prompts * n
     cond = model.encode(rep)
     uncond = model.encode([""] * len(rep)) if cfg.guidance_scale != 1.0 else None
@@ -141,7 +145,7 @@ def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     if cfg.kl_weight > 0 and model.reference is not None:
         with torch.no_grad():
             ref_out, n_ref = guided_output(model.reference, pre.x0, ts[s], cond, uncond, cfg.guidance_scale)
-        kl = ((out - ref_out) ** 2).flatten(1).mean(1)
+        kl = model.process.divergence(out, ref_out, pre.x0, ts[s], model.process.prev_timesteps(ts)[s])
         n += n_ref
     r = reward_fn(model.decode(x0_hat), prompts)
     return LossOut(_objective(r, kl, cfg), r.detach(), kl.detach(), pre.nfe + n * len(prompts), s)

@@ -41,7 +41,7 @@ from rewardiff.io import atomic_write
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rewards.value import ValueNet, fit_value, load_value, pool_cond, scored_rollout
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import LossOut, Reward, Trajectory
+from rewardiff.types import LossOut, Reward, Timestep, Trajectory
 
 WARMUP_BATCH = 32
 
@@ -91,7 +91,7 @@ class VARD:
 
     # ------------------------------------------------------------------ the value
 
-    def _fit(self, states: list[Tensor], timesteps: list[int], cond: Tensor, rewards: Tensor, steps: int, gen: torch.Generator) -> float:
+    def _fit(self, states: list[Tensor], timesteps: list[Timestep], cond: Tensor, rewards: Tensor, steps: int, gen: torch.Generator) -> float:
         return fit_value(self.value, self.value_opt, states, timesteps, cond, rewards, steps, gen, self._sync_grads)
 
     def _sync_grads(self) -> None:
@@ -115,8 +115,9 @@ class VARD:
         self._standardize(torch.cat([b[1] for b in batches]), [b[0] for b in batches])
         ts = batches[0][0].timesteps
         per = max(1, cfg.vard_warmup_steps // len(batches))
+        final = model.process.prev_timesteps(ts)[-1:]  # the clean sample's timestep
         for traj, r, c in batches:
-            self._fit(traj.xs, ts + [-1], c, r, per, wgen)
+            self._fit(traj.xs, ts + final, c, r, per, wgen)
         self.warm = True
         return n, sum(b[0].nfe for b in batches)
 
@@ -155,10 +156,10 @@ class VARD:
         self.warm = True
         traj, rewards = self._rollout(model, reward_fn, prompts, seeds, cfg)
         ts = traj.timesteps
-        prevs = ts[1:] + [-1]
+        prevs = model.process.prev_timesteps(ts)
         pooled = pool_cond(model.encode(prompts)).detach()
         if cfg.vard_value_steps > 0:  # 2. the value follows the policy
-            self.last_value_loss = self._fit(traj.xs, ts + [-1], pooled, rewards, cfg.vard_value_steps, gen)
+            self.last_value_loss = self._fit(traj.xs, ts + prevs[-1:], pooled, rewards, cfg.vard_value_steps, gen)
         variances = step_variances(model, ts, cfg.eta)
         per_call = evaluations_per_call(cfg.guidance_scale)
         T, B = len(ts), len(prompts)
@@ -172,7 +173,7 @@ class VARD:
             extra = {"value": float(v.mean()), "value_loss": self.last_value_loss}
             yield LossOut(loss / T, rewards, kl, nfe, 0, step=j == T - 1, extra=extra, queries=(B + extra_q) if first else 0)
 
-    def _step_loss(self, model: DiffusionModel, x_t: Tensor, x_next: Tensor, t: int, t_prev: int, cond, uncond,
+    def _step_loss(self, model: DiffusionModel, x_t: Tensor, x_next: Tensor, t: Timestep, t_prev: Timestep, cond, uncond,
                    pooled: Tensor, var: float, cfg: FinetuneConfig) -> tuple[Tensor, Tensor, Tensor]:
         zeros = torch.zeros_like(x_t)
         out, _ = guided_output(model.net, x_t, t, cond, uncond, cfg.guidance_scale)

@@ -14,8 +14,9 @@ The reference code (``path_integral_video.py``, ``ddim_sampling``) guides steps 
    kept candidate's look-ahead output is reused by the next step.
 3. Steps from ``window`` on, and always the last step, run unguided.
 
-Zero terminal SNR (named deviation, ``start = "step"``). When abar at the first timestep is
-below ``MIN_START_ABAR``, x_T = sqrt(abar) x0 + sqrt(1 - abar) eps holds (almost) nothing of x0,
+Zero terminal SNR (named deviation, ``start = "step"``). When the signal-to-noise ratio at the
+first timestep (``process.snr``: abar / (1 - abar) for DDPM, ((1 - sigma) / sigma)^2 for flow)
+is below ``MIN_START_SNR``, x_T = sqrt(abar) x0 + sqrt(1 - abar) eps holds (almost) nothing of x0,
 so the Bayes answer x0_hat(x_T) = E[x0 | x_T] is E[x0 | prompt] whatever x_T, for every
 prediction type: with v-prediction x0_hat = sqrt(abar) x_T - sqrt(1 - abar) v_hat = -v_hat at
 abar = 0, and the regression target there is v = -x0, independent of x_T; with x0-prediction the
@@ -26,8 +27,9 @@ correlated -0.05 with the final reward over 64 noises). So on such a process ste
 draws n candidates of x_{t_1} from the sampler's own x_T and scores them on a look-ahead, like
 steps 1 .. window-1; with eta = 1 and abar = 0 the DDIM step x_{t_1} = sqrt(abar_1) x0_hat +
 sqrt(1 - abar_1) z does not depend on x_T at all, so these candidates are n fresh starts at the
-first state that carries signal. ``start = "auto"`` (the default) picks ``noise`` or ``step``
-from the process; ``options()["start"]`` reports the choice made.
+first state that carries signal. A flow process starts at sigma = 1, where x_T is pure noise
+and x0_hat(x_T) = x_T - v_hat is E[x0 | prompt] likewise. ``start = "auto"`` (the default)
+picks ``noise`` or ``step`` from the process; ``options()["start"]`` reports the choice made.
 
 Cost per sample: c * (T + (n - 1) * D) NFE with D = min(window, T - 1) guided decisions (at
 T = 1 the noise choice is the only one: D = 1; the step choice has none: D = 0); both starts
@@ -46,14 +48,14 @@ from rewardiff.errors import UserError
 from rewardiff.guidance.base import Method, candidates, pick_per_parent
 from rewardiff.types import CHAIN, GAUSSIAN, Process, Reward, Selection, StepContext
 
-MIN_START_ABAR = 1e-4  # below it x_T's clean part is under 1 % of its amplitude: no initial-noise choice
+MIN_START_SNR = 1e-4  # below it x_T's clean part is under 1 % of its noise's amplitude: no initial-noise choice
 STARTS = ("auto", "noise", "step")
 
 
 def informative_start(process: Any) -> bool:
     """Whether x0_hat at the sampler's first timestep can tell initial noises apart."""
     t0 = process.timesteps(1)[0]
-    return float(process.alpha_bar(t0)) >= MIN_START_ABAR
+    return float(process.snr(t0)) >= MIN_START_SNR
 
 
 class Free2Guide(Method):

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rewardiff.processes.gaussian import GaussianProcess
 from rewardiff.rollout import rollout
-from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, StepHook, Trajectory
+from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, Process, StepHook, Trajectory
 
 
 class DiffusionModel:
@@ -23,7 +22,7 @@ class DiffusionModel:
 
     Args:
         net: the denoiser module, ``net(x_t, t[B], cond) -> prediction``.
-        process: its Gaussian process.
+        process: its process: Gaussian (DDPM/DDIM), flow (rectified flow) or masked (tokens).
         encode: prompts -> condition (the empty prompt "" is the unconditional one).
         shape: the shape of one sample in the space the net denoises, e.g. (3, 32, 32).
         decode: samples -> images in [-1, 1] [B, 3, H, W] (identity in pixel space).
@@ -44,7 +43,7 @@ class DiffusionModel:
     def __init__(
         self,
         net: nn.Module,
-        process: GaussianProcess,
+        process: Process,
         encode: Callable[[list[str]], Any],
         shape: tuple[int, ...],
         decode: Callable[[Tensor], Tensor] | None = None,
@@ -62,7 +61,8 @@ class DiffusionModel:
         self.decode = decode or (lambda x: x)
         self.world, self.check_prompts = world, check_prompts
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
-        # a process over token ids (it has a vocabulary) samples tokens; any other, continuous states
+        # a process over token ids (it has a vocabulary) samples tokens; any other (Gaussian,
+        # flow) continuous states with Gaussian steps
         kind = TOKENS if getattr(process, "vocab_size", None) is not None else GAUSSIAN
         self.capabilities = frozenset({CHAIN, kind})
 
@@ -82,7 +82,8 @@ class DiffusionModel:
         return y.clamp(*self.output_range) if self.output_range is not None else y
 
     def step_generators(self, seeds: list[int]) -> list[torch.Generator]:
-        """One generator of step noise (eta > 0, or any masked step) per sample, seeded from the sample's seed."""
+        """One generator of step noise (a stochastic step: eta > 0, or any masked step) per sample,
+        seeded from the sample's seed."""
         return [torch.Generator().manual_seed(int(s) * 7919 + 17) for s in seeds]
 
     def sample(

@@ -97,6 +97,12 @@ class GaussianProcess:
         """The timestep after each step: the next one in ``ts``, and -1 (clean) after the last."""
         return ts[1:] + [-1]
 
+    def snr(self, t: int | Tensor) -> Tensor:
+        """The signal-to-noise ratio abar_t / (1 - abar_t) of x_t (inf for the clean sample when
+        abar after the last step is 1)."""
+        a = self.alpha_bar(t)
+        return a / (1 - a)
+
     # ------------------------------------------------------------------ randomness
 
     @staticmethod
@@ -150,8 +156,13 @@ class GaussianProcess:
     # ------------------------------------------------------------------ reverse step
 
     def sigma(self, t: int, t_prev: int, eta: float) -> Tensor:
+        """sigma_t of the DDIM step t -> t_prev at ``eta`` (eq. 16), float32."""
         a, ap = self.alpha_bar(t), self.alpha_bar(t_prev)
         return eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
+
+    def step_std(self, t: int, t_prev: int, eta: float) -> Tensor:
+        """The standard deviation of the step t -> t_prev at ``eta``: :meth:`sigma` (0 at eta = 0)."""
+        return self.sigma(t, t_prev, eta)
 
     def step(self, model_out: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = 0.0, noise: Tensor | None = None) -> StepOut:
         """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12).

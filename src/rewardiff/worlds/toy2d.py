@@ -10,6 +10,16 @@ posterior mean E[x0 | x_t] (what a perfectly trained denoiser predicts) has a cl
     E[x0 | x_t, k]    = mu_k + sqrt(abar) s_k^2 / (abar s_k^2 + 1 - abar) (x_t - sqrt(abar) mu_k)
     E[x0 | x_t]       = sum_k r_k(x_t) E[x0 | x_t, k]
 
+The same holds under rectified flow, ``x_t = (1 - sigma) x0 + sigma eps``: with c = 1 - sigma,
+
+    p(x_t | k)        = N(x_t; c mu_k, var_k I),  var_k = c^2 s_k^2 + sigma^2
+    E[x0 | x_t, k]    = mu_k + c s_k^2 / var_k (x_t - c mu_k)
+    E[eps | x_t, k]   = sigma / var_k (x_t - c mu_k)
+    v(x_t)            = E[eps - x0 | x_t] = sum_k r_k(x_t) (E[eps | x_t, k] - E[x0 | x_t, k])
+
+the exact velocity (:class:`MixtureVelocity`, :func:`toy2d_flow_model`), finite at every
+sigma in [0, 1] (var_k >= min(s_k^2, 1) / 2 > 0), so the world also runs as a flow.
+
 With no training error in the way, a guidance method's effect on samples (best-of-N, SVDD,
 SMC, gradient guidance ...) can be measured against known answers: the unguided model
 reproduces the mixture, and a reward peaked on one mean should pull mass onto that mode.
@@ -25,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from rewardiff.models.base import DiffusionModel
+from rewardiff.processes.flow import SDE, FlowProcess
 from rewardiff.processes.gaussian import GaussianProcess, Prediction
 from rewardiff.rewards.base import RewardFn
 
@@ -88,8 +99,9 @@ class GaussianMixture:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-density of the mixture at each point. x [B, 2] -> [B] float64"""
+        one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         return _log_joint(x.double(), self.means.to(x.device), self.stds.to(x.device) ** 2,
-                          self.weights.to(x.device).log(), torch.ones(x.shape[0], dtype=torch.float64, device=x.device)).logsumexp(1)
+                          self.weights.to(x.device).log(), one, one, 1 - one).logsumexp(1)
 
     def posterior_mean(self, x_t: Tensor, abar: Tensor | float) -> Tensor:
         """E[x0 | x_t] under ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps``.
@@ -105,18 +117,44 @@ class GaussianMixture:
         a = torch.as_tensor(abar, dtype=torch.float64, device=dev).expand(x_t.shape[0])
         return _posterior_mean(x_t.double(), a, self.means.to(dev), self.stds.to(dev) ** 2, self.weights.to(dev).log())
 
+    def velocity(self, x_t: Tensor, sigma: Tensor | float) -> Tensor:
+        """The exact flow velocity E[eps - x0 | x_t] under ``x_t = (1 - sigma) x0 + sigma eps``.
 
-def _log_joint(x: Tensor, mu: Tensor, s2: Tensor, logw: Tensor, a: Tensor) -> Tensor:
-    """log w_k + log N(x; sqrt(a) mu_k, (a s_k^2 + 1 - a) I). x [B, 2], a [B] -> [B, K]"""
-    var = a[:, None] * s2[None] + (1 - a)[:, None]  # [B, K]
-    diff = x[:, None, :] - a.sqrt()[:, None, None] * mu[None]  # [B, K, 2]
+        Args:
+            x_t: noisy points [B, 2].
+            sigma: the noise level, one for all or one per point [B], in [0, 1].
+
+        Returns:
+            the velocity [B, 2] float64.
+        """
+        dev = x_t.device
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=dev).expand(x_t.shape[0])
+        return _flow_velocity(x_t.double(), s, self.means.to(dev), self.stds.to(dev) ** 2, self.weights.to(dev).log())
+
+
+def _log_joint(x: Tensor, mu: Tensor, s2: Tensor, logw: Tensor, c: Tensor, c2: Tensor, n2: Tensor) -> Tensor:
+    """log w_k + log N(x; c mu_k, (c2 s_k^2 + n2) I) for x = c x0 + sqrt(n2) eps, c2 = c^2 (passed
+    apart so that DDPM's c2 = abar is exact). x [B, 2], c, c2, n2 [B] -> [B, K]"""
+    var = c2[:, None] * s2[None] + n2[:, None]  # [B, K]
+    diff = x[:, None, :] - c[:, None, None] * mu[None]  # [B, K, 2]
     sq = (diff**2).sum(-1)
     return logw[None] - sq / (2 * var) - var.log() - math.log(2 * math.pi)
 
 
+def _flow_velocity(x: Tensor, s: Tensor, mu: Tensor, s2: Tensor, logw: Tensor) -> Tensor:
+    """The closed-form E[eps - x0 | x_t] of rectified flow (module docstring); all float64. x [B, 2], s [B] -> [B, 2]"""
+    c = 1 - s
+    r = _log_joint(x, mu, s2, logw, c, c**2, s**2).softmax(1)  # responsibilities [B, K]
+    var = (c**2)[:, None] * s2[None] + (s**2)[:, None]  # [B, K]
+    resid = x[:, None, :] - c[:, None, None] * mu[None]  # x_t - c mu_k [B, K, 2]
+    gain = (s[:, None] - c[:, None] * s2[None]) / var  # E[eps | k] - E[x0 | k] = gain (x_t - c mu_k) - mu_k
+    per_k = gain[..., None] * resid - mu[None]  # [B, K, 2]
+    return (r[..., None] * per_k).sum(1)
+
+
 def _posterior_mean(x: Tensor, a: Tensor, mu: Tensor, s2: Tensor, logw: Tensor) -> Tensor:
     """The closed-form E[x0 | x_t] (module docstring); all float64. x [B, 2], a [B] -> [B, 2]"""
-    r = _log_joint(x, mu, s2, logw, a).softmax(1)  # responsibilities [B, K]
+    r = _log_joint(x, mu, s2, logw, a.sqrt(), a, 1 - a).softmax(1)  # responsibilities [B, K]
     sa = a.sqrt()[:, None]
     var = a[:, None] * s2[None] + (1 - a)[:, None]  # [B, K]
     gain = sa * s2[None] / var  # [B, K]
@@ -207,6 +245,67 @@ def toy2d_model(prediction: Prediction = "v_prediction", zero_snr: bool = True, 
     return DiffusionModel(net, process, lambda prompts: torch.zeros(len(prompts), 1), (2,), name="toy2d", output_range=None)
 
 
+class MixtureVelocity(nn.Module):
+    """The exact velocity of a ``GaussianMixture`` under a rectified-flow process:
+    ``forward(x_t, t)`` is E[eps - x0 | x_t] at sigma = t / N, so that the process's ``split``
+    gives back the exact posterior mean E[x0 | x_t]. Like :class:`MixtureDenoiser` it has nothing
+    to train (its frozen means tell ``DiffusionModel.device`` where it lives) and is
+    differentiable in ``x_t``.
+
+    Args:
+        process: the flow process the velocity serves (its N).
+        means: component means [K, 2] (default: 8 on a circle of radius 2).
+        std: component standard deviation, one for all or per component [K].
+        weights: mixture weights [K] (default: equal).
+    """
+
+    def __init__(
+        self,
+        process: FlowProcess,
+        means: Tensor | Sequence[Sequence[float]] | None = None,
+        std: float | Tensor | Sequence[float] = STD,
+        weights: Tensor | Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.mixture = GaussianMixture(means, std, weights)
+        self.num_train_timesteps = process.num_train_timesteps
+        self.means = nn.Parameter(self.mixture.means.clone(), requires_grad=False)  # [K, 2]
+        self.register_buffer("variances", self.mixture.stds**2)  # [K]
+        self.register_buffer("log_weights", self.mixture.weights.log())  # [K]
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """The velocity at (x_t, t); ``cond`` is ignored.
+
+        Args:
+            x_t: noisy points [B, 2].
+            t: timesteps N sigma [B] (or one scalar), float, 0 .. N.
+            cond: anything (the toy world is unconditional).
+
+        Returns:
+            the velocity [B, 2] float32.
+        """
+        s = (torch.as_tensor(t, device=x_t.device).double() / self.num_train_timesteps).expand(x_t.shape[0])
+        v = _flow_velocity(x_t.double(), s, self.means.double(), self.variances.double(), self.log_weights.double())
+        return v.float()
+
+
+def toy2d_flow_model(shift: float = 1.0, sde: SDE = "flow-grpo", **mixture: Any) -> DiffusionModel:
+    """The toy world as a flow: the exact mixture velocity under rectified flow (N = 1000).
+
+    Args:
+        shift: the schedule's shift (1: none; SD3: 3.0).
+        sde: the stochastic step for eta > 0: ``flow-grpo`` or ``cps``.
+        **mixture: ``means``, ``std``, ``weights`` of the data (see ``GaussianMixture``).
+
+    Returns:
+        a ``DiffusionModel`` with sample shape (2,), prompt-independent condition (zeros
+        [B, 1]) and identity decode; its net's ``mixture`` is the data distribution.
+    """
+    process = FlowProcess(1000, shift, sde=sde)
+    net = MixtureVelocity(process, **mixture).eval()
+    return DiffusionModel(net, process, lambda prompts: torch.zeros(len(prompts), 1), (2,), name="toy2d-flow", output_range=None)
+
+
 def _target_fn(target: Sequence[float]):
     goal = torch.as_tensor(target, dtype=torch.float32)
     if goal.shape != (2,):
@@ -242,5 +341,6 @@ def target_reward_blackbox(target: Sequence[float] = TARGET, name: str = "toy2d-
 
 
 __all__ = [
-    "GaussianMixture", "MixtureDenoiser", "ring_means", "toy2d_model", "target_reward", "target_reward_blackbox",
+    "GaussianMixture", "MixtureDenoiser", "MixtureVelocity", "ring_means", "toy2d_model", "toy2d_flow_model",
+    "target_reward", "target_reward_blackbox",
 ]

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from rewardiff.errors import NonFiniteError, UserError
 from rewardiff.rewards.value.net import AnyValueNet, pool_cond
-from rewardiff.types import Reward, Trajectory
+from rewardiff.rollout import plain_timestep, timestep_tensor
+from rewardiff.types import Reward, Timestep, Trajectory
 
 if TYPE_CHECKING:
     from rewardiff.models.base import DiffusionModel
@@ -40,7 +41,7 @@ class Rollouts(NamedTuple):
     states: Tensor  # [N, T, ...] x_T .. x_1 (x_0 too with ``final``); float32, or the ids' integer dtype
     conds: Tensor  # [N, D] pooled conditions
     rewards: Tensor  # [N] the reward of each final sample
-    timesteps: list[int]  # the T sampled timesteps of the states
+    timesteps: list[Timestep]  # the T sampled timesteps of the states
     nfe: int  # denoiser evaluations the sampling spent
 
 
@@ -124,7 +125,7 @@ def shuffled_states(data: Rollouts, targets: Tensor, rows: Tensor, batch_size: i
         batch_size: states per batch (at most the number of states).
     """
     T = data.states.shape[1]
-    ts = torch.tensor(data.timesteps, dtype=torch.long)
+    ts = timestep_tensor(data.timesteps)
     flat = (rows[:, None] * T + torch.arange(T)[None]).reshape(-1)  # [len(rows) * T] indices n * T + i
     bs = min(batch_size, len(flat))
     perm, cursor = torch.randperm(len(flat), generator=gen), 0
@@ -137,7 +138,7 @@ def shuffled_states(data: Rollouts, targets: Tensor, rows: Tensor, batch_size: i
         yield Batch(data.states[n, i].to(device), ts[i].to(device), data.conds[n].to(device), targets[n].to(device))
 
 
-def one_state_each(states: list[Tensor], timesteps: list[int], cond: Tensor, target: Tensor,
+def one_state_each(states: list[Tensor], timesteps: list[Timestep], cond: Tensor, target: Tensor,
                    gen: torch.Generator) -> Iterator[Batch]:
     """Endless minibatches of one state per trajectory, which state drawn from ``gen`` each time.
 
@@ -150,7 +151,7 @@ def one_state_each(states: list[Tensor], timesteps: list[int], cond: Tensor, tar
     while True:
         j = torch.randint(0, n, (B,), generator=gen)  # one state of each trajectory
         x = torch.stack([states[int(k)][b] for b, k in enumerate(j)])
-        t = torch.tensor([timesteps[int(k)] for k in j], device=x.device)
+        t = timestep_tensor([timesteps[int(k)] for k in j]).to(x.device)
         yield Batch(x, t, cond, target)
 
 
@@ -204,7 +205,7 @@ def regress(net: AnyValueNet, opt: torch.optim.Optimizer, batches: Iterator[Batc
     return losses
 
 
-def fit_value(net: AnyValueNet, opt: torch.optim.Optimizer, states: list[Tensor], timesteps: list[int], cond: Tensor,
+def fit_value(net: AnyValueNet, opt: torch.optim.Optimizer, states: list[Tensor], timesteps: list[Timestep], cond: Tensor,
               rewards: Tensor, steps: int, gen: torch.Generator, sync: Callable[[], None] | None = None) -> float:
     """``steps`` steps of ``regress`` on one batch of trajectories, one random state of each per step.
 
@@ -242,7 +243,7 @@ def r2(pred: np.ndarray, target: np.ndarray) -> float | None:
 def predict(net: AnyValueNet, data: Rollouts, rows: Tensor, device: torch.device) -> Tensor:
     """Predictions in reward units for every state of the trajectories ``rows`` -> [len(rows), T] (CPU)."""
     T = data.states.shape[1]
-    ts = torch.tensor(data.timesteps, dtype=torch.long)
+    ts = timestep_tensor(data.timesteps)
     flat = (rows[:, None] * T + torch.arange(T)[None]).reshape(-1)
     out = []
     net.eval()
@@ -265,5 +266,5 @@ def heldout_r2(net: AnyValueNet, data: Rollouts, rows: Tensor, device: torch.dev
         "r2_heldout": r2(pred.ravel(), y.ravel()),
         **{f"r2_{name}": r2(pred[:, b].ravel(), y[:, b].ravel()) for name, b in zip(BUCKETS, thirds)},
         "r2_by_step": [r2(pred[:, i], y[:, i]) for i in range(T)],
-        "buckets": {name: [int(data.timesteps[j]) for j in b] for name, b in zip(BUCKETS, thirds)},
+        "buckets": {name: [plain_timestep(data.timesteps[j]) for j in b] for name, b in zip(BUCKETS, thirds)},
     }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.types import Timestep
 
 if TYPE_CHECKING:
     from rewardiff.models.base import DiffusionModel
@@ -80,7 +81,7 @@ def positions(length: int, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], 1)
 
 
-def batch_times(t: int | Tensor, B: int, device: torch.device) -> Tensor:
+def batch_times(t: Timestep | Tensor, B: int, device: torch.device) -> Tensor:
     """One timestep for the batch, or one per row -> [B]."""
     tt = torch.as_tensor(t, device=device)
     return tt.reshape(-1).expand(B) if tt.numel() == 1 else tt.reshape(B)
@@ -213,7 +214,7 @@ class ValueNet(nn.Module):
         """Time [B] and pooled condition [B, D] -> embedding [B, E]."""
         return self.time_mlp(time_embedding(t)) + self.cond_proj(cond)
 
-    def standardized(self, x_t: Tensor, t: int | Tensor, cond: Any) -> Tensor:
+    def standardized(self, x_t: Tensor, t: Timestep | Tensor, cond: Any) -> Tensor:
         """The head's output in standardized target units [B]; see ``forward`` for the arguments."""
         B = x_t.shape[0]
         dtype = self.target_mean.dtype
@@ -227,7 +228,7 @@ class ValueNet(nn.Module):
             feats = [h.mean(dim=(2, 3)), (self.input_stats(x) - self.stat_mean) / self.stat_std]
         return self.head(torch.cat([*feats, emb], dim=1)).squeeze(1)
 
-    def forward(self, x_t: Tensor, t: int | Tensor, cond: Any) -> Tensor:
+    def forward(self, x_t: Tensor, t: Timestep | Tensor, cond: Any) -> Tensor:
         """Predicted final reward, in reward units.
 
         Args:
@@ -321,7 +322,7 @@ class TokenValueNet(nn.Module):
             raise ValueError(f"token ids of shape {tuple(x_t.shape)}; this value model expects (B, {self.length})")
         return F.one_hot(x_t.long(), self.vocab_size).to(dtype)
 
-    def standardized(self, x_t: Tensor, t: int | Tensor, cond: Any) -> Tensor:
+    def standardized(self, x_t: Tensor, t: Timestep | Tensor, cond: Any) -> Tensor:
         """The head's output in standardized target units [B]; see ``forward`` for the arguments."""
         oh = self.one_hot(x_t)  # [B, L, V]
         B = oh.shape[0]
@@ -332,7 +333,7 @@ class TokenValueNet(nn.Module):
         pooled = self.norm(self.encoder(h)).mean(1)  # 3. [B, D]
         return self.head(torch.cat([pooled, oh.mean(1), emb], 1)).squeeze(1)  # 4. [B]
 
-    def forward(self, x_t: Tensor, t: int | Tensor, cond: Any) -> Tensor:
+    def forward(self, x_t: Tensor, t: Timestep | Tensor, cond: Any) -> Tensor:
         """Predicted final reward, in reward units.
 
         Args:

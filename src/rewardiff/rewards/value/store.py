@@ -19,6 +19,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.rewards.value.net import AnyValueNet, net_from_config
+from rewardiff.types import Timestep
 
 WEIGHTS_FILE = "value.safetensors"
 CONFIG_FILE = "value.json"
@@ -46,7 +47,7 @@ class LearnedValue:
         self.reward: str = str(config.get("reward", ""))
         self.net.requires_grad_(False)
 
-    def __call__(self, x_t: Tensor, t: int | Tensor, cond: Any) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Timestep | Tensor, cond: Any) -> Tensor:
         if x_t.device != self.net.target_mean.device:
             self.net.to(x_t.device)
         return self.net(x_t, t, cond)

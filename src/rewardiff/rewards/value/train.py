@@ -21,6 +21,7 @@ from rewardiff.prompts import prompt_set
 from rewardiff.rewards.value.fit import Rollouts, collect, heldout_r2, regress, shuffled_states
 from rewardiff.rewards.value.net import AnyValueNet, value_net_for
 from rewardiff.rewards.value.store import save_value
+from rewardiff.rollout import plain_timestep
 from rewardiff.types import Reward
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ def _card(net: AnyValueNet, reward: str, model: str, data: Rollouts, sampler: di
     """What ``value.json`` records besides the architecture, in its historical key order."""
     return {
         "reward": reward, "model": model, **sampler,
-        "timesteps": [int(t) for t in data.timesteps],
+        "timesteps": [plain_timestep(t) for t in data.timesteps],
         "target_mean": float(net.target_mean), "target_std": float(net.target_std),
         "trajectories": int(len(data.rewards)), **fit, "metrics": metrics,
     }
