@@ -122,7 +122,7 @@ def sample(
 
 @app.command()
 def pretrain(
-    world: Annotated[str, typer.Argument(help="which world's model: shapes, molecules or molecules-ar")],
+    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, molecules or molecules-ar")],
     out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,

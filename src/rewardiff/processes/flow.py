@@ -145,6 +145,12 @@ class FlowProcess:
 
     # ------------------------------------------------------------------ forward process
 
+    def training_timesteps(self, n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0) -> Tensor:
+        """n timesteps to train a denoiser at: sigma from the logit-normal of SD3 (Esser et al.
+        2024, sec. 3.1: sigma = sigmoid(u), u ~ N(mean, std^2); 0 and 1 by default), as floats t = N sigma."""
+        u = torch.randn(n, generator=generator, dtype=torch.float64) * std + mean
+        return (torch.sigmoid(u) * self.num_train_timesteps).float()
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
         """x_t = (1 - sigma) x0 + sigma noise, with t of shape [B] or scalar."""
         s = self._bcast(self.sigma_at(t), x0)

@@ -103,6 +103,10 @@ class GaussianProcess:
         a = self.alpha_bar(t)
         return a / (1 - a)
 
+    def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n timesteps to train a denoiser at: uniform over the training timesteps (DDPM)."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
     # ------------------------------------------------------------------ randomness
 
     @staticmethod

@@ -36,6 +36,8 @@ def write_card(model_dir: Path, train_dir: Path) -> dict:
     cfg = json.loads((train_dir / "config.json").read_text())
     from rewardiff.report import read_metrics
 
+    flow = cfg.get("process", "gaussian") == "flow"
+    name = "shapes-flow" if flow else "shapes"
     by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
     rows = [by_step[k] for k in sorted(by_step)]
     last = rows[-200:]
@@ -45,14 +47,14 @@ def write_card(model_dir: Path, train_dir: Path) -> dict:
         "training": cfg,
         "steps_done": rows[-1]["step"] if rows else 0,
         "final_loss_mean_last_200": sum(r["loss"] for r in last) / max(len(last), 1),
-        "sampler": f"DDIM eta 0, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
+        "sampler": f"{'Euler ODE' if flow else 'DDIM eta 0'}, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
         **measure(model_dir),
     }
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
-    lines = ["# shapes base model", "", f"- data: {card['data']}", f"- training: {json.dumps(cfg)}",
+    lines = [f"# {name} base model" + (" (rectified flow: velocity prediction, logit-normal timesteps)" if flow else ""), "", f"- data: {card['data']}", f"- training: {json.dumps(cfg)}",
              f"- steps: {card['steps_done']}, mean loss over the last 200 steps: {card['final_loss_mean_last_200']:.4f}",
              f"- sampler: {card['sampler']}",
-             f"- reproduce: rewardiff pretrain shapes --steps {card['steps_done']} --seed {cfg['seed']}"]
+             f"- reproduce: rewardiff pretrain {name} --steps {card['steps_done']} --seed {cfg['seed']}"]
     lines += [f"- {k.replace('_', ' ')}: {v:.1%}" for k, v in card.items() if k.startswith("judge_")]
     lines += ["", "Judge: the classical counter of rewardiff.worlds.shapes.judge (no reward uses it).", "", "![samples](samples.png)", ""]
     (model_dir / "card.md").write_text("\n".join(lines))

@@ -27,7 +27,9 @@ class ShapesModelConfig:
     attention_head_dim: int = 8  # channels per attention head
     schedule: str = "cosine"  # beta schedule of the Gaussian process
     zero_snr: bool = True  # rescale so that the last timestep is pure noise
-    prediction: str = "v_prediction"  # epsilon | v_prediction | sample
+    prediction: str = "v_prediction"  # epsilon | v_prediction | sample (the Gaussian process)
+    process: str = "gaussian"  # gaussian (DDPM/DDIM) | flow (rectified flow: velocity, as SD3)
+    shift: float = 1.0  # flow: the schedule's shift (SD3: 3 at 1024 px; 1 at 32 px)
     extra: dict = field(default_factory=dict)  # free-form notes carried into the card
 
 
@@ -80,9 +82,16 @@ class ShapesDenoiser(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
     def process(self):
+        """The model's process: DDPM/DDIM, or rectified flow (``config.process``)."""
+        c = self.config
+        if c.process == "flow":
+            from rewardiff.processes.flow import FlowProcess
+
+            return FlowProcess(1000, shift=c.shift)
+        if c.process != "gaussian":
+            raise UserError(f"unknown process {c.process!r} in the shapes model's config; gaussian or flow")
         from rewardiff.processes.gaussian import GaussianProcess
 
-        c = self.config
         return GaussianProcess.from_config(c.schedule, 1000, c.zero_snr, c.prediction)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ persistence
@@ -120,7 +129,17 @@ def shapes_model(directory: str | Path | None = None):
         raise UserError(f"no shapes model weights in {d}; train them with: rewardiff pretrain shapes")
     net = ShapesDenoiser.load(d)
     net.eval()
-    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name="shapes", world="shapes", check_prompts=check_prompts)
+    name = "shapes-flow" if net.config.process == "flow" else "shapes"
+    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name=name, world="shapes", check_prompts=check_prompts)
+
+
+def shapes_flow_model(directory: str | Path | None = None):
+    """The shapes world's rectified-flow model (``rewardiff pretrain shapes-flow``): the same
+    denoiser trained to predict the velocity, sampled by the flow steps."""
+    d = Path(directory) if directory else WEIGHTS / "shapes-flow"
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"no shapes-flow model weights in {d}; train them with: rewardiff pretrain shapes-flow")
+    return shapes_model(d)
 
 
 def check_prompts(prompts: list[str]) -> None:

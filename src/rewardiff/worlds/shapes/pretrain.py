@@ -27,16 +27,18 @@ class PretrainConfig:
     seed: int = 0  # seeds the initial weights and every batch
     checkpoint_every: int = 250  # steps between checkpoints
     block_out_channels: tuple[int, ...] = (16, 32, 64)  # UNet widths
+    process: str = "gaussian"  # gaussian (DDPM, v-prediction) | flow (rectified flow, logit-normal timesteps)
+    shift: float = 1.0  # flow: the sampling schedule's shift
 
 
 def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> ShapesDenoiser:
     """Train (or resume) the base model in ``out``; returns the EMA model."""
     out = Path(out)
-    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels))
+    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels), process=cfg.process, shift=cfg.shift)
     model, ema, opt = start_run(out, cfg, lambda: ShapesDenoiser(config), weight_decay=0.0)
     process = model.process()
     resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
-                   train_step=lambda step: (_train_step(cfg, step, model, process, opt), {}), desc="pretrain shapes",
+                   train_step=lambda step: (_train_step(cfg, step, model, process, opt), {}), desc=f"pretrain shapes ({cfg.process})",
                    progress=progress)
     return ema
 
@@ -46,7 +48,7 @@ def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
     x0, prompts, _ = shapes.make_batch(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
     drop = torch.rand(len(prompts), generator=gen) < cfg.cond_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    t = torch.randint(0, process.num_train_timesteps, (len(prompts),), generator=gen)
+    t = process.training_timesteps(len(prompts), gen)
     noise = torch.randn(x0.shape, generator=gen)
     x_t = process.add_noise(x0, noise, t)
     pred = model(x_t, t, model.encode(prompts))
@@ -63,3 +65,9 @@ def pretrain_command(out: Path, steps: int | None, seed: int, overrides: dict | 
     ema.save(out / "model")
     card = write_card(out / "model", out)
     return f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}"
+
+
+def pretrain_flow_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
+    """``rewardiff pretrain shapes-flow``: the same world and network trained as a rectified flow
+    (velocity prediction, logit-normal timesteps as SD3), exported with its card."""
+    return pretrain_command(out, steps, seed, {"process": "flow", **(overrides or {})})
