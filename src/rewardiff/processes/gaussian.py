@@ -173,8 +173,8 @@ class GaussianProcess:
 
         ``noise`` is the standard normal draw used when eta > 0 (drawn here when None).
         """
-        # 1. abar at both ends of the step
-        a, ap = self.alpha_bar(t), self.alpha_bar(t_prev)
+        # 1. abar at the end of the step
+        ap = self.alpha_bar(t_prev)
         # 2. predicted clean sample and noise
         x0_hat, eps_hat = self.split(model_out, x_t, t)
         # 3. the step's standard deviation, eq. 16
