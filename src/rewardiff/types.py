@@ -296,7 +296,8 @@ class Generator(Protocol):
             :data:`AUTOREGRESSIVE`), read by the methods' ``requires``.
         net: the trainable network.
         reference: the frozen base model for a KL, once attached (None before).
-        lora_targets: what LoRA adapts in a net without a ``.unet`` (None: not supported).
+        lora_targets: what LoRA adapts in a net without a diffusers backbone (``.unet``, SD3's
+            ``.transformer``; None: not supported).
         texts: outputs -> one string each for models of text outputs (token ids), else None.
     """
 

@@ -22,7 +22,7 @@ class FinetuneConfig:
     batch_size: int = 8  # trajectories per step
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    lora_rank: int = 8  # LoRA rank on the UNet (token models: their attention or linear layers); 0 fine-tunes all weights
+    lora_rank: int = 8  # LoRA rank on the UNet or SD3's transformer (token models: their attention or linear layers); 0 fine-tunes all weights
     lora_alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
     k: int = 3  # draft-k, gumbel on masked diffusion: steps at the end of the chain that carry gradient
     lv_n: int = 2  # draft-lv: re-noised copies of each sample

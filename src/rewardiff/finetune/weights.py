@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,43 +26,75 @@ from rewardiff.models.base import DiffusionModel
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
 
 
+class Backbone(NamedTuple):
+    """The diffusers model inside a net that LoRA adapts through peft's ``add_adapter``.
+
+    Fields:
+        module: the model (a UNet, SD3's transformer).
+        name: its attribute on the net, and the prefix of its tensors in diffusers' LoRA files.
+        targets: the layers adapted.
+        pipeline: the diffusers pipeline class whose ``save_lora_weights`` writes its LoRA.
+    """
+
+    module: nn.Module
+    name: str
+    targets: list[str]
+    pipeline: str
+
+
+def lora_backbone(net: nn.Module) -> Backbone | None:
+    """The net's :class:`Backbone`: the attribute it names in ``backbone`` (SD3's
+    ``"transformer"``) with its ``lora_layers`` and ``lora_pipeline``, by default its ``.unet``
+    with :data:`LORA_TARGETS` (Stable Diffusion, SDXL, the shapes model); None without one."""
+    name = getattr(net, "backbone", "unet")
+    module = getattr(net, name, None)
+    if module is None:
+        return None
+    return Backbone(module, name, list(getattr(net, "lora_layers", LORA_TARGETS)),
+                    getattr(net, "lora_pipeline", "StableDiffusionPipeline"))
+
+
 def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
-    """Freeze the net and add LoRA adapters (peft) to its UNet (token models and the masked
-    molecules model: to their ``lora_targets``); ``rank`` 0 trains every weight."""
+    """Freeze the net and add LoRA adapters (peft) to its diffusers backbone
+    (:func:`lora_backbone`: a UNet, SD3's transformer; token models and the masked molecules
+    model: to their ``lora_targets``); ``rank`` 0 trains every weight."""
     net = model.net
     if rank <= 0:
         net.requires_grad_(True)
         model.reference = _frozen_copy(net)
         return
-    if not hasattr(net, "unet"):
+    backbone = lora_backbone(net)
+    if backbone is None:
         attach_layer_lora(model, rank, alpha)
         return
     from peft import LoraConfig
 
     net.requires_grad_(False)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    net.unet.add_adapter(cfg)  # lora_B starts at zero: the adapted model equals the base
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=backbone.targets)
+    backbone.module.add_adapter(cfg)  # lora_B starts at zero: the adapted model equals the base
     model.reference = AdapterOff(net)
 
 
 class AdapterOff:
-    """The base model seen through a LoRA-adapted net: adapters disabled for the call."""
+    """The base model seen through a net whose backbone has LoRA: adapters disabled for the call."""
 
     def __init__(self, net: nn.Module):
-        self.net = net
+        backbone = lora_backbone(net)
+        assert backbone is not None
+        self.net, self.backbone = net, backbone.module
 
     def __call__(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        self.net.unet.disable_adapters()
+        self.backbone.disable_adapters()
         try:
             return self.net(x, t, cond)
         finally:
-            self.net.unet.enable_adapters()
+            self.backbone.enable_adapters()
 
 
 def attach_layer_lora(model, rank: int, alpha: float) -> None:
-    """LoRA on the named layers of a net without a UNet (``model.lora_targets``: token models,
-    the masked molecules model), injected by peft; the reference is the same net with its
-    adapters disabled.
+    """LoRA on the named layers of a net without a diffusers backbone (``model.lora_targets``:
+    token models, the masked molecules model), injected by peft; the reference is the same net
+    with its adapters disabled.
 
     A target that names a parameter rather than a layer (the masked model's
     ``self_attn.in_proj_weight``) goes to peft's ``target_parameters``: the adapter is added to
@@ -137,21 +170,26 @@ DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
 def save_diffusers_lora(directory: Path, net: nn.Module) -> None:
-    """The UNet's LoRA in the layout ``pipeline.load_lora_weights(directory)`` reads, with the
-    adapter's rank and alpha recorded, so plain diffusers reproduces the fine-tuned model."""
-    from diffusers import StableDiffusionPipeline
+    """The backbone's LoRA (a UNet's, SD3's transformer's) in the layout
+    ``pipeline.load_lora_weights(directory)`` reads, written by its pipeline class's
+    ``save_lora_weights`` with the adapter's rank and alpha recorded, so plain diffusers
+    reproduces the fine-tuned model."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet = net.unet
-    layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    meta = unet.peft_config["default"].to_dict()
+    backbone = lora_backbone(net)
+    assert backbone is not None
+    module = backbone.module
+    layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+    meta = module.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    save = getattr(diffusers, backbone.pipeline).save_lora_weights
 
     tmp = directory / ".diffusers-lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers, weight_name=DIFFUSERS_LORA,
-                                                  unet_lora_adapter_metadata=meta)
+        save(str(tmp), weight_name=DIFFUSERS_LORA, **{f"{backbone.name}_lora_layers": layers,
+                                                       f"{backbone.name}_lora_adapter_metadata": meta})
         os.replace(tmp / DIFFUSERS_LORA, directory / DIFFUSERS_LORA)  # atomic: old file or new, never half
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

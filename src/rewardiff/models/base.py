@@ -33,8 +33,9 @@ class DiffusionModel:
             classifier-free guidance has nothing to do).
         texts: outputs -> one string each, for models whose outputs are text (token ids),
             e.g. SMILES; None for images.
-        lora_targets: what LoRA adapts in a net without a ``.unet``: names of its layers, or of
-            parameters (e.g. ``self_attn.in_proj_weight``); None when LoRA is not supported.
+        lora_targets: what LoRA adapts in a net without a diffusers backbone (``.unet``, SD3's
+            ``.transformer``): names of its layers, or of parameters (e.g.
+            ``self_attn.in_proj_weight``); None when LoRA is not supported.
         world: the embedded world whose hooks apply to it (``rewardiff.plugins``), or None.
         check_prompts: raises UserError for prompts the model cannot read (a closed
             vocabulary), or None when every prompt is fine.

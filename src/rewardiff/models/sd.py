@@ -8,7 +8,8 @@ the decoder costs recomputation, not memory). The process is built from the pipe
 scheduler config, so sampling through the one rollout loop matches the pipeline's own DDIM
 sampler. ``model: diffusers:PATH`` in a fine-tuning config, or ``--model diffusers:PATH``,
 loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiffusionXLPipeline``
-folder is recognised by its ``model_index.json``.
+folder is recognised by its ``model_index.json``, and so is a ``StableDiffusion3Pipeline``
+folder, which :mod:`rewardiff.models.sd3` loads.
 """
 
 from __future__ import annotations
@@ -106,11 +107,15 @@ def process_from_scheduler(config: dict) -> GaussianProcess:
 
 
 def sd_model(path: str | Path) -> DiffusionModel:
-    """A diffusers Stable Diffusion or Stable Diffusion XL pipeline folder as a DiffusionModel
-    (no network access)."""
+    """A diffusers Stable Diffusion, Stable Diffusion XL or Stable Diffusion 3 pipeline folder as
+    a DiffusionModel (no network access; SD3: :func:`rewardiff.models.sd3.sd3_model`)."""
+    from rewardiff.models.sd3 import is_sd3_pipeline, sd3_model
+
     d = Path(path)
     if not (d / "model_index.json").is_file():
         raise UserError(f"no diffusers pipeline in {d} (model_index.json missing); save one with pipeline.save_pretrained(DIR)")
+    if is_sd3_pipeline(d):
+        return sd3_model(d)
     if is_xl_pipeline(d):
         from diffusers import StableDiffusionXLPipeline
 
@@ -127,19 +132,28 @@ def sd_model(path: str | Path) -> DiffusionModel:
     size = int(pipe.unet.config.sample_size)
     shape = (int(pipe.unet.config.in_channels), size, size)
     model = DiffusionModel(net, process_from_scheduler(dict(pipe.scheduler.config)), net.encode, shape,
-                           _vae_decoder(pipe.vae), name=f"diffusers:{d.name}")
+                           vae_decoder(pipe.vae), name=f"diffusers:{d.name}")
     model.image_size = size * pipe.vae_scale_factor  # type: ignore[attr-defined]
     return model
 
 
-def is_xl_pipeline(directory: str | Path) -> bool:
-    """Whether a saved pipeline folder holds Stable Diffusion XL (by ``model_index.json``)."""
+def pipeline_index(directory: str | Path) -> dict:
+    """A saved pipeline folder's ``model_index.json``: its class and components."""
     path = Path(directory) / "model_index.json"
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
+    if not isinstance(index, dict):
+        raise UserError(f"cannot read {path}: not a JSON object")
+    return index
+
+
+def is_xl_pipeline(directory: str | Path) -> bool:
+    """Whether a saved pipeline folder holds Stable Diffusion XL (by ``model_index.json``)."""
+    index = pipeline_index(directory)
+    name = str(index.get("_class_name", ""))
+    return name.startswith("StableDiffusionXL") or ("text_encoder_2" in index and not name.startswith("StableDiffusion3"))
 
 
 def _xl_denoiser(pipe, d: Path) -> SDXLDenoiser:
@@ -161,13 +175,14 @@ def _xl_denoiser(pipe, d: Path) -> SDXLDenoiser:
                         bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
 
 
-def _vae_decoder(vae: nn.Module):
-    """latents -> images in [-1, 1] through the frozen VAE, checkpointed when gradients flow."""
+def vae_decoder(vae: nn.Module):
+    """latents z -> images in [-1, 1], vae.decode(z / scale + shift) through the frozen VAE
+    (``scaling_factor``; ``shift_factor``, SD3's, else none), checkpointed when gradients flow."""
     vae.eval().requires_grad_(False)
-    scale = float(vae.config.scaling_factor)
+    scale, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
 
     def run(z: Tensor) -> Tensor:
-        return vae.decode(z / scale).sample
+        return vae.decode(z / scale if shift is None else z / scale + float(shift)).sample
 
     def decode(z: Tensor) -> Tensor:
         return checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() and z.requires_grad else run(z)
