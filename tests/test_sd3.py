@@ -70,6 +70,18 @@ def test_the_folder_is_recognised_and_read_as_a_flow_model(sd3_dir):
     assert m.shape == (16, 16, 16) and m.image_size == 32 and m.capabilities == {"chain", "gaussian"}
 
 
+def test_train_mode_leaves_the_text_encoders_in_eval_mode(sd3_dir):
+    """T5's dropout (0.1) in train mode drew from the global random state: a prompt encoded
+    differently at every training step, and a resumed run diverged from the uninterrupted one."""
+    from rewardiff.models.registry import base_model
+
+    net = base_model(f"diffusers:{sd3_dir}").net
+    net.train()
+    assert net.transformer.training and not net.t5.training and not any(m.training for m in net.text.modules())
+    cond = [net.encode(["a red dog"])["hidden"] for _ in range(2)]
+    assert torch.equal(cond[0], cond[1])
+
+
 def test_the_condition_is_clip_padded_to_t5_then_t5_and_both_pooled(sd3_dir, no_t5_dir):
     """hidden = [pad(clip_1 (+) clip_2, 48); t5]: 32 CLIP tokens of 16 + 24 = 40 features, zero-padded
     to the T5 width 48, then the 256 T5 tokens (the pipeline's max_sequence_length); pooled 8 + 8.

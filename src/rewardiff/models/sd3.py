@@ -64,6 +64,16 @@ class SD3Denoiser(nn.Module):
         self.t5, self.t5_tokenizer, self.t5_length = t5, t5_tokenizer, int(t5_length)
         self.joint_dim = int(transformer.config.joint_attention_dim)
 
+    def train(self, mode: bool = True) -> "SD3Denoiser":
+        """Train mode reaches the transformer only: the text encoders stay in eval mode, so that
+        T5's dropout (0.1 in its config) never draws from the global random state and a prompt
+        encodes the same during training as at sampling (and a resumed run continues bit for bit)."""
+        super().train(mode)
+        self.text.eval()
+        if self.t5 is not None:
+            self.t5.eval()
+        return self
+
     def _ids(self, tokenizer, prompts: list[str], length: int, device) -> Tensor:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(device)
