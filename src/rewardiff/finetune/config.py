@@ -26,8 +26,8 @@ class FinetuneConfig:
     lora_alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
     k: int = 3  # draft-k, gumbel on masked diffusion: steps at the end of the chain that carry gradient
     lv_n: int = 2  # draft-lv: re-noised copies of each sample
-    num_inference_steps: int = 15  # DDIM steps of the sampling chain
-    eta: float = 0.0  # DDIM stochasticity of training rollouts
+    num_inference_steps: int = 15  # sampler steps of the chain (DDIM steps, or a flow's Euler or SDE steps)
+    eta: float = 0.0  # stochasticity of training rollouts: DDIM's eta (0 deterministic, 1 DDPM-like), or a flow's SDE noise level a (0: the ODE)
     guidance_scale: float = 2.0  # classifier-free guidance scale
     kl_weight: float = 0.0  # penalty to the base model: squared output distance (DRaFT+), per-step KL (vard), per-token KL (gumbel)
     grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
