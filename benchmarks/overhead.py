@@ -1,15 +1,17 @@
 """Time per fine-tuning step against the floor: the same network calls made bare.
 
 For a Stable Diffusion pipeline (the tiny random one unless ``--pipeline`` names a saved
-pipeline) at each resolution and number of DDIM steps, one process alternates two things on
+pipeline; ``--family sd3`` the tiny random Stable Diffusion 3 one, on the flow path) at each
+resolution and number of sampler steps, one process alternates two things on
 the same batch: (1) a DRaFT-K step (K = 1) of our trainer (``Run.train_step``: sampling through
 the rollout loop with classifier-free guidance, VAE decode, reward, backward, clipping, AdamW
-on the LoRA weights), and (2) the floor: the UNet called on the same [uncond; cond] batch for
+on the LoRA weights), and (2) the floor: the UNet (SD3: the transformer) called on the same [uncond; cond] batch for
 every step (no gradient but the last), the VAE decode and the reward with gradient, backward
 and the optimizer step, written as a plain loop with no library code around it. The
 overhead is median(ours) / median(floor) - 1.
 
     python benchmarks/overhead.py --resolutions 32,64 --steps 10,20 --repeats 10
+    python benchmarks/overhead.py --family sd3 --resolutions 32,64 --steps 10,20 --repeats 10 --out benchmarks/results/overhead_sd3.json
 """
 
 from __future__ import annotations
@@ -29,14 +31,24 @@ def floor_step(model, reward, prompts, seeds, T, scale, opt) -> None:
     net, proc = model.net, model.process
     cond = net.encode(prompts)
     uncond = net.encode([""] * len(prompts))
-    both = torch.cat([uncond, cond])
+    if isinstance(cond, dict):  # SD3: hidden states and pooled embeddings
+        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+        def bare(x2, tt):
+            return net.transformer(hidden_states=x2, timestep=tt, encoder_hidden_states=both["hidden"],
+                                   pooled_projections=both["pooled"], return_dict=False)[0]
+    else:
+        both = torch.cat([uncond, cond])
+
+        def bare(x2, tt):
+            return net.unet(x2, tt, encoder_hidden_states=both).sample
     x = model.noise(seeds)
     ts = proc.timesteps(T)
-    prevs = ts[1:] + [-1]
+    prevs = proc.prev_timesteps(ts)
     for i, (t, tp) in enumerate(zip(ts, prevs)):
         with torch.set_grad_enabled(i == T - 1):
-            tt = torch.full((2 * len(prompts),), t)
-            out_u, out_c = net.unet(torch.cat([x, x]), tt, encoder_hidden_states=both).sample.chunk(2)
+            tt = torch.full((2 * len(prompts),), t, dtype=torch.float32 if isinstance(t, float) else torch.long)
+            out_u, out_c = bare(torch.cat([x, x]), tt).chunk(2)
             x = proc.step(out_u + scale * (out_c - out_u), t, tp, x).prev
     loss = -reward(model.decode(x), prompts).mean()
     loss.backward()
@@ -78,6 +90,7 @@ def measure(pipeline: Path, T: int, batch: int, repeats: int, out: Path, checkpo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", type=Path, default=None, help="a saved diffusers pipeline (default: the tiny random one)")
+    ap.add_argument("--family", choices=["sd", "sd3"], default="sd", help="which tiny random pipeline (without --pipeline)")
     ap.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     ap.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20])
     ap.add_argument("--batch", type=int, default=2)
@@ -91,15 +104,18 @@ def main() -> None:
     import torch
 
     from rewardiff.models.sd import tiny_pipeline
+    from rewardiff.models.sd3 import tiny_sd3_pipeline
+
+    build = tiny_sd3_pipeline if args.family == "sd3" else tiny_pipeline
 
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.resolutions if args.pipeline is None else [0]:
-            pipe = args.pipeline or tiny_pipeline(Path(tmp) / f"pipe-{res}", resolution=res)
+            pipe = args.pipeline or build(Path(tmp) / f"pipe-{res}", resolution=res)
             for T in args.steps:
                 for ckpt in args.checkpointing:
-                    row = {"resolution": res or "pipeline", **measure(pipe, T, args.batch, args.repeats, Path(tmp), ckpt)}
+                    row = {"resolution": res or "pipeline", "family": args.family, **measure(pipe, T, args.batch, args.repeats, Path(tmp), ckpt)}
                     rows.append(row)
                     print(f"res {row['resolution']} steps {T} checkpointing {'on' if ckpt else 'off'}: ours {row['ours_s']:.3f} s, "
                           f"floor {row['floor_s']:.3f} s, overhead {row['overhead']:+.1%}", flush=True)
