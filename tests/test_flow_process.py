@@ -48,11 +48,28 @@ def test_timesteps_and_sigmas_match_diffusers(config, mu, n):
     assert proc.prev_timesteps(ts) == ts[1:] + [0.0]
 
 
+@pytest.mark.parametrize("n", [1, 4, 28])
+@pytest.mark.parametrize(("config", "mu"), SCHEDULES, ids=IDS)
+def test_the_flux_grid_matches_the_sigmas_fluxpipeline_passes(config, mu, n):
+    """``sigma_grid="flux"``: FluxPipeline's ``set_timesteps(sigmas=np.linspace(1, 1/n, n), mu=mu)``,
+    the same shift over evenly spaced sigmas that end at 1/n, not at the smallest training sigma
+    (so with n = 4 and no shift: 1000, 750, 500, 250)."""
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **config)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    proc = FlowProcess.from_scheduler_config(dict(ref.config), mu=mu, sigma_grid="flux")
+    ts = proc.timesteps(n)
+    assert ts[0] == 1000.0 and proc.prev_timesteps(ts)[-1] == 0.0
+    np.testing.assert_allclose(ts, ref.timesteps.double().numpy(), rtol=1e-6)
+    assert FlowProcess(sigma_grid="flux").timesteps(4) == [1000.0, 750.0, 500.0, 250.0]
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="mu"):
         FlowProcess(use_dynamic_shifting=True)
     with pytest.raises(ValueError, match="unknown sde"):
         FlowProcess(sde="ddpm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown sigma_grid"):
+        FlowProcess(sigma_grid="karras")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         FlowProcess.from_scheduler_config({"use_karras_sigmas": True})
     with pytest.raises(ValueError, match="cps needs eta"):

@@ -8,8 +8,9 @@ the decoder costs recomputation, not memory). The process is built from the pipe
 scheduler config, so sampling through the one rollout loop matches the pipeline's own DDIM
 sampler. ``model: diffusers:PATH`` in a fine-tuning config, or ``--model diffusers:PATH``,
 loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiffusionXLPipeline``
-folder is recognised by its ``model_index.json``, and so is a ``StableDiffusion3Pipeline``
-folder, which :mod:`rewardiff.models.sd3` loads.
+folder is recognised by its ``model_index.json``, and so are a ``StableDiffusion3Pipeline``
+folder, which :mod:`rewardiff.models.sd3` loads, and a ``FluxPipeline`` folder, which
+:mod:`rewardiff.models.flux` loads.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ def process_from_scheduler(config: dict) -> GaussianProcess:
 
 
 def sd_model(path: str | Path) -> DiffusionModel:
-    """A diffusers Stable Diffusion, Stable Diffusion XL or Stable Diffusion 3 pipeline folder as
-    a DiffusionModel (no network access; SD3: :func:`rewardiff.models.sd3.sd3_model`)."""
+    """A diffusers Stable Diffusion, Stable Diffusion XL, Stable Diffusion 3 or FLUX.1 pipeline
+    folder as a DiffusionModel (no network access; SD3: :func:`rewardiff.models.sd3.sd3_model`,
+    FLUX: :func:`rewardiff.models.flux.flux_model`)."""
+    from rewardiff.models.flux import flux_model, is_flux_pipeline
     from rewardiff.models.sd3 import is_sd3_pipeline, sd3_model
 
     d = Path(path)
@@ -116,6 +119,8 @@ def sd_model(path: str | Path) -> DiffusionModel:
         raise UserError(f"no diffusers pipeline in {d} (model_index.json missing); save one with pipeline.save_pretrained(DIR)")
     if is_sd3_pipeline(d):
         return sd3_model(d)
+    if is_flux_pipeline(d):
+        return flux_model(d)
     if is_xl_pipeline(d):
         from diffusers import StableDiffusionXLPipeline
 
@@ -153,7 +158,8 @@ def is_xl_pipeline(directory: str | Path) -> bool:
     """Whether a saved pipeline folder holds Stable Diffusion XL (by ``model_index.json``)."""
     index = pipeline_index(directory)
     name = str(index.get("_class_name", ""))
-    return name.startswith("StableDiffusionXL") or ("text_encoder_2" in index and not name.startswith("StableDiffusion3"))
+    others = ("StableDiffusion3", "Flux")  # pipelines with a second text encoder that are not SDXL
+    return name.startswith("StableDiffusionXL") or ("text_encoder_2" in index and not name.startswith(others))
 
 
 def _xl_denoiser(pipe, d: Path) -> SDXLDenoiser:

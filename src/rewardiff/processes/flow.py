@@ -17,7 +17,9 @@ The schedules are diffusers' ``FlowMatchEulerDiscreteScheduler``'s: sigmas evenl
 t from sigma_max = 1 to sigma_min (the smallest training sigma), then shifted, either by a
 fixed ``shift`` (s -> shift s / (1 + (shift - 1) s); SD3: 3.0) or, with
 ``use_dynamic_shifting``, by the exponential time shift of FLUX with a resolution-dependent
-``mu`` (s -> e^mu / (e^mu + 1 / s - 1)).
+``mu`` (s -> e^mu / (e^mu + 1 / s - 1)). With ``sigma_grid="flux"`` the unshifted sigmas are
+instead FluxPipeline's, evenly spaced from 1 to 1/n (``np.linspace(1, 1/n, n)``), then shifted
+the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from rewardiff.types import StepOut
 
 SDE = Literal["flow-grpo", "cps"]
 SDES = ("flow-grpo", "cps")
+SigmaGrid = Literal["scheduler", "flux"]
+SIGMA_GRIDS = ("scheduler", "flux")
 CLEAN = 0.0  # the timestep of the clean sample (sigma = 0)
 _UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                 "stochastic_sampling")
@@ -71,10 +75,14 @@ class FlowProcess:
         mu: the time shift's parameter (FLUX: ``calculate_shift`` of the image's sequence length).
         sde: the stochastic step for eta > 0: ``flow-grpo`` (the SDE with the ODE's marginals)
             or ``cps`` (coefficients-preserving sampling).
+        sigma_grid: the unshifted sigmas of n sampling steps: ``scheduler``, the scheduler's
+            ``set_timesteps(n)`` (evenly spaced in t from sigma = 1 to the smallest training
+            sigma; SD3's pipeline), or ``flux``, FluxPipeline's (evenly spaced from 1 to 1/n,
+            passed to ``set_timesteps(sigmas=...)``).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
-                 mu: float | None = None, sde: SDE = "flow-grpo"):
+                 mu: float | None = None, sde: SDE = "flow-grpo", sigma_grid: SigmaGrid = "scheduler"):
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}")
         if not shift > 0:
@@ -83,21 +91,27 @@ class FlowProcess:
             raise ValueError("dynamic shifting needs mu")
         if sde not in SDES:
             raise ValueError(f"unknown sde {sde!r}; choose {' or '.join(SDES)}")
+        if sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"unknown sigma_grid {sigma_grid!r}; choose {' or '.join(SIGMA_GRIDS)}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.shift, self.use_dynamic_shifting, self.mu, self.sde = float(shift), bool(use_dynamic_shifting), mu, sde
+        self.sigma_grid = sigma_grid
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, mu: float | None = None, sde: SDE = "flow-grpo") -> FlowProcess:
-        """The process of a ``FlowMatchEulerDiscreteScheduler`` config; a schedule option it does
-        not implement (a linear time shift, Karras/exponential/beta sigmas, a terminal stretch,
-        inverted sigmas, the scheduler's own stochastic sampling) is refused."""
+    def from_scheduler_config(cls, config: dict, mu: float | None = None, sde: SDE = "flow-grpo",
+                              sigma_grid: SigmaGrid = "scheduler") -> FlowProcess:
+        """The process of a ``FlowMatchEulerDiscreteScheduler`` config, sampled on ``sigma_grid``
+        (the scheduler's own, or the one its pipeline passes: ``flux`` for FluxPipeline); a
+        schedule option it does not implement (a linear time shift, Karras/exponential/beta
+        sigmas, a terminal stretch, inverted sigmas, the scheduler's own stochastic sampling) is
+        refused."""
         if config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError(f"unsupported time_shift_type {config['time_shift_type']!r}; only exponential")
         for key in _UNSUPPORTED:
             if config.get(key):
                 raise ValueError(f"unsupported scheduler option {key}={config[key]!r}")
         return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)),
-                   bool(config.get("use_dynamic_shifting", False)), mu, sde)
+                   bool(config.get("use_dynamic_shifting", False)), mu, sde, sigma_grid)
 
     # ------------------------------------------------------------------ schedule
 
@@ -114,10 +128,13 @@ class FlowProcess:
 
     def timesteps(self, n: int) -> list[float]:
         """The n timesteps N sigma a sampler visits, largest (sigma = 1) first: diffusers'
-        ``set_timesteps(n)`` (its float32 values to rounding)."""
+        ``set_timesteps(n)``, or with the ``flux`` grid ``set_timesteps(sigmas=linspace(1, 1/n, n))``
+        (their float32 values to rounding)."""
         if n < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {n}")
         N = self.num_train_timesteps
+        if self.sigma_grid == "flux":
+            return [float(N * x) for x in self.shifted(np.linspace(1.0, 1.0 / n, n))]
         s_min = 1 / N if self.use_dynamic_shifting else float(self.shifted(np.float64(1 / N)))
         s = self.shifted(np.linspace(N, s_min * N, n) / N)
         return [float(N * x) for x in s]
