@@ -216,3 +216,61 @@ def test_the_rollout_needs_only_the_process_protocol():
     a, b = run(model.process), run(stand_in)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.log_probs, b.log_probs)
     assert stand_in.calls == {"prev_timesteps", "is_stochastic", "noise_like", "step", "split", "log_prob"}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_checkpointed_window_gives_the_gradients_of_the_plain_one(k):
+    """Every parameter's gradient, the text encoder's included (full fine-tuning: the condition
+    carries a graph of its own), is the same with the window's steps recomputed (reentrant
+    after the first step) as without; and the chain keeps one node a step, not a graph."""
+    from rewardiff.models.base import DiffusionModel
+    from rewardiff.rollout import last_k
+    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    net = ShapesDenoiser(TINY)
+    model = DiffusionModel(net, net.process(), net.encode, (3, 32, 32))
+    grads = []
+    for checkpoint in (False, True):
+        net.zero_grad(set_to_none=True)
+        traj = model.sample(["two red circles", "one blue square"], [0, 1], 4, guidance_scale=2.0, grad_steps=last_k(4, k),
+                            checkpoint=checkpoint)
+        traj.x0.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("text.") for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def _graph_nodes(t: torch.Tensor) -> int:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo.extend(g for g, _ in f.next_functions)
+    return len(seen)
+
+
+def test_a_checkpointed_window_keeps_a_few_nodes_a_step_not_the_denoiser_graph():
+    """What made full-chain backprop cost 2x the memory of K = 1: the non-reentrant variant
+    recorded every operation of the denoiser for every step of the window."""
+    from rewardiff.models.base import DiffusionModel
+    from rewardiff.rollout import last_k
+    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    net = ShapesDenoiser(TINY)
+    net.text.requires_grad_(False)  # LoRA-like: the condition carries no graph
+    model = DiffusionModel(net, net.process(), net.encode, (3, 32, 32))
+
+    def nodes(k: int, checkpoint: bool = True) -> int:
+        traj = model.sample(["two red circles"], [0], 8, guidance_scale=2.0, grad_steps=last_k(8, k), checkpoint=checkpoint)
+        return _graph_nodes(traj.x0)
+
+    per_step = (nodes(8) - nodes(2)) / 6
+    plain_per_step = (nodes(8, False) - nodes(2, False)) / 6
+    assert per_step < 40 < 10 * 40 < plain_per_step, (per_step, plain_per_step)

@@ -18,6 +18,7 @@ One loop, with these as arguments rather than copies of it:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection
 from typing import Any
 
@@ -143,7 +144,7 @@ def rollout(
         step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference, draw)
         if i in grad_steps:
             ref_out = step.reference_output(x) if reference is not None else None
-            res = _checkpoint(step, x, noise, ref_out, use_reentrant=False) if checkpoint else step(x, noise, ref_out)
+            res = _checkpointed(step, x, noise, ref_out) if checkpoint else step(x, noise, ref_out)
             kl = kl + res[-1]
         elif hook is not None and needs_grad:
             with torch.enable_grad():
@@ -175,6 +176,67 @@ def rollout(
             xs.append(x)
     nfe = counter[0] + (hook.nfe if hook is not None else 0)
     return Trajectory(x, xs, torch.stack(log_probs, 1), list(timesteps), nfe, kl)
+
+
+def _checkpointed(step: "_Step", x: Tensor, noise: Tensor | None, ref_out: Tensor | None) -> tuple[StepOut, int, Tensor]:
+    """One step of the gradient window, its activations recomputed in the backward pass.
+
+    Every step is checkpointed with torch's reentrant variant: its forward runs without
+    recording a graph, so the chain keeps one autograd node a step. The non-reentrant variant
+    records a node for every operation of the denoiser, about 0.7 MB a step on the shapes
+    model, which made a 50-step window cost 2x the memory of one step (``benchmarks/memory.py``).
+    The reentrant variant gives the parameters gradients only through inputs that need one, so
+    the window's first state, which needs none, enters as a fresh leaf that does (its gradient
+    is computed and dropped: one input gradient a window). The conditions are passed as
+    inputs, so that a trained text encoder's graph is walked once, not once a step.
+
+    The reentrant variant accumulates the parameters' gradients in a backward pass of its own
+    per step; DDP does not allow that for parameters several steps use, so under a process
+    group every step takes the non-reentrant variant, as does a step on token ids (no float
+    state to make a leaf of).
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed or not x.is_floating_point():
+        return _checkpoint(step, x, noise, ref_out, use_reentrant=False)
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    flat, rebuild = _flatten_conditions(step.cond, step.uncond)
+    meta: dict[str, Any] = {}
+
+    def run(x: Tensor, noise: Tensor | None, ref_out: Tensor | None, *conds: Tensor):
+        inner = copy.copy(step)
+        inner.cond, inner.uncond = rebuild(conds)
+        out, n, kl = inner(x, noise, ref_out)
+        meta["n"], meta["std"] = n, out.std
+        return out.prev, out.x0_hat, out.mean, out.log_prob, kl
+
+    prev, x0_hat, mean, log_prob, kl = _checkpoint(run, x, noise, ref_out, *flat, use_reentrant=True)
+    return StepOut(prev, x0_hat, mean, meta["std"], log_prob), meta["n"], kl
+
+
+def _flatten_conditions(cond: Any, uncond: Any):
+    """The tensors of two conditions (tensors, dicts of tensors or None) as one flat list, and
+    the function that rebuilds the pair from such a list."""
+    def parts(c: Any) -> list:
+        if isinstance(c, Tensor):
+            return [c]
+        if isinstance(c, dict):
+            return [c[k] for k in sorted(c)]
+        return []
+
+    def build(c: Any, items: list) -> Any:
+        if isinstance(c, Tensor):
+            return items[0]
+        if isinstance(c, dict):
+            return dict(zip(sorted(c), items))
+        return c
+
+    a, b = parts(cond), parts(uncond)
+
+    def rebuild(flat: tuple) -> tuple[Any, Any]:
+        return build(cond, list(flat[: len(a)])), build(uncond, list(flat[len(a):]))
+
+    return a + b, rebuild
 
 
 def _reselect(process: Process, out: StepOut, prev: Tensor, parents: Tensor | None) -> StepOut:
