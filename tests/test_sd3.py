@@ -5,20 +5,17 @@ LoRA reloaded in plain diffusers."""
 
 from __future__ import annotations
 
-import json
-import math
 
 import pytest
 import torch
 
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.guidance import make_method
 from rewardiff.models.sd import is_xl_pipeline, sd_model
 from rewardiff.models.sd3 import is_sd3_pipeline, tiny_sd3_pipeline
 from rewardiff.processes.flow import FlowProcess
-from rewardiff.rewards import get_reward
 
-PROMPTS = ["a photo of a cat", "a red dog"]
+from tests.pipeline_methods import (GUIDANCE, PROMPTS, assert_finetune_runs_with_its_nfe, assert_guidance_runs_with_its_cost,
+                                     count_rows, finetune_table)
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +39,9 @@ def _pipeline(directory, t5: bool = True):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Rows through ``SD3Transformer2DModel.forward`` (a CFG call on [uncond; cond] counts 2 a sample)."""
     from diffusers import SD3Transformer2DModel
 
-    count = {"rows": 0}
-    forward = SD3Transformer2DModel.forward
-
-    def counted(self, *args, **kwargs):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        count["rows"] += x.shape[0]
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(SD3Transformer2DModel, "forward", counted)
-    return count
+    return count_rows(monkeypatch, SD3Transformer2DModel)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -174,65 +161,14 @@ def test_lora_fine_tuning_reloads_in_plain_diffusers(sd3_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- every method
 
-T, N_EVAL = 2, 2
-C, B = 2, 2  # evaluations a denoiser call (CFG), trajectories a step
-FINETUNE = {  # method: (config, NFE of one step)
-    "draft": ({}, C * T * B),  # the chain
-    "draft-k": ({"k": 1}, C * T * B),
-    "draft-lv": ({"lv_n": 2}, C * T * B + C * 2 * B),  # the chain, then one step for each of lv_n re-noised copies
-    "alignprop": ({}, C * T * B),
-    "refl": ({}, C * 2 * B),  # the chain up to step s = 1 (refl_start 0.75 of T = 2), then one call to x0_hat
-    "ddpo": ({"eta": 1.0, "ppo_minibatches": 1}, C * T * B + C * T * B),  # sampling, then every (stochastic) step again
-    "vard": ({"eta": 1.0, "vard_warmup": 2, "vard_warmup_steps": 2, "vard_value_steps": 1},
-             C * T * 2 + C * T * B + C * T * B),  # 2 warm-up trajectories, the batch's chain, then every step again
-}
+C = 2  # evaluations a denoiser call
 
 
-@pytest.mark.parametrize("method", list(FINETUNE))
+@pytest.mark.parametrize("method", list(finetune_table(C)))
 def test_every_fine_tuning_method_runs_with_its_nfe(sd3_dir, tmp_path, calls, method):
-    """One step of each method (LoRA, CFG 2, T = 2, no checkpointing, so every transformer call is
-    an evaluation): finite rewards, the NFE the method reports in metrics.jsonl is the one
-    written out in FINETUNE, and the transformer's rows equal it plus the two evaluations' (c T N
-    samples, then c T N along the KL path and c T N of the base model: 3 c T N each)."""
-    from rewardiff.finetune.trainer import finetune
-
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    prompts = str(tmp_path / "prompts.txt")
-    options, nfe = FINETUNE[method]
-    kw = {"k": T, **options}
-    cfg = FinetuneConfig(model=f"diffusers:{sd3_dir}", reward="brightness", method=method, steps=1, batch_size=B, lr=1e-3,
-                         lora_rank=4, num_inference_steps=T, guidance_scale=2.0, checkpointing=False, prompts=prompts,
-                         eval_prompts=prompts, eval_samples=N_EVAL, eval_every=0, checkpoint_every=0, **kw)
-    summary = finetune(cfg, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert len(steps) == 1 and math.isfinite(steps[0]["reward_mean"]) and math.isfinite(steps[0]["loss"])
-    assert math.isfinite(summary["after"]["eval_reward_mean"])
-    assert steps[0]["nfe"] == nfe
-    assert calls["rows"] == nfe + 2 * 3 * C * T * N_EVAL
-
-
-GUIDANCE = {
-    "best-of-n": (2, {}),
-    "gradient": (None, {"scale": 0.5}),
-    "svdd-pm": (2, {}),
-    "dsearch": (2, {"m": 2, "w": 2}),
-    "free2guide": (2, {"window": 1}),
-    "smc": (2, {}),
-}
+    assert_finetune_runs_with_its_nfe(sd3_dir, tmp_path, calls, method, C, guidance_scale=2.0)
 
 
 @pytest.mark.parametrize("method", list(GUIDANCE))
 def test_every_inference_time_method_runs_with_its_cost(sd3_dir, tmp_path, calls, method):
-    """``rewardiff sample`` with each method (its default eta: 1 for the stochastic ones, the
-    Flow-GRPO SDE), CFG 2, T = 2, two prompts: a finite mean reward, and the transformer's rows
-    equal the NFE it reports and its ``cost(T, c)`` per sample."""
-    from rewardiff.sampling import sample_to_dir
-
-    width, options = GUIDANCE[method]
-    s = sample_to_dir(tmp_path / "out", f"diffusers:{sd3_dir}", None, PROMPTS, 1, 0, "brightness", T, float(C), None,
-                      method=method, width=width, options=options)
-    cost = make_method(method, get_reward("brightness"), width=width, **options).cost(T, C)
-    assert math.isfinite(s["reward_mean"]) and (tmp_path / "out" / "grid.png").is_file()
-    assert calls["rows"] == s["nfe"] == cost * len(PROMPTS)
-    assert s["expected_nfe_per_sample"] == cost
+    assert_guidance_runs_with_its_cost(sd3_dir, tmp_path, calls, method, C)
