@@ -133,3 +133,8 @@ def test_demo_runs_two_steps(tmp_path, monkeypatch):
     assert demo["reward_before"] == before["eval_reward_mean"] and demo["reward_after"] == after["eval_reward_mean"]
     assert demo["steps"] == 2 and demo["eval_samples"] == 8 and demo["seconds"] > 0 and demo["seconds_per_step"] > 0
     assert demo["machine"]["cpus"] >= 1 and demo["date"] and "commit" in demo
+    # a second `make demo` re-reads the finished run: same figures, its own time kept, nothing retrained
+    again = _invoke("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
+    assert "continuing the run there" in again.stdout
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == demo
+    assert (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines() == rows

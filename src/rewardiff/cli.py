@@ -29,9 +29,13 @@ def demo(
     again = is_run(out)  # a second `make demo` continues (or re-reads) the first one's run
     typer.echo(f"fine-tuning the shapes model with {cfg.method} on {cfg.reward} for {cfg.steps} steps -> {out}"
                + (" (continuing the run there)" if again else ""))
+    finished = again and (out / "summary.json").is_file() and (out / "demo.json").is_file()
     t0 = time.perf_counter()
     summary = run(cfg, out, resume=again)
-    demo = demo_summary(cfg, summary, time.perf_counter() - t0, out)
+    if finished:  # nothing was trained now: the figures (and the time) are the finished run's
+        demo = json.loads((out / "demo.json").read_text())
+    else:
+        demo = demo_summary(cfg, summary, time.perf_counter() - t0, out)
     typer.echo(f"judge counting accuracy on held-out prompts: {demo['judge_count_before']:.1%} -> {demo['judge_count_after']:.1%}")
     typer.echo(f"reward ({cfg.reward}) on held-out prompts: {demo['reward_before']:.3f} -> {demo['reward_after']:.3f}")
     typer.echo(f"in {demo['seconds']:.0f} s; summary: {out / 'demo.json'}; report: {out / 'report.html'}")
