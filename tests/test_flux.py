@@ -56,6 +56,17 @@ def calls(monkeypatch):
 # ----------------------------------------------------------------------------- the model
 
 
+
+def test_train_mode_leaves_the_text_encoders_in_eval_mode(dev_dir):
+    """As for SD3: T5's dropout in train mode would encode a prompt differently at every step."""
+    from rewardiff.models.registry import base_model
+
+    net = base_model(f"diffusers:{dev_dir}").net
+    net.train()
+    assert net.transformer.training and not net.t5.training and not net.text.training
+    cond = [net.encode(["a red dog"])["hidden"] for _ in range(2)]
+    assert torch.equal(cond[0], cond[1])
+
 def test_the_folder_is_recognised_and_read_as_a_flow_model(dev_dir, schnell_dir):
     """model_index.json names FluxPipeline (it has text_encoder_2, as SDXL's does); the state is
     the 16-channel latent at half the resolution; FLUX.1-dev's scheduler shifts dynamically with

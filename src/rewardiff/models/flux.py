@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.models.base import DiffusionModel
+from rewardiff.models.sd import TextConditionedDenoiser
 from rewardiff.processes.flow import FlowProcess
 
 # the layers diffusers' FLUX LoRA training (examples/dreambooth/train_dreambooth_lora_flux.py)
@@ -66,7 +67,7 @@ def image_ids(h: int, w: int, like: Tensor) -> Tensor:
     return torch.stack([torch.zeros_like(i), i, j], dim=-1).reshape(-1, 3).to(like)
 
 
-class FluxDenoiser(nn.Module):
+class FluxDenoiser(TextConditionedDenoiser):
     """``forward(z_t [B, C, h, w], t [B] float N sigma, cond) -> velocity [B, C, h, w]``;
     ``encode(prompts) -> {"hidden": [B, L_T5, D_T5], "pooled": [B, D_clip]}``.
 

@@ -28,7 +28,23 @@ from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.gaussian import GaussianProcess, make_betas, rescale_zero_terminal_snr
 
 
-class SDDenoiser(nn.Module):
+class TextConditionedDenoiser(nn.Module):
+    """A diffusers backbone and the text encoders it reads prompts through (``.text``, and
+    ``.t5`` where there is one): train mode reaches the backbone only. The encoders stay in eval
+    mode, so that a dropout of theirs (T5's is 0.1 in its config) never draws from the global
+    random state: a prompt encodes the same during training as at sampling, and a resumed run
+    continues bit for bit. Gradients still reach them when they are trained (``lora_rank: 0``)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in ("text", "t5"):
+            encoder = getattr(self, name, None)
+            if encoder is not None:
+                encoder.eval()
+        return self
+
+
+class SDDenoiser(TextConditionedDenoiser):
     """``forward(z_t [B,C,h,w], t [B], cond [B,L,D]) -> prediction``; ``encode(prompts)`` -> cond.
 
     Holds the UNet (``.unet``, where LoRA goes) and the text encoder (``.text``); the VAE is
@@ -48,7 +64,7 @@ class SDDenoiser(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
 
-class SDXLDenoiser(nn.Module):
+class SDXLDenoiser(TextConditionedDenoiser):
     """Stable Diffusion XL's UNet with its two text encoders.
 
     ``encode(prompts)`` -> ``{"hidden": [B, L, D1 + D2], "pooled": [B, P], "time_ids": [B, 6]}``:

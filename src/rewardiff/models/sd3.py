@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from rewardiff.errors import UserError
 from rewardiff.models.base import DiffusionModel
+from rewardiff.models.sd import TextConditionedDenoiser
 from rewardiff.processes.flow import FlowProcess
 
 # the layers diffusers' SD3 LoRA training adapts: the joint attention's image (to_*) and
@@ -39,7 +40,7 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 T5_LENGTH = 256  # the pipeline's default max_sequence_length: T5 tokens of every prompt
 
 
-class SD3Denoiser(nn.Module):
+class SD3Denoiser(TextConditionedDenoiser):
     """``forward(z_t [B, C, h, w], t [B] float N sigma, cond) -> velocity [B, C, h, w]``;
     ``encode(prompts) -> {"hidden": [B, L, D], "pooled": [B, P]}`` (the module docstring's sums).
 
@@ -63,16 +64,6 @@ class SD3Denoiser(nn.Module):
         self.transformer, self.text, self.tokenizers = transformer, nn.ModuleList(clip_encoders), list(clip_tokenizers)
         self.t5, self.t5_tokenizer, self.t5_length = t5, t5_tokenizer, int(t5_length)
         self.joint_dim = int(transformer.config.joint_attention_dim)
-
-    def train(self, mode: bool = True) -> "SD3Denoiser":
-        """Train mode reaches the transformer only: the text encoders stay in eval mode, so that
-        T5's dropout (0.1 in its config) never draws from the global random state and a prompt
-        encodes the same during training as at sampling (and a resumed run continues bit for bit)."""
-        super().train(mode)
-        self.text.eval()
-        if self.t5 is not None:
-            self.t5.eval()
-        return self
 
     def _ids(self, tokenizer, prompts: list[str], length: int, device) -> Tensor:
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
