@@ -58,6 +58,8 @@ def _same(a: dict, b: dict) -> bool:
     ({"seed": 2**40}, "'seed' must be between 0 and"),
     ({"mixed_precision": "fp8"}, "'mixed_precision' must be no, bf16 or fp16"),
     ({"lr": float("nan")}, "'lr' must be a positive number"),
+    ({"kl_weight": float("inf")}, "'kl_weight' must be a finite number, got inf"),
+    ({"lr": float("inf")}, "'lr' must be a finite number, got inf"),
     ({"eta": 2.0}, "'eta' must be in [0, 1]"),
     ({"model": 5}, "'model' expects str, got 5"),
     ({"reward": ["a"]}, "'reward' expects str, got ['a'] (list)"),

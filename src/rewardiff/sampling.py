@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +101,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
     from rewardiff.rewards.value import load_value
     from rewardiff.finetune.config import MAX_SEED
     from rewardiff.rewards import get_reward
+    from rewardiff.report.strict import write_json
     from rewardiff.rewards.guard import GuardedReward
 
     if n < 1:
@@ -140,7 +140,7 @@ def sample_to_dir(out: Path, model: str, checkpoint: Path | None, prompts: list[
             r = reward_fn(x, all_prompts)
         summary.update(reward=reward, reward_mean=float(r.mean()), reward_std=float(r.std()) if len(r) > 1 else 0.0)
     _write_samples(out, m, x, prompts, n, summary)
-    _write_summary(out, summary)
+    write_json(out / "summary.json", summary)  # strict JSON: null where a value is NaN or infinite
     return summary
 
 
@@ -177,13 +177,6 @@ def _write_samples(out: Path, m: Generator, x: torch.Tensor, prompts: list[str],
         Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
     cells, labels, columns = prompt_grid(x, prompts, n)
     save_grid(cells, out / "grid.png", nrow=columns, labels=labels)
-
-
-def _write_summary(out: Path, summary: dict) -> None:
-    """``summary.json`` as strict JSON: null where a value is NaN or infinite."""
-    from rewardiff.report.strict import strict_json
-
-    atomic_write_text(out / "summary.json", json.dumps(strict_json(summary), indent=2, allow_nan=False))
 
 
 def prompt_grid(images: torch.Tensor, prompts: list[str], n: int, columns: int = GRID_COLUMNS) -> tuple[np.ndarray, list[str | None] | None, int]:

@@ -118,41 +118,43 @@ def _range_errors(cfg: "FinetuneConfig") -> list[str]:
     """What is out of range in ``cfg``: one phrase per field, empty when everything is."""
     errs: list[str] = []
 
+    failed: set[str] = set()
+
     def need(ok: bool, field: str, what: str) -> None:
-        if not ok:
+        if not ok and field not in failed:  # one phrase a field: its first unmet condition
+            failed.add(field)
             errs.append(f"config field {field!r} must be {what}, got {getattr(cfg, field)!r}")
 
-    finite = lambda v: math.isfinite(v)  # noqa: E731
     need(cfg.steps >= 1, "steps", "at least 1")
     need(cfg.batch_size >= 1, "batch_size", "at least 1")
-    need(finite(cfg.lr) and cfg.lr > 0, "lr", "a positive number")
-    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(cfg.lr > 0, "lr", "a positive number")
+    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
     need(cfg.lora_rank >= 0, "lora_rank", "0 (every weight) or a positive rank")
-    need(finite(cfg.lora_alpha) and cfg.lora_alpha > 0, "lora_alpha", "a positive number")
+    need(cfg.lora_alpha > 0, "lora_alpha", "a positive number")
     need(1 <= cfg.num_inference_steps <= 1000, "num_inference_steps", "between 1 and 1000")
     need(1 <= cfg.k <= max(1, cfg.num_inference_steps), "k", f"between 1 and num_inference_steps ({cfg.num_inference_steps})")
     need(cfg.lv_n >= 1, "lv_n", "at least 1")
-    need(finite(cfg.eta) and 0 <= cfg.eta <= 1, "eta", "in [0, 1]")
-    need(finite(cfg.guidance_scale) and cfg.guidance_scale >= 0, "guidance_scale", "a number >= 0")
-    need(finite(cfg.kl_weight) and cfg.kl_weight >= 0, "kl_weight", "a number >= 0")
-    need(finite(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+    need(0 <= cfg.eta <= 1, "eta", "in [0, 1]")
+    need(cfg.guidance_scale >= 0, "guidance_scale", "a number >= 0")
+    need(cfg.kl_weight >= 0, "kl_weight", "a number >= 0")
+    need(cfg.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
     need(cfg.truncation in ("uniform", "gaussian"), "truncation", "uniform or gaussian")
-    need(finite(cfg.truncation_mean) and 0 <= cfg.truncation_mean <= 1, "truncation_mean", "in [0, 1]")
-    need(finite(cfg.truncation_std) and cfg.truncation_std > 0, "truncation_std", "a positive number")
-    need(finite(cfg.refl_start) and 0 <= cfg.refl_start < 1, "refl_start", "in [0, 1)")
-    need(finite(cfg.ppo_clip) and cfg.ppo_clip > 0, "ppo_clip", "a positive number")
-    need(finite(cfg.adv_clip) and cfg.adv_clip > 0, "adv_clip", "a positive number")
+    need(0 <= cfg.truncation_mean <= 1, "truncation_mean", "in [0, 1]")
+    need(cfg.truncation_std > 0, "truncation_std", "a positive number")
+    need(0 <= cfg.refl_start < 1, "refl_start", "in [0, 1)")
+    need(cfg.ppo_clip > 0, "ppo_clip", "a positive number")
+    need(cfg.adv_clip > 0, "adv_clip", "a positive number")
     need(cfg.ppo_epochs >= 1, "ppo_epochs", "at least 1")
     need(cfg.ppo_minibatches >= 1 and (cfg.method != "ddpo" or cfg.batch_size % cfg.ppo_minibatches == 0), "ppo_minibatches",
          f"at least 1 and (ddpo) divide batch_size ({cfg.batch_size})")
     need(cfg.stat_buffer >= 1, "stat_buffer", "at least 1")
     need(cfg.stat_min_count >= 0, "stat_min_count", "at least 0")
-    need(finite(cfg.timestep_fraction) and 0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
+    need(0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
     need(cfg.vard_warmup >= 1, "vard_warmup", "at least 1")
     need(cfg.vard_warmup_steps >= 0, "vard_warmup_steps", "at least 0")
     need(cfg.vard_value_steps >= 0, "vard_value_steps", "at least 0")
-    need(finite(cfg.vard_value_lr) and cfg.vard_value_lr > 0, "vard_value_lr", "a positive number")
-    need(finite(cfg.gumbel_tau) and cfg.gumbel_tau > 0, "gumbel_tau", "a positive number")
+    need(cfg.vard_value_lr > 0, "vard_value_lr", "a positive number")
+    need(cfg.gumbel_tau > 0, "gumbel_tau", "a positive number")
     need(cfg.gumbel_estimator in ("relaxed", "straight-through"), "gumbel_estimator", "relaxed or straight-through")
     need(cfg.eval_samples >= 1, "eval_samples", "at least 1")
     need(cfg.eval_every >= 0, "eval_every", "at least 0 (0: only before and after)")
@@ -160,12 +162,14 @@ def _range_errors(cfg: "FinetuneConfig") -> list[str]:
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "at least 0 (0: only at the end)")
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no, bf16 or fp16")
     need(cfg.reward_errors in ("raise", "skip"), "reward_errors", "raise or skip")
-    need(finite(cfg.reward_timeout) and cfg.reward_timeout >= 0, "reward_timeout", "a number of seconds >= 0 (0: no limit)")
+    need(cfg.reward_timeout >= 0, "reward_timeout", "a number of seconds >= 0 (0: no limit)")
     for field in ("model", "reward", "method", "prompts", "eval_prompts"):
         need(bool(getattr(cfg, field).strip()), field, "a non-empty name")
-    for field, kind in _field_types().items():  # no count of anything needs more than 31 bits
-        if kind is int and field != "seed":
+    for field, kind in _field_types().items():
+        if kind is int and field != "seed":  # no count of anything needs more than 31 bits
             need(getattr(cfg, field) <= MAX_INT, field, f"at most {MAX_INT}")
+        if kind is float:  # after the ranges above, which NaN fails already: this names inf
+            need(math.isfinite(getattr(cfg, field)), field, "a finite number")
     return errs
 
 

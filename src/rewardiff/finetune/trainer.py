@@ -136,7 +136,7 @@ class Run:
 
         root = self.out / "checkpoints"
         d, tmp = self._ckpt_dir(step), root / f".tmp-step-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         try:
             save_weights(tmp, self.acc.unwrap_model(self.model.net), self.cfg)
             atomic_write(tmp / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
@@ -147,7 +147,7 @@ class Run:
                 shutil.rmtree(d)
             os.replace(tmp, d)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp)
         atomic_write_text(root / "latest", d.name)
         ckpts = _checkpoints(root)
         below = [s for s, _ in ckpts if s < step]
@@ -393,7 +393,7 @@ class Run:
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                     row.update(self.evaluate(f"step{step + 1:06d}"))
                     grid = f"samples_step{step + 1:06d}"
-                self._track({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1, grid)
+                self._track({k: v for k, v in row.items() if k != "step"}, step + 1, grid)
                 if log is not None:
                     log.write(strict_dumps(row) + "\n")
                     log.flush()
@@ -434,7 +434,7 @@ class Run:
         """Send scalars, and the named sample grid when there is one, to the trackers."""
         if self.cfg.tracker == "none" or not self.acc.is_main_process:
             return
-        self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)  # not a null read back
+        self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)  # numbers only: no text, no null read back
         path = self.out / f"{grid}.png" if grid else None
         if path is None or not path.is_file():
             return
@@ -501,13 +501,13 @@ def check_out(out: Path, cfg: FinetuneConfig, resume: bool) -> None:
         return
     if not is_run(out):
         raise UserError(f"--resume: {out} holds no run to continue; start it without --resume")
-    try:
-        import yaml
+    import yaml
 
+    try:
         saved = yaml.safe_load((out / "config.yaml").read_text())
         if not isinstance(saved, dict):
             raise ValueError("not a mapping")
-    except (OSError, ValueError, UnicodeDecodeError, __import__("yaml").YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"--resume: the run's config {out / 'config.yaml'} is missing or unreadable ({type(e).__name__})") from None
     now = asdict(cfg)
     changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k]]
