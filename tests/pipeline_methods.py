@@ -26,6 +26,16 @@ def count_rows(monkeypatch, cls) -> dict:
     return count
 
 
+def pipeline_config(pipe_dir, tmp_path, **kw) -> FinetuneConfig:
+    """A small run on the pipeline in ``pipe_dir`` with :data:`PROMPTS` for training and
+    evaluation (written to ``tmp_path/prompts.txt``); ``kw`` sets the method and the rest."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    prompts = str(tmp_path / "prompts.txt")
+    base = dict(model=f"diffusers:{pipe_dir}", reward="brightness", batch_size=B, lora_rank=4, prompts=prompts,
+                eval_prompts=prompts, eval_samples=N_EVAL, eval_every=0, checkpoint_every=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
 def finetune_table(C: int) -> dict:
     """method: (config, NFE of one step) with C evaluations a denoiser call."""
     return {  # method: (config, NFE of one step)
@@ -57,13 +67,9 @@ def assert_finetune_runs_with_its_nfe(pipe_dir, tmp_path, calls, method: str, C:
     samples, then C T N along the KL path and C T N of the base model: 3 C T N each)."""
     from rewardiff.finetune.trainer import finetune
 
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    prompts = str(tmp_path / "prompts.txt")
     options, nfe = finetune_table(C)[method]
-    kw = {"k": T, **options}
-    cfg = FinetuneConfig(model=f"diffusers:{pipe_dir}", reward="brightness", method=method, steps=1, batch_size=B, lr=1e-3,
-                         lora_rank=4, num_inference_steps=T, guidance_scale=guidance_scale, checkpointing=False, prompts=prompts,
-                         eval_prompts=prompts, eval_samples=N_EVAL, eval_every=0, checkpoint_every=0, **kw)
+    cfg = pipeline_config(pipe_dir, tmp_path, method=method, steps=1, lr=1e-3, num_inference_steps=T, guidance_scale=guidance_scale,
+                          checkpointing=False, **{"k": T, **options})
     summary = finetune(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

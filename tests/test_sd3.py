@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.models.sd import is_xl_pipeline, sd_model
 from rewardiff.models.sd3 import is_sd3_pipeline, tiny_sd3_pipeline
 from rewardiff.processes.flow import FlowProcess
 
 from tests.pipeline_methods import (GUIDANCE, PROMPTS, assert_finetune_runs_with_its_nfe, assert_guidance_runs_with_its_cost,
-                                     count_rows, finetune_table)
+                                     count_rows, finetune_table, pipeline_config)
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +136,7 @@ def test_lora_fine_tuning_reloads_in_plain_diffusers(sd3_dir, tmp_path):
     from rewardiff.finetune.trainer import finetune
     from rewardiff.finetune.weights import load_finetuned
 
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    prompts = str(tmp_path / "prompts.txt")
-    cfg = FinetuneConfig(model=f"diffusers:{sd3_dir}", reward="brightness", method="draft-k", k=1, steps=2, batch_size=2,
-                         lr=1e-2, lora_rank=4, num_inference_steps=3, guidance_scale=2.0, prompts=prompts,
-                         eval_prompts=prompts, eval_samples=2, eval_every=0, checkpoint_every=0)
+    cfg = pipeline_config(sd3_dir, tmp_path, method="draft-k", k=1, steps=2, lr=1e-2, num_inference_steps=3, guidance_scale=2.0)
     finetune(cfg, tmp_path / "run", progress=False)
     keys = load_file(str(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors"))
     layers = {k.split(".attn.")[1].removesuffix(".lora_A.weight") for k in keys if k.endswith("lora_A.weight")}
