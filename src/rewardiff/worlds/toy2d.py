@@ -162,7 +162,20 @@ def _posterior_mean(x: Tensor, a: Tensor, mu: Tensor, s2: Tensor, logw: Tensor) 
     return (r[..., None] * per_k).sum(1)
 
 
-class MixtureDenoiser(nn.Module):
+class _ExactMixture(nn.Module):
+    """What the exact denoiser and the exact velocity of a ``GaussianMixture`` hold: the mixture,
+    its frozen component means (a parameter, so that ``DiffusionModel.device`` finds where it
+    lives), their variances and log-weights."""
+
+    def __init__(self, means, std, weights):
+        super().__init__()
+        self.mixture = GaussianMixture(means, std, weights)
+        self.means = nn.Parameter(self.mixture.means.clone(), requires_grad=False)  # [K, 2]
+        self.register_buffer("variances", self.mixture.stds**2)  # [K]
+        self.register_buffer("log_weights", self.mixture.weights.log())  # [K]
+
+
+class MixtureDenoiser(_ExactMixture):
     """The exact denoiser of a ``GaussianMixture`` under a given Gaussian process.
 
     ``forward`` returns the prediction (epsilon, v or x0, as the process wants) whose
@@ -188,12 +201,8 @@ class MixtureDenoiser(nn.Module):
         std: float | Tensor | Sequence[float] = STD,
         weights: Tensor | Sequence[float] | None = None,
     ):
-        super().__init__()
-        self.mixture = GaussianMixture(means, std, weights)
+        super().__init__(means, std, weights)
         self.prediction: Prediction = process.prediction
-        self.means = nn.Parameter(self.mixture.means.clone(), requires_grad=False)  # [K, 2]
-        self.register_buffer("variances", self.mixture.stds**2)  # [K]
-        self.register_buffer("log_weights", self.mixture.weights.log())  # [K]
         # the posterior uses the float64 schedule; the conversion to the prediction type uses
         # the float32 abar that ``process.split`` reads, so that split inverts it exactly
         self.register_buffer("abar", process.abar.double().clone())  # [N]
@@ -245,7 +254,7 @@ def toy2d_model(prediction: Prediction = "v_prediction", zero_snr: bool = True, 
     return DiffusionModel(net, process, lambda prompts: torch.zeros(len(prompts), 1), (2,), name="toy2d", output_range=None)
 
 
-class MixtureVelocity(nn.Module):
+class MixtureVelocity(_ExactMixture):
     """The exact velocity of a ``GaussianMixture`` under a rectified-flow process:
     ``forward(x_t, t)`` is E[eps - x0 | x_t] at sigma = t / N, so that the process's ``split``
     gives back the exact posterior mean E[x0 | x_t]. Like :class:`MixtureDenoiser` it has nothing
@@ -266,12 +275,8 @@ class MixtureVelocity(nn.Module):
         std: float | Tensor | Sequence[float] = STD,
         weights: Tensor | Sequence[float] | None = None,
     ):
-        super().__init__()
-        self.mixture = GaussianMixture(means, std, weights)
+        super().__init__(means, std, weights)
         self.num_train_timesteps = process.num_train_timesteps
-        self.means = nn.Parameter(self.mixture.means.clone(), requires_grad=False)  # [K, 2]
-        self.register_buffer("variances", self.mixture.stds**2)  # [K]
-        self.register_buffer("log_weights", self.mixture.weights.log())  # [K]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """The velocity at (x_t, t); ``cond`` is ignored.
