@@ -30,6 +30,13 @@ Fine-tuning (one optimizer step or a few, on a one-parameter model or a tiny tok
   only; its regression on the rewards unchanged) -> ``test_vard_raises_the_reward_and_a_flipped_value_lowers_it``.
   No other test catches it: with ``v.mean()`` for ``-v.mean()`` in the source every test in
   tests/test_vard.py passes (they check that weights move, the KL and resume).
+- grpo: the group advantages' sign flipped (``grpo.group_advantages`` returning -A) ->
+  ``test_grpo_raises_the_reward_and_flipped_advantages_lower_it`` (the flow toy: velocity x_t / 2 + b,
+  black-box reward x0[0]); the KL of the means against its closed form in
+  tests/test_grpo.py::test_grpo_kl_term_matches_the_closed_form.
+- nft: the optimality inverted (r read as 1 - r: ``nft.optimality``) ->
+  ``test_nft_raises_the_reward_and_a_flipped_optimality_lowers_it``; the loss's direction also by
+  hand in tests/test_grpo.py::test_nft_gradient_pulls_toward_good_samples_and_away_from_bad.
 - gumbel, autoregressive: the reward's sign flipped in the loss (the method handed -r) ->
   ``test_gumbel_autoregressive_raises_the_reward_and_a_flipped_sign_lowers_it``; the same edit
   in the source (``loss = r.mean() + ...``) fails
@@ -321,6 +328,81 @@ def test_vard_raises_the_reward_and_a_flipped_value_lowers_it(monkeypatch):
     b, gain = run()
     assert b < -0.3 and gain < -0.3, (b, gain)
 
+
+
+def _flow_affine() -> tuple[DiffusionModel, AffineDenoiser]:
+    """The affine toy as a flow: velocity x_t / 2 + b, the base model's velocity x_t / 2."""
+    from rewardiff.processes.flow import FlowProcess
+
+    net = AffineDenoiser()
+    model = DiffusionModel(net, FlowProcess(), lambda p: torch.zeros(len(p), 1), (2,), output_range=None)
+    model.reference = lambda x, t, c: x * 0.5
+    return model, net
+
+
+def _train_groups(method, model, net, cfg, steps: int = 12, lr: float = 0.05) -> tuple[float, float]:
+    """``steps`` steps on groups of ``group_size`` prompts; the mean reward x0[0] of 64 fixed ODE
+    samples after the first step and after the last."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    B = cfg.batch_size
+    prompts = [f"p{i // cfg.group_size}" for i in range(B)]
+    scores = []
+    for step in range(steps):
+        for out in method(model, _first_coordinate, prompts, list(range(step * B, step * B + B)), cfg,
+                          torch.Generator().manual_seed(step)):
+            out.loss.backward()
+            if out.step:
+                opt.step()
+                opt.zero_grad()
+        with torch.no_grad():
+            x0 = model.sample(["p0"] * 64, list(range(100_000, 100_064)), cfg.num_inference_steps, eta=0.0).x0
+        scores.append(float(x0[:, 0].mean()))
+    return scores[0], scores[-1]
+
+
+def test_grpo_raises_the_reward_and_flipped_advantages_lower_it(monkeypatch):
+    """GRPO (flow SDE, a = 0.7, groups of 8) on the black-box reward x0[0] of the flow toy: the
+    ODE samples' mean x0[0] rises; with the group advantages' sign flipped it falls."""
+    from rewardiff.finetune import grpo as grpo_module
+
+    cfg = FinetuneConfig(num_inference_steps=4, eta=0.7, guidance_scale=1.0, batch_size=32, group_size=8, ppo_minibatches=1,
+                         ppo_clip=0.2)
+
+    def run():
+        torch.manual_seed(0)
+        model, net = _flow_affine()
+        first, last = _train_groups(grpo_module.GRPO(cfg), model, net, cfg)
+        return last - first
+
+    gain = run()
+    assert gain > 0.25, gain  # measured 0.44 (0.14 -> 0.58)
+    orig = grpo_module.group_advantages
+    monkeypatch.setattr(grpo_module, "group_advantages", lambda p, r, g=True: (lambda a: (-a[0], a[1]))(orig(p, r, g)))
+    gain = run()
+    assert gain < -0.25, gain  # measured -0.44
+
+
+def test_nft_raises_the_reward_and_a_flipped_optimality_lowers_it(monkeypatch):
+    """DiffusionNFT (ODE samples, groups of 8, old weights = the current ones) on the same toy:
+    the mean x0[0] rises; with r read as 1 - r (good samples pushed away, bad ones pulled
+    toward) it falls."""
+    from rewardiff.finetune import nft as nft_module
+
+    cfg = FinetuneConfig(num_inference_steps=4, eta=0.0, guidance_scale=1.0, batch_size=32, group_size=8, ppo_minibatches=1,
+                         nft_decay_rate=0.0, nft_decay_max=0.0)
+
+    def run():
+        torch.manual_seed(0)
+        model, net = _flow_affine()
+        first, last = _train_groups(nft_module.NFT(cfg, model), model, net, cfg)
+        return last - first
+
+    gain = run()
+    assert gain > 0.25, gain  # measured 0.46 (0.14 -> 0.60)
+    orig = nft_module.optimality
+    monkeypatch.setattr(nft_module, "optimality", lambda adv, clip: 1 - orig(adv, clip))
+    gain = run()
+    assert gain < -0.25, gain
 
 # ----------------------------------------------------------------------------- gumbel on tokens
 

@@ -19,7 +19,7 @@ One loop, with these as arguments rather than copies of it:
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ def rollout(
     cond: Any,
     timesteps: list[Timestep],
     *,
-    eta: float = 0.0,
+    eta: float | Sequence[float] = 0.0,
     guidance_scale: float = 1.0,
     uncond: Any | None = None,
     grad_steps: Collection[int] = (),
@@ -103,7 +103,8 @@ def rollout(
         cond: the model condition for the batch; ``uncond`` the unconditional one.
         timesteps: training timesteps to visit, in sampling order (from ``process.timesteps``).
         eta: the step's stochasticity, 0 deterministic (DDIM, the flow ODE); DDIM's eta up to
-            1 (DDPM-like), the flow SDE's noise scale.
+            1 (DDPM-like), the flow SDE's noise scale. One number for every step, or one per
+            step (:func:`step_etas`): an SDE window inside an ODE chain (Flow-GRPO-Fast, MixGRPO).
         guidance_scale: classifier-free guidance scale (1 disables it).
         grad_steps: indices (0 .. T-1, sampling order) of steps that carry gradient.
         checkpoint: recompute each gradient step's activations in the backward pass.
@@ -139,9 +140,10 @@ def rollout(
     counter = [0]
     needs_grad = bool(getattr(hook, "needs_grad", False))
     cached: Tensor | None = None
+    etas = step_etas(eta, T)
     for i, (t, t_prev) in enumerate(zip(timesteps, prevs)):
-        noise = particles.noise(x, process) if process.is_stochastic(eta) else None
-        step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, eta, reference, draw)
+        noise = particles.noise(x, process) if process.is_stochastic(etas[i]) else None
+        step = _Step(model, process, particles.cond, particles.uncond, guidance_scale, t, t_prev, etas[i], reference, draw)
         if i in grad_steps:
             ref_out = step.reference_output(x) if reference is not None else None
             res = _checkpointed(step, x, noise, ref_out) if checkpoint else step(x, noise, ref_out)
@@ -346,6 +348,22 @@ class _Step:
         if ref_out is None:
             return out, n, torch.zeros(x.shape[0], device=x.device)
         return out, n, self.process.divergence(model_out, ref_out, x, self.t, self.t_prev)
+
+
+def step_etas(eta: float | Sequence[float], num_steps: int) -> list[float]:
+    """The eta of each of ``num_steps`` steps: one number repeated, or a per-step schedule of
+    exactly that length (a ValueError otherwise)."""
+    if isinstance(eta, (int, float)):
+        return [float(eta)] * num_steps
+    etas = [float(e) for e in eta]
+    if len(etas) != num_steps:
+        raise ValueError(f"an eta schedule needs one value per step: {num_steps} steps, {len(etas)} values")
+    return etas
+
+
+def any_stochastic(process: Process, eta: float | Sequence[float], num_steps: int) -> bool:
+    """Whether any step of the chain draws noise."""
+    return any(process.is_stochastic(e) for e in step_etas(eta, num_steps))
 
 
 def last_k(num_steps: int, k: int) -> range:

@@ -17,7 +17,7 @@ from rewardiff.errors import UserError
 class FinetuneConfig:
     model: str = "shapes"  # "shapes", "diffusers:PIPELINE_DIR", "molecules-ar", "hf:MODEL_DIR", "molecules", or a model directory
     reward: str = "shapes-count"  # registered name, "pkg.module:function", or "0.7*a+0.3*b"
-    method: str = "draft-k"  # draft | draft-k | draft-lv | alignprop | refl | ddpo | vard | gumbel
+    method: str = "draft-k"  # draft | draft-k | draft-lv | alignprop | refl | ddpo | vard | grpo | nft | gumbel
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # trajectories per step
     lr: float = 3e-4  # AdamW learning rate
@@ -29,20 +29,32 @@ class FinetuneConfig:
     num_inference_steps: int = 15  # sampler steps of the chain (DDIM steps, or a flow's Euler or SDE steps)
     eta: float = 0.0  # stochasticity of training rollouts: DDIM's eta (0 deterministic, 1 DDPM-like), or a flow's SDE noise level a (0: the ODE)
     guidance_scale: float = 2.0  # classifier-free guidance scale
-    kl_weight: float = 0.0  # penalty to the base model: squared output distance (DRaFT+), per-step KL (vard), per-token KL (gumbel)
+    kl_weight: float = 0.0  # penalty to the base model: squared output distance (DRaFT+), per-step KL (vard), KL of the transition means (grpo: beta), squared velocity distance (nft), per-token KL (gumbel)
     grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
     checkpointing: bool = True  # gradient checkpointing of every step in the window
     truncation: str = "uniform"  # alignprop: uniform | gaussian draw of the truncation point
     truncation_mean: float = 0.84  # alignprop gaussian: mean start, as a fraction of the chain
     truncation_std: float = 0.1  # alignprop gaussian: std, as a fraction of the chain
     refl_start: float = 0.75  # refl: earliest step (fraction of the chain) to jump from
-    ppo_clip: float = 1e-4  # ddpo: clip range of the probability ratio
-    adv_clip: float = 5.0  # ddpo: advantages clipped to [-adv_clip, adv_clip]
-    ppo_epochs: int = 1  # ddpo: passes over each sampled batch
-    ppo_minibatches: int = 2  # ddpo: optimizer steps per pass (divides batch_size)
+    ppo_clip: float = 1e-4  # ddpo, grpo: clip range of the probability ratio
+    adv_clip: float = 5.0  # ddpo, grpo, nft: advantages clipped to [-adv_clip, adv_clip]
+    ppo_epochs: int = 1  # ddpo, grpo, nft: passes over each sampled batch
+    ppo_minibatches: int = 2  # ddpo, grpo, nft: optimizer steps per pass (ddpo: divides batch_size; grpo, nft: slices of the rows kept)
     stat_buffer: int = 16  # ddpo: rewards kept per prompt for the advantage normalization
     stat_min_count: int = 16  # ddpo: below this many, a prompt is normalized with the batch's statistics
-    timestep_fraction: float = 1.0  # ddpo: share of the stochastic steps trained on
+    timestep_fraction: float = 1.0  # ddpo, grpo, nft: share of the stochastic steps (nft: of the sampler's timesteps) trained on
+    group_size: int = 1  # grpo, nft: samples of each prompt in a step's batch, its group (divides batch_size; Flow-GRPO: 8-24)
+    global_std: bool = True  # grpo, nft: advantages divided by the std of the whole batch (the authors' default), else of each group
+    sde_window: int = 0  # grpo: SDE steps of each chain, the ODE elsewhere, only they trained (0: every step; Flow-GRPO-Fast: 1-2)
+    sde_window_mode: str = "random"  # grpo window: random (start drawn each step from the first sde_window_range steps: Flow-GRPO-Fast) | sliding (MixGRPO)
+    sde_window_range: int = 0  # grpo random window: it lies within the first this many steps (0: the first half of the chain)
+    sde_window_every: int = 25  # grpo sliding window: optimizer steps before it moves on (MixGRPO's shift interval)
+    sde_window_stride: int = 1  # grpo sliding window: steps it moves by each time
+    nft_beta: float = 1.0  # nft: the guidance strength beta of the implicit policies (v+ = beta v + (1 - beta) v_old)
+    nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay grows by this each step ...
+    nft_decay_max: float = 0.5  # nft: ... up to this (the authors' decay_type 1: min(0.001 step, 0.5))
+    eval_inference_steps: int = 0  # sampler steps of evaluations (0: num_inference_steps; Flow-GRPO trains with 10, evaluates with 40)
+    eval_guidance_scale: float = -1.0  # guidance scale of evaluations (-1: guidance_scale; train CFG-free with guidance_scale=1)
     vard_value: str = ""  # vard: value model directory to start from (rewardiff train-value); "" fits one
     vard_warmup: int = 256  # vard: base-model trajectories the value is fitted on before the first update
     vard_warmup_steps: int = 400  # vard: value regression steps of the warm-up
@@ -150,6 +162,18 @@ def _range_errors(cfg: "FinetuneConfig") -> list[str]:
     need(cfg.stat_buffer >= 1, "stat_buffer", "at least 1")
     need(cfg.stat_min_count >= 0, "stat_min_count", "at least 0")
     need(0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
+    need(cfg.group_size >= 1 and cfg.batch_size % cfg.group_size == 0, "group_size", f"at least 1 and divide batch_size ({cfg.batch_size})")
+    need(0 <= cfg.sde_window <= cfg.num_inference_steps, "sde_window", f"between 0 and num_inference_steps ({cfg.num_inference_steps})")
+    need(cfg.sde_window_mode in ("random", "sliding"), "sde_window_mode", "random or sliding")
+    need(cfg.sde_window_range == 0 or cfg.sde_window <= cfg.sde_window_range <= cfg.num_inference_steps, "sde_window_range",
+         f"0 or between sde_window ({cfg.sde_window}) and num_inference_steps ({cfg.num_inference_steps})")
+    need(cfg.sde_window_every >= 1, "sde_window_every", "at least 1")
+    need(cfg.sde_window_stride >= 1, "sde_window_stride", "at least 1")
+    need(cfg.nft_beta > 0, "nft_beta", "a positive number")
+    need(cfg.nft_decay_rate >= 0, "nft_decay_rate", "a number >= 0")
+    need(0 <= cfg.nft_decay_max < 1, "nft_decay_max", "in [0, 1)")
+    need(0 <= cfg.eval_inference_steps <= 1000, "eval_inference_steps", "between 0 (num_inference_steps) and 1000")
+    need(cfg.eval_guidance_scale >= 0 or cfg.eval_guidance_scale == -1, "eval_guidance_scale", "-1 (guidance_scale) or a number >= 0")
     need(cfg.vard_warmup >= 1, "vard_warmup", "at least 1")
     need(cfg.vard_warmup_steps >= 0, "vard_warmup_steps", "at least 0")
     need(cfg.vard_value_steps >= 0, "vard_value_steps", "at least 0")

@@ -35,7 +35,7 @@ class FinetuneEntry(NamedTuple):
 
 
 _DRAFT = "rewardiff.finetune.draft"
-_GRAD_CHAIN = (CHAIN, GAUSSIAN)  # backpropagation through a continuous chain
+_GRAD_CHAIN = (CHAIN, GAUSSIAN)  # a continuous chain with Gaussian steps (backpropagation, GRPO, NFT)
 
 METHODS: dict[str, FinetuneEntry] = {
     "draft": FinetuneEntry(f"{_DRAFT}:draft", _GRAD_CHAIN, True),
@@ -46,13 +46,15 @@ METHODS: dict[str, FinetuneEntry] = {
     "gumbel": FinetuneEntry("rewardiff.finetune.gumbel:gumbel", (TOKENS,), True),
     "ddpo": FinetuneEntry("rewardiff.finetune.ddpo:DDPO", (CHAIN,), False, stateful=True),
     "vard": FinetuneEntry("rewardiff.finetune.vard:VARD", (CHAIN,), False, stateful=True),
+    "grpo": FinetuneEntry("rewardiff.finetune.grpo:GRPO", _GRAD_CHAIN, False, stateful=True),
+    "nft": FinetuneEntry("rewardiff.finetune.nft:NFT", _GRAD_CHAIN, False, stateful=True),
 }
 
 # what a model lacking a capability is told, by capability
 _INSTEAD = {
     TOKENS: "method {name!r} samples tokens: use a token model (molecules-ar, hf:MODEL_DIR or molecules)",
     CHAIN: "method {name!r} fine-tunes diffusion models; for {model} use method 'gumbel'",
-    GAUSSIAN: "method {name!r} backpropagates through a continuous chain; for token diffusion use method 'gumbel'",
+    GAUSSIAN: "method {name!r} needs a continuous chain with Gaussian steps (DDIM or flow); for token diffusion use method 'gumbel'",
 }
 
 

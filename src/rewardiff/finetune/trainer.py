@@ -60,7 +60,7 @@ class Run:
         self.skipped = 0  # batches skipped because the reward failed (reward_errors: skip)
         if needs_reward_gradient(cfg.method) and not self.reward.differentiable:
             raise UserError(f"reward {cfg.reward!r} is not differentiable; method {cfg.method!r} backpropagates through it "
-                            "(ddpo and vard need only its values)")
+                            "(ddpo, vard, grpo and nft need only its values)")
         self.train_prompts = prompt_set(cfg.prompts)
         self.eval_prompts, self.eval_seeds = eval_set(prompt_set(cfg.eval_prompts), cfg.eval_samples)
         torch.manual_seed(cfg.seed)
@@ -218,14 +218,17 @@ class Run:
         (seed, step, process index, number of processes) only.
 
         One global batch of ``num_processes * batch_size`` pairs is drawn and this process takes
-        its slice, so processes never share a sample. With one process this is the whole batch
+        its slice, so processes never share a sample. With ``group_size`` G > 1 (grpo, nft) the
+        batch is made of groups, one prompt G times in a row with G different seeds; G divides
+        ``batch_size``, so a group never spans two processes. With one process this is the whole batch
         and the generator goes on as before; with several, each process continues with a
         generator of its own (truncation points, re-noising), seeded from the step's generator.
         """
         cfg = self.cfg
         n, rank = self.acc.num_processes, self.acc.process_index
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(self.train_prompts), (n * cfg.batch_size,), generator=gen)
+        G = cfg.group_size  # grpo, nft: each prompt G times in a row, whole groups on every process
+        idx = torch.randint(0, len(self.train_prompts), (n * cfg.batch_size // G,), generator=gen).repeat_interleave(G)
         seeds = torch.randint(0, EVAL_SEED, (n * cfg.batch_size,), generator=gen)
         if n > 1:
             rank_seeds = torch.randint(0, 2**62, (n,), generator=gen)
@@ -310,8 +313,8 @@ class Run:
         bar = tqdm(total=2 * n, desc=f"evaluating ({tag})", unit="sample", leave=False, disable=not (self.progress and main))
         try:
             self.model.net.eval()
-            scale = cfg.guidance_scale if self.model.conditional else 1.0
-            res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=cfg.num_inference_steps,
+            scale = eval_guidance(cfg) if self.model.conditional else 1.0
+            res = evaluate(self.model, self.reward, self.eval_prompts, self.eval_seeds, num_inference_steps=eval_steps(cfg),
                            guidance_scale=scale, reward_name=cfg.reward, grid_path=self.out / f"samples_{tag}.png" if main else None,
                            samples_path=self.out / f"samples_{tag}.txt" if main else None, progress=bar.update)
             res["kl_to_base"] = float(self._kl_to_base(bar.update).mean())
@@ -327,7 +330,7 @@ class Run:
             from rewardiff.finetune.gumbel import kl_to_base_tokens
 
             return kl_to_base_tokens(self.model, self.eval_seeds, self.cfg, progress=progress)
-        return kl_to_base(self.model, self.eval_prompts, self.eval_seeds, self.cfg.num_inference_steps, self.cfg.guidance_scale,
+        return kl_to_base(self.model, self.eval_prompts, self.eval_seeds, eval_steps(self.cfg), eval_guidance(self.cfg),
                           progress=progress)
 
     def train(self, resume: bool = False) -> dict:
@@ -473,6 +476,16 @@ class Run:
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "tracker")
 """Fields a resumed run may change: they decide how long it runs and what it writes, not what
 it computes, so the resumed run stays the one it continues."""
+
+
+def eval_steps(cfg: FinetuneConfig) -> int:
+    """The sampler steps of evaluations: ``eval_inference_steps``, or the training chain's."""
+    return cfg.eval_inference_steps or cfg.num_inference_steps
+
+
+def eval_guidance(cfg: FinetuneConfig) -> float:
+    """The guidance scale of evaluations: ``eval_guidance_scale``, or the training chain's."""
+    return cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale
 
 
 def is_run(out: Path) -> bool:

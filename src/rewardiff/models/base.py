@@ -7,13 +7,13 @@ and (through an adapter) Stable Diffusion's latent UNet both fit it: only ``enco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rewardiff.rollout import rollout
+from rewardiff.rollout import any_stochastic, rollout
 from rewardiff.types import CHAIN, GAUSSIAN, TOKENS, Process, StepHook, Trajectory
 
 
@@ -93,7 +93,7 @@ class DiffusionModel:
         seeds: list[int],
         num_inference_steps: int = 20,
         *,
-        eta: float = 0.0,
+        eta: float | Sequence[float] = 0.0,
         guidance_scale: float = 1.0,
         grad_steps: Collection[int] = (),
         checkpoint: bool = True,
@@ -112,7 +112,7 @@ class DiffusionModel:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
-        gen = self.step_generators(seeds) if self.process.is_stochastic(eta) else None
+        gen = self.step_generators(seeds) if any_stochastic(self.process, eta, num_inference_steps) else None
         ts = self.process.timesteps(num_inference_steps)
         x_T = self.noise(seeds) if x_T is None else x_T
         ref = self.reference if kl else None
