@@ -47,6 +47,8 @@ def finetune_table(C: int) -> dict:
         "ddpo": ({"eta": 1.0, "ppo_minibatches": 1}, C * T * B + C * T * B),  # sampling, then every (stochastic) step again
         "vard": ({"eta": 1.0, "vard_warmup": 2, "vard_warmup_steps": 2, "vard_value_steps": 1},
                  C * T * 2 + C * T * B + C * T * B),  # 2 warm-up trajectories, the batch's chain, then every step again
+        "grpo": ({"eta": 0.7, "group_size": 2, "ppo_minibatches": 1}, C * T * B + C * T * B),  # as ddpo, one group of 2
+        "nft": ({"group_size": 2, "ppo_minibatches": 1}, C * T * B + 2 * T * B),  # ODE samples, then old and new velocity (no CFG) at T timesteps
     }
 
 

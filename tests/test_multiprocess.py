@@ -124,6 +124,33 @@ def test_two_process_lora_fine_tuning(setup, tmp_path):
         assert (full / name).is_file(), name
 
 
+@pytest.mark.slow
+def test_two_process_grpo_normalizes_groups_over_the_global_batch(setup, tmp_path):
+    """GRPO (the SDE step of DDIM, eta 1) on two processes: each rank's advantages are those of
+    the global batch (both ranks' groups, the global std), every rank holds the same weights,
+    and a resumed run ends bit for bit as the uninterrupted one."""
+    from rewardiff.finetune.grpo import group_advantages
+
+    pipe, prompts = setup
+    full, part = tmp_path / "full", tmp_path / "part"
+    _launch("torchrun", [str(pipe), str(prompts), str(full), "4", "grpo"])
+    _launch("torchrun", [str(pipe), str(prompts), str(part), "2", "grpo"])
+    _launch("torchrun", [str(pipe), str(prompts), str(part), "4", "resume", "grpo"])
+    w0, w1 = _tensors(full / "rank0.safetensors"), _tensors(full / "rank1.safetensors")
+    assert _same(w0, w1) and any(float(v.abs().sum()) > 0 for k, v in w0.items() if "lora_B" in k)
+    assert _same(w0, _tensors(part / "rank0.safetensors"))
+    ranks = [json.loads((full / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step in range(4):
+        (p0, _), (p1, _) = ranks[0]["batches"][str(step)], ranks[1]["batches"][str(step)]
+        assert p0[0] == p0[1] and p1[0] == p1[1]  # a group of 2 on each rank
+        rewards = torch.tensor(ranks[0]["rewards"][step] + ranks[1]["rewards"][step])
+        want, _ = group_advantages(p0 + p1, rewards, global_std=True)
+        got = ranks[0]["advantages"][step] + ranks[1]["advantages"][step]
+        assert got == pytest.approx(want.tolist(), abs=1e-5)
+        local, _ = group_advantages(p0, rewards[:2], global_std=True)
+        assert got[:2] != pytest.approx(local.tolist(), abs=1e-3)  # the rank's own std would differ
+
+
 def test_bf16_mixed_precision_trains_a_step_on_cpu(setup, tmp_path):
     """One process, bf16 autocast through accelerate (also after fp32 runs in this Python process)."""
     from rewardiff.finetune.trainer import Run
