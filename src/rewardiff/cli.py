@@ -140,6 +140,26 @@ def pretrain(
     typer.echo(command(out or Path(f"runs/pretrain-{world}"), steps, seed, parse_options(set_, "--set")))
 
 
+@app.command("eval")
+def eval_(
+    suite: Annotated[str, typer.Argument(help="evaluation suite: geneval-shapes (GenEval's six tasks in the shapes world)")],
+    model: Annotated[str, typer.Option(help="model: shapes-flow, shapes or a model directory")] = "shapes-flow",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory")] = None,
+    split: Annotated[str, typer.Option(help="prompts: held-out, train or all")] = "held-out",
+    n: Annotated[int, typer.Option("-n", "--n", help="samples per prompt")] = 4,
+    steps: Annotated[int, typer.Option(help="sampler steps")] = 15,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (default: 2)")] = None,
+    eta: Annotated[float, typer.Option(help="sampler noise (DDIM eta; flow: SDE noise), 0 for the ODE")] = 0.0,
+    seed: Annotated[int, typer.Option(help="first seed (one a sample)")] = 10_000,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/eval"),
+) -> None:
+    """Sample every prompt of a suite's split n times, judge the samples; writes OUT/geneval.json and OUT/grid.png."""
+    from rewardiff import plugins
+
+    run = plugins.resolve(plugins.EVALUATION_SUITES, suite, "evaluation suite")
+    typer.echo(run(out, model, checkpoint, split, n, steps, guidance_scale, eta, seed))
+
+
 @app.command("train-reward")
 def train_reward(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/shapes-rm"),

@@ -22,6 +22,8 @@ Registries:
         (trains, exports to ``out/model`` with its card, returns one line for the user).
     REWARD_TRAINERS: world name -> ``train(out, steps, seed, base_samples) -> card``
         (``rewardiff train-reward``).
+    EVALUATION_SUITES: suite name -> ``run(out, model, checkpoint, split, n, steps, guidance_scale,
+        eta, seed) -> str`` (``rewardiff eval SUITE``: samples, judges, writes OUT, returns what to print).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ _SHAPES_RM = "rewardiff.worlds.shapes.reward_model"
 _CHEM = "rewardiff.worlds.molecules.chem"
 _CHEM_RM = "rewardiff.worlds.molecules.reward_model"
 _VISION = "rewardiff.rewards.vision"
+_GENEVAL = "rewardiff.worlds.shapes.geneval_suite"
 
 REWARDS: dict[str, RewardEntry] = {
     # plain image rewards
@@ -85,6 +88,10 @@ REWARDS: dict[str, RewardEntry] = {
                                 "Shapes world: log p(asked color) from the learned reward model, clamped at log 0.02."),
     "shapes-ensemble": RewardEntry("rewardiff.worlds.shapes.stats:shapes_ensemble", False,
                                    "shapes world: 0.7*z(shapes-count)+0.3*z(jpeg-compressibility), each standardized on base-model samples"),
+    "geneval-shapes": RewardEntry(f"{_GENEVAL}:geneval_shapes", False,
+                                  "Shapes world: GenEval's rules read by the classical judge; flow_grpo's partial credit in [0, 1] (strict=True: 1/0)."),
+    "geneval-shapes-strict": RewardEntry(f"{_GENEVAL}:geneval_shapes_strict", False,
+                                         "Shapes world: 1 when GenEval's rules hold for the classical judge's reading, else 0."),
     # the molecules world
     "qed": RewardEntry(f"{_CHEM}:qed", False, "Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."),
     "sa": RewardEntry(f"{_CHEM}:sa", False, "Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."),
@@ -104,6 +111,9 @@ PROMPT_SETS: dict[str, str] = {
     "train": "rewardiff.worlds.shapes.data:train_prompts",
     "held-out": "rewardiff.worlds.shapes.data:held_out_prompts",
     "all": "rewardiff.worlds.shapes.data:all_prompts",
+    "geneval-train": "rewardiff.worlds.shapes.compositions:train_prompts",
+    "geneval-held-out": "rewardiff.worlds.shapes.compositions:held_out_prompts",
+    "geneval-all": "rewardiff.worlds.shapes.compositions:all_prompts",
     "animals": "rewardiff.prompts:animals",
     "animals-held-out": "rewardiff.prompts:animals_held_out",
 }
@@ -130,6 +140,10 @@ PRETRAIN: dict[str, str] = {
 
 REWARD_TRAINERS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.reward_training:train_with_base_samples",
+}
+
+EVALUATION_SUITES: dict[str, str] = {
+    "geneval-shapes": f"{_GENEVAL}:eval_command",
 }
 
 

@@ -30,8 +30,9 @@ def animals_held_out() -> list[str]:
 def prompt_set(spec: str) -> list[str]:
     """Prompts by name or from a file.
 
-    Names: those of ``plugins.PROMPT_SETS`` (``train``, ``held-out``, ``all``: the shapes world;
-    ``animals``, ``animals-held-out``: simple animals). Files: see :func:`read_prompt_file`.
+    Names: those of ``plugins.PROMPT_SETS`` (``train``, ``held-out``, ``all``: the shapes world's
+    counting prompts; ``geneval-train``, ``geneval-held-out``, ``geneval-all``: its GenEval
+    grammar; ``animals``, ``animals-held-out``: simple animals). Files: see :func:`read_prompt_file`.
     """
     if spec in plugins.PROMPT_SETS:
         return list(plugins.load(plugins.PROMPT_SETS[spec])())
@@ -42,15 +43,20 @@ def prompt_set(spec: str) -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """The prompts of a file: a text file with one prompt a line (blank lines and lines that
-    start with ``#`` skipped), or a ``.json`` file holding a list of strings or ``{"prompts": [...]}``.
+    start with ``#`` skipped), a ``.json`` file holding a list of strings or ``{"prompts": [...]}``,
+    or a ``.jsonl`` file in GenEval's metadata format (:func:`rewardiff.geneval.read_metadata`).
 
     Raises:
         UserError: naming the file, when it is missing, not UTF-8 text, not valid JSON, or holds
-            no prompts.
+            no prompts; for a ``.jsonl`` file, naming the line that is not a GenEval spec.
     """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt file not found: {p}")
+    if p.suffix == ".jsonl":
+        from rewardiff.geneval import read_metadata
+
+        return [spec.prompt for spec in read_metadata(p)]
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -8,6 +8,7 @@ network is the same class as Stable Diffusion's UNet, LoRA targets and adapters 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.worlds import WEIGHTS
 from rewardiff.worlds.shapes import data as shapes
+
+
+def grammar(prompts: str) -> tuple[int, int, Callable[[list[str]], Tensor]]:
+    """(vocabulary size, most tokens, tokenizer) of a grammar of prompts: ``count`` (the
+    counting world's words) or ``geneval`` (those and GenEval's: a, and, left of, above, ...)."""
+    if prompts == "count":
+        return len(shapes.VOCAB), shapes.MAX_TOKENS, shapes.tokenize
+    if prompts == "geneval":
+        from rewardiff.worlds.shapes import compositions
+
+        return len(compositions.GENEVAL_VOCAB), compositions.GENEVAL_MAX_TOKENS, compositions.tokenize
+    raise UserError(f"unknown prompts {prompts!r} in the shapes model's config; count or geneval")
 
 
 @dataclass
@@ -30,6 +43,7 @@ class ShapesModelConfig:
     prediction: str = "v_prediction"  # epsilon | v_prediction | sample (the Gaussian process)
     process: str = "gaussian"  # gaussian (DDPM/DDIM) | flow (rectified flow: velocity, as SD3)
     shift: float = 1.0  # flow: the schedule's shift (SD3: 3 at 1024 px; 1 at 32 px)
+    prompts: str = "count"  # the grammar it reads: count (the counting prompts) | geneval (GenEval's six tasks)
     extra: dict = field(default_factory=dict)  # free-form notes carried into the card
 
 
@@ -58,7 +72,8 @@ class ShapesDenoiser(nn.Module):
         self.config = config or ShapesModelConfig()
         c = self.config
         n = len(c.block_out_channels)
-        self.text = TextEncoder(c.cross_attention_dim)
+        vocab, length, self.tokenize = grammar(c.prompts)
+        self.text = TextEncoder(c.cross_attention_dim, vocab, length)
         self.unet = UNet2DConditionModel(
             sample_size=shapes.SIZE,
             in_channels=3,
@@ -75,7 +90,14 @@ class ShapesDenoiser(nn.Module):
     def encode(self, prompts: list[str]) -> Tensor:
         """Prompts -> token states; "" is the unconditional prompt used by guidance."""
         device = next(self.parameters()).device
-        return self.text(shapes.tokenize(prompts).to(device))
+        return self.text(self.tokenize(prompts).to(device))
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A UserError naming the first word its text encoder does not know."""
+        try:
+            self.tokenize(prompts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
@@ -130,7 +152,7 @@ def shapes_model(directory: str | Path | None = None):
     net = ShapesDenoiser.load(d)
     net.eval()
     name = "shapes-flow" if net.config.process == "flow" else "shapes"
-    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name=name, world="shapes", check_prompts=check_prompts)
+    return DiffusionModel(net, net.process(), net.encode, (3, 32, 32), name=name, world="shapes", check_prompts=net.check_prompts)
 
 
 def shapes_flow_model(directory: str | Path | None = None):
@@ -140,14 +162,6 @@ def shapes_flow_model(directory: str | Path | None = None):
     if not (d / "model.safetensors").is_file():
         raise UserError(f"no shapes-flow model weights in {d}; train them with: rewardiff pretrain shapes-flow")
     return shapes_model(d)
-
-
-def check_prompts(prompts: list[str]) -> None:
-    """A UserError naming the first word the world's text encoder does not know."""
-    try:
-        shapes.tokenize(prompts)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def is_shapes_dir(directory: str | Path) -> bool:

@@ -1,7 +1,9 @@
 """``rewardiff pretrain shapes``: train the shapes world's base denoiser, resumably.
 
 Every batch is drawn from the world with a seed derived from (seed, step), through the loop of
-:mod:`rewardiff.pretraining` (checkpoints, EMA, resume).
+:mod:`rewardiff.pretraining` (checkpoints, EMA, resume): counting prompts, or with
+``--set prompts=geneval`` the GenEval grammar's training prompts
+(:func:`rewardiff.worlds.shapes.scenes.make_batch`), for a model whose vocabulary has its words.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from pathlib import Path
 
 import torch
 
+from rewardiff.errors import UserError
 from rewardiff.pretraining import optimizer_step, resumable_loop, start_run
+from rewardiff.worlds.shapes import data as shapes, scenes
 from rewardiff.worlds.shapes.denoiser import ShapesDenoiser, ShapesModelConfig
-from rewardiff.worlds.shapes import data as shapes
+
+# A batch maker a grammar: (n, seed) -> (images [n, 3, 32, 32] in [-1, 1], prompts, specs).
+BATCHES = {"count": shapes.make_batch, "geneval": scenes.make_batch}
 
 
 @dataclass
@@ -29,12 +35,16 @@ class PretrainConfig:
     block_out_channels: tuple[int, ...] = (16, 32, 64)  # UNet widths
     process: str = "gaussian"  # gaussian (DDPM, v-prediction) | flow (rectified flow, logit-normal timesteps)
     shift: float = 1.0  # flow: the sampling schedule's shift
+    prompts: str = "count"  # count (the 42 counting prompts) | geneval (the GenEval grammar's training prompts)
 
 
 def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> ShapesDenoiser:
     """Train (or resume) the base model in ``out``; returns the EMA model."""
     out = Path(out)
-    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels), process=cfg.process, shift=cfg.shift)
+    if cfg.prompts not in BATCHES:
+        raise UserError(f"pretraining field 'prompts' must be one of {', '.join(BATCHES)}, got {cfg.prompts!r}")
+    config = ShapesModelConfig(block_out_channels=tuple(cfg.block_out_channels), process=cfg.process, shift=cfg.shift,
+                               prompts=cfg.prompts)
     model, ema, opt = start_run(out, cfg, lambda: ShapesDenoiser(config), weight_decay=0.0)
     process = model.process()
     resumable_loop(out, model, ema, opt, steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, ema_decay=cfg.ema,
@@ -45,7 +55,7 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
 
 def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    x0, prompts, _ = shapes.make_batch(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+    x0, prompts, _ = BATCHES[cfg.prompts](cfg.batch_size, cfg.seed * 1_000_003 + step)
     drop = torch.rand(len(prompts), generator=gen) < cfg.cond_dropout
     prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
     t = process.training_timesteps(len(prompts), gen)
@@ -64,7 +74,10 @@ def pretrain_command(out: Path, steps: int | None, seed: int, overrides: dict | 
     ema = pretrain_shapes(configure(PretrainConfig, steps, seed, overrides), out)
     ema.save(out / "model")
     card = write_card(out / "model", out)
-    return f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}"
+    line = f"model and card: {out / 'model'}; judge counting accuracy (held-out): {card['judge_count_held_out']:.1%}"
+    if "judge_geneval_overall_held_out" in card:
+        line += f"; GenEval overall (held-out): {card['judge_geneval_overall_held_out']:.1%}"
+    return line
 
 
 def pretrain_flow_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
