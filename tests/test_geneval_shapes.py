@@ -302,7 +302,7 @@ def test_eval_needs_a_model_with_the_geneval_words(tmp_path, monkeypatch, capsys
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1, err
-    assert "lacks the GenEval words" in err[0] and "rewardiff pretrain shapes-flow --set prompts=geneval" in err[0]
+    assert "lacks the GenEval words" in err[0] and "rewardiff pretrain shapes-geneval" in err[0]
     assert not (tmp_path / "e").exists()
 
 

@@ -97,7 +97,7 @@ def test_every_registry_entry_resolves_to_a_callable(registry, name, target):
 
 def test_registries_are_plain_dicts_and_unknown_names_list_the_valid_ones():
     assert all(type(getattr(plugins, n)) is dict for n in ("MODELS", "REWARDS", "PROMPT_SETS", "EVALUATIONS", "PRETRAIN"))
-    with pytest.raises(UserError, match=r"unknown world 'moon'; valid worlds: shapes, shapes-flow, molecules, molecules-ar"):
+    with pytest.raises(UserError, match=r"unknown world 'moon'; valid worlds: shapes, shapes-flow, shapes-geneval, molecules, molecules-ar"):
         plugins.resolve(plugins.PRETRAIN, "moon", "world")
     with pytest.raises(UserError, match="has no attribute"):
         plugins.load("rewardiff.plugins:no_such_thing")
@@ -119,7 +119,7 @@ def test_a_world_registers_a_model_by_name_without_the_core_importing_it(monkeyp
     monkeypatch.setitem(plugins.MODELS, "toy2d", "tests.test_layout:toy_loader")
     model = base_model("toy2d")
     assert model.name == "toy2d" and model.capabilities == {"chain", "gaussian"}
-    with pytest.raises(UserError, match="unknown model 'toy3d'; use 'shapes', 'shapes-flow', 'molecules', 'molecules-ar', 'toy2d'"):
+    with pytest.raises(UserError, match="unknown model 'toy3d'; use 'shapes', 'shapes-flow', 'shapes-geneval', 'molecules', 'molecules-ar', 'toy2d'"):
         base_model("toy3d")
 
 

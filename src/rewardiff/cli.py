@@ -126,7 +126,7 @@ def sample(
 
 @app.command()
 def pretrain(
-    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, molecules or molecules-ar")],
+    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, shapes-geneval, molecules or molecules-ar")],
     out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
@@ -143,7 +143,7 @@ def pretrain(
 @app.command("eval")
 def eval_(
     suite: Annotated[str, typer.Argument(help="evaluation suite: geneval-shapes (GenEval's six tasks in the shapes world)")],
-    model: Annotated[str, typer.Option(help="model: shapes-flow, shapes or a model directory")] = "shapes-flow",
+    model: Annotated[str, typer.Option(help="model: shapes-geneval, or a model directory")] = "shapes-geneval",
     checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory")] = None,
     split: Annotated[str, typer.Option(help="prompts: held-out, train or all")] = "held-out",
     n: Annotated[int, typer.Option("-n", "--n", help="samples per prompt")] = 4,

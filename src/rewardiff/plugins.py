@@ -36,6 +36,7 @@ from rewardiff.errors import UserError
 MODELS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.denoiser:shapes_model",
     "shapes-flow": "rewardiff.worlds.shapes.denoiser:shapes_flow_model",
+    "shapes-geneval": "rewardiff.worlds.shapes.denoiser:shapes_geneval_model",
     "molecules": "rewardiff.worlds.molecules.masked:molecules_model",
     "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
 }
@@ -134,6 +135,7 @@ TOKENIZERS: dict[str, str] = {
 PRETRAIN: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.pretrain:pretrain_command",
     "shapes-flow": "rewardiff.worlds.shapes.pretrain:pretrain_flow_command",
+    "shapes-geneval": "rewardiff.worlds.shapes.pretrain:pretrain_geneval_command",
     "molecules": "rewardiff.worlds.molecules.pretrain_masked:pretrain_command",
     "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
 }

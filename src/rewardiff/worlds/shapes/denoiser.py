@@ -164,6 +164,17 @@ def shapes_flow_model(directory: str | Path | None = None):
     return shapes_model(d)
 
 
+def shapes_geneval_model(directory: str | Path | None = None):
+    """The shapes world's flow model of the GenEval grammar (``rewardiff pretrain shapes-geneval``):
+    the shapes-flow network with the larger vocabulary, trained on the six tasks' prompts."""
+    d = Path(directory) if directory else WEIGHTS / "shapes-geneval"
+    if not (d / "model.safetensors").is_file():
+        raise UserError(f"no shapes-geneval model weights in {d}; train them with: rewardiff pretrain shapes-geneval")
+    model = shapes_model(d)
+    model.name = "shapes-geneval"
+    return model
+
+
 def is_shapes_dir(directory: str | Path) -> bool:
     """Whether ``directory`` is a folder to read as a shapes model (the last reader tried: any folder)."""
     return Path(directory).is_dir()

@@ -21,7 +21,7 @@ from rewardiff.worlds.shapes import compositions
 
 SPLITS = {"held-out": compositions.held_out_prompts, "train": compositions.train_prompts, "all": compositions.all_prompts}
 GRID_PER_TASK = 8  # samples of each task in grid.png, one row a task
-PRETRAIN_HINT = "rewardiff pretrain shapes-flow --set prompts=geneval"
+PRETRAIN_HINT = "rewardiff pretrain shapes-geneval"
 
 
 def _spec_for(prompt: str) -> GenEvalSpec:
@@ -80,7 +80,7 @@ def _load(model: str, checkpoint: Path | None, prompts: list[str]):
     return m
 
 
-def evaluate(out: Path, model: str = "shapes-flow", checkpoint: Path | None = None, split: str = "held-out", n: int = 4,
+def evaluate(out: Path, model: str = "shapes-geneval", checkpoint: Path | None = None, split: str = "held-out", n: int = 4,
              steps: int = 15, guidance_scale: float | None = None, eta: float = 0.0, seed: int = 10_000) -> dict[str, Any]:
     """Sample every prompt of ``split`` ``n`` times (seeds ``seed``, ``seed`` + 1, ...), judge
     them, write ``out/geneval.json`` and ``out/grid.png``; returns the summary."""

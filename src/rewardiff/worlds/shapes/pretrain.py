@@ -84,3 +84,9 @@ def pretrain_flow_command(out: Path, steps: int | None, seed: int, overrides: di
     """``rewardiff pretrain shapes-flow``: the same world and network trained as a rectified flow
     (velocity prediction, logit-normal timesteps as SD3), exported with its card."""
     return pretrain_command(out, steps, seed, {"process": "flow", **(overrides or {})})
+
+
+def pretrain_geneval_command(out: Path, steps: int | None, seed: int, overrides: dict | None = None) -> str:
+    """``rewardiff pretrain shapes-geneval``: the flow model on the GenEval grammar's training
+    prompts (the six tasks), exported with its card."""
+    return pretrain_flow_command(out, steps, seed, {"prompts": "geneval", **(overrides or {})})
