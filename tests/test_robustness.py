@@ -405,9 +405,12 @@ def test_a_reward_that_fails_in_training_stops_the_run_naming_step_and_batch(tin
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"  # the last good checkpoint is kept
 
 
-def test_reward_errors_skip_skips_the_batch_counts_it_and_updates_nothing(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [{}, {"method": "ddpo", "eta": 1.0, "batch_size": 2, "ppo_minibatches": 1},
+                                    {"method": "grpo", "eta": 1.0, "batch_size": 2, "group_size": 2}], ids=["draft-k", "ddpo", "grpo"])
+def test_reward_errors_skip_skips_the_batch_counts_it_and_updates_nothing(tiny_model_dir, tmp_path, monkeypatch, method):
+    """Also for methods that yield their losses (DDPO scores its batch on the first one)."""
     _flaky_module(tmp_path, monkeypatch, fail_on=3)
-    run = Run(_cfg(tiny_model_dir, reward="flaky:reward", reward_errors="skip"), tmp_path, progress=False)
+    run = Run(_cfg(tiny_model_dir, reward="flaky:reward", reward_errors="skip", **method), tmp_path, progress=False)
     run.train_step(0)
     run.train_step(1)
     weights = {n: p.detach().clone() for n, p in run.model.net.named_parameters() if p.requires_grad}

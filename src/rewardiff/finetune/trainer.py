@@ -21,6 +21,7 @@ classifier-free guidance; every evaluation adds what the worlds' judges read
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -247,6 +248,9 @@ class Run:
         failure = None
         try:
             res = self.method(self.model, self.reward, prompts, seeds, cfg, gen)
+            if not isinstance(res, LossOut):  # a generator samples and scores on its first loss: take it here
+                res = iter(res)
+                res = itertools.chain([next(res)], res)
         except RewardFailure as e:
             failure = e
         if self._agree(failure is not None):  # every process skips or stops together
