@@ -260,3 +260,16 @@ def test_the_trainer_draws_groups(flow_dir, tmp_path):
     prompts, seeds, _ = run.batch(0)
     assert prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[4] == prompts[5]
     assert len(set(seeds)) == 6
+
+
+@pytest.mark.parametrize("method", ["grpo", "nft"])
+def test_grpo_and_nft_train_every_weight_without_lora(flow_dir, tmp_path, method):
+    """lora_rank 0: every weight trains (NFT's old copy and GRPO's reference are of the whole net)."""
+    from safetensors.torch import load_file
+
+    extra = {"guidance_scale": 1.0} if method == "nft" else {}
+    finetune(_flow_cfg(flow_dir, method=method, lora_rank=0, steps=2, checkpoint_every=0, **extra), tmp_path / "r", progress=False)
+    trained = load_file(str(tmp_path / "r" / "final" / "trainable.safetensors"))
+    base = load_file(str(flow_dir / "model.safetensors"))
+    moved = [k for k, v in trained.items() if k in base and not torch.equal(v, base[k])]
+    assert len(trained) > 20 and moved, (len(trained), len(moved))

@@ -172,12 +172,12 @@ class NFT:
     def _loss(self, model, conds, x0, t, r, rows, cfg, gen) -> tuple[Tensor, dict]:
         """NFT's loss at timesteps ``t`` [b] for the clean samples ``x0`` [b, ...]."""
         process, net = model.process, model.net
-        cond, _ = conds.rows(rows)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         t = t.to(x0.device)
         x_t = process.add_noise(x0, noise, t)
-        with torch.no_grad(), self.old_weights(net):
-            v_old = net(x_t, t, cond)
+        with torch.no_grad(), self.old_weights(net):  # first: the swap must not touch a graph being built
+            v_old = net(x_t, t, conds.rows(rows)[0])  # a trained prompt encoder reads with its old weights too
+        cond, _ = conds.rows(rows)
         v = net(x_t, t, cond)
         per, pos, neg = nft_loss(x0, v, v_old, r, cfg.nft_beta, lambda u: process.split(u, x_t, t)[0])
         loss = cfg.adv_clip * per.mean()
