@@ -273,3 +273,16 @@ def test_grpo_and_nft_train_every_weight_without_lora(flow_dir, tmp_path, method
     base = load_file(str(flow_dir / "model.safetensors"))
     moved = [k for k, v in trained.items() if k in base and not torch.equal(v, base[k])]
     assert len(trained) > 20 and moved, (len(trained), len(moved))
+
+
+@pytest.mark.parametrize("name", ["grpo", "nft"])
+def test_a_batch_with_no_signal_takes_no_optimizer_step(name):
+    """Every group's rewards equal: one weight-0 pass, no step flagged, zero_std_ratio 1."""
+    torch.manual_seed(0)
+    net = AffineDenoiser()
+    model = DiffusionModel(net, FlowProcess(), lambda p: torch.zeros(len(p), 1), (2,), output_range=None)
+    cfg = _cfg(num_inference_steps=4, guidance_scale=1.0, batch_size=4, group_size=2, eta=0.7 if name == "grpo" else 0.0)
+    method = GRPO(cfg) if name == "grpo" else NFT(cfg, model)
+    outs = list(method(model, lambda x, p: torch.ones(len(p)), ["a", "a", "b", "b"], [1, 2, 3, 4], cfg, torch.Generator()))
+    assert len(outs) == 1 and not outs[0].step and float(outs[0].loss) == 0.0
+    assert outs[0].extra["zero_std_ratio"] == 1.0

@@ -32,7 +32,9 @@ transition's standard deviation, as theirs. No EMA of the weights (flow_grpo eva
 of decay 0.9): evaluations read the trained weights. Minibatches are slices of the kept rows;
 a minibatch left with no row takes one row at weight 0, so that every process takes the
 same number of backward passes (flow_grpo instead re-admits dropped rows until the count
-divides). MixGRPO's window stops at the end of the chain rather than starting over.
+divides); when no group of the global batch has a signal, one pass at weight 0 is taken and
+no optimizer step (so Adam's momentum does not move the weights on a batch with nothing to
+learn). MixGRPO's window stops at the end of the chain rather than starting over.
 """
 
 from __future__ import annotations
@@ -198,10 +200,13 @@ class GRPO:
         kept = torch.nonzero(~flat).reshape(-1)
         per_call = evaluations_per_call(cfg.guidance_scale)
         conds = PromptConditions(model, prompts, cfg.guidance_scale)
+        signal = zero_std < 1.0  # some group somewhere has a signal (the same answer on every process)
+        if not signal:  # nothing to learn: one pass at weight 0 and no optimizer step, on every process alike
+            trained = trained[:1]
         first = True
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.ppo_epochs if signal else 1):
             order = kept[torch.randperm(len(kept), generator=gen)]
-            for m, rows in enumerate(_minibatches(order, cfg.ppo_minibatches)):
+            for m, rows in enumerate(_minibatches(order, cfg.ppo_minibatches if signal else 1)):
                 weight = 1.0 if len(rows) else 0.0  # an empty minibatch: one row at weight 0 (same passes everywhere)
                 rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
                 for k, j in enumerate(trained):
@@ -209,7 +214,7 @@ class GRPO:
                     nfe = (per_call + n_ref) * len(rows) + (traj.nfe if first else 0)
                     extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, window_start=float(window.start))
                     yield LossOut(loss * weight / len(trained), rewards[rows], torch.zeros(len(rows)), nfe, j,
-                                  step=k == len(trained) - 1, extra=extra, queries=B if first else 0)
+                                  step=signal and k == len(trained) - 1, extra=extra, queries=B if first else 0)
                     first = False
 
     def _loss(self, model, traj, conds, rows, adv, j, ts, prevs, d, cfg) -> tuple[Tensor, dict, int]:

@@ -152,17 +152,20 @@ class NFT:
         kept = torch.nonzero(~flat).reshape(-1)
         conds = PromptConditions(model, prompts, 1.0)
         n_ref = 1 if cfg.kl_weight > 0 and model.reference is not None else 0
+        signal = zero_std < 1.0  # some group somewhere has a signal (the same answer on every process)
+        if not signal:  # nothing to learn: one pass at weight 0 and no optimizer step, on every process alike
+            n_t = 1
         first = True
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.ppo_epochs if signal else 1):
             order = kept[torch.randperm(len(kept), generator=gen)]
-            for rows in _minibatches(order, cfg.ppo_minibatches):
+            for rows in _minibatches(order, cfg.ppo_minibatches if signal else 1):
                 weight = 1.0 if len(rows) else 0.0  # an empty minibatch: one row at weight 0 (same passes everywhere)
                 rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
                 for j in range(n_t):
                     loss, extra = self._loss(model, conds, x0[rows], ts[rows, j], r[rows], rows, cfg, gen)
                     extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, old_decay=min(cfg.nft_decay_rate * self.updates, cfg.nft_decay_max))
                     nfe = (2 + n_ref) * len(rows) + (sample_nfe if first else 0)
-                    yield LossOut(loss * weight / n_t, rewards[rows], torch.zeros(len(rows)), nfe, 0, step=j == n_t - 1,
+                    yield LossOut(loss * weight / n_t, rewards[rows], torch.zeros(len(rows)), nfe, 0, step=signal and j == n_t - 1,
                                   extra=extra, queries=B if first else 0)
                     first = False
         # 4. the old weights follow the trained ones (after the last optimizer step of this call)
