@@ -26,6 +26,17 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def flow_dir(tmp_path_factory):
+    """A tiny random shapes-flow model (the shapes denoiser predicting the velocity), saved."""
+    from dataclasses import replace
+
+    d = tmp_path_factory.mktemp("tiny-shapes-flow")
+    torch.manual_seed(0)
+    ShapesDenoiser(replace(TINY, process="flow")).save(d)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)  # tiny models: one thread avoids spin-waiting when cores are shared

@@ -11,19 +11,6 @@ import torch
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.trainer import finetune
 from rewardiff.processes.flow import FlowProcess
-from tests.conftest import TINY
-
-
-@pytest.fixture(scope="module")
-def flow_dir(tmp_path_factory):
-    from dataclasses import replace
-
-    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser
-
-    d = tmp_path_factory.mktemp("tiny-shapes-flow")
-    torch.manual_seed(0)
-    ShapesDenoiser(replace(TINY, process="flow")).save(d)
-    return d
 
 
 def _cfg(flow_dir, **kw) -> FinetuneConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -18,18 +17,7 @@ from rewardiff.finetune.trainer import finetune
 from rewardiff.models.base import DiffusionModel
 from rewardiff.processes.flow import FlowProcess
 from rewardiff.processes.gaussian import GaussianProcess, make_betas
-from tests.conftest import TINY
 from tests.helpers import AffineDenoiser
-
-
-@pytest.fixture(scope="module")
-def flow_dir(tmp_path_factory):
-    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser
-
-    d = tmp_path_factory.mktemp("tiny-shapes-flow-grpo")
-    torch.manual_seed(0)
-    ShapesDenoiser(replace(TINY, process="flow")).save(d)
-    return d
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -158,13 +158,5 @@ def atoms(spec: GenEvalSpec) -> set[str]:
 def tokenize(prompts: list[str]) -> torch.Tensor:
     """Token ids [B, GENEVAL_MAX_TOKENS] over :data:`GENEVAL_VOCAB`; "" is the ``<null>`` prompt.
     A counting-world prompt keeps the ids :func:`~rewardiff.worlds.shapes.data.tokenize` gives it."""
-    out = torch.zeros(len(prompts), GENEVAL_MAX_TOKENS, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        words = p.strip().lower().split() or ["<null>"]
-        if len(words) > GENEVAL_MAX_TOKENS:
-            raise ValueError(f"prompt too long for the shapes world's GenEval grammar ({GENEVAL_MAX_TOKENS} words): {p!r}")
-        for j, w in enumerate(words):
-            if w not in GENEVAL_VOCAB:
-                raise ValueError(f"unknown word {w!r} in prompt {p!r}; vocabulary: {', '.join(GENEVAL_VOCAB[2:])}")
-            out[i, j] = GENEVAL_VOCAB.index(w)
-    return out
+    return shapes.tokenize_with(prompts, GENEVAL_VOCAB, GENEVAL_MAX_TOKENS,
+                                f"the shapes world's GenEval grammar ({GENEVAL_MAX_TOKENS} words)")

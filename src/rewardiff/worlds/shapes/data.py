@@ -73,15 +73,21 @@ def parse_prompt(prompt: str) -> Spec:
 
 def tokenize(prompts: list[str]) -> torch.Tensor:
     """Token ids [B, MAX_TOKENS]; the empty prompt "" is the unconditional ``<null>`` prompt."""
-    out = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)
+    return tokenize_with(prompts, VOCAB, MAX_TOKENS, "the shapes world")
+
+
+def tokenize_with(prompts: list[str], vocab: tuple[str, ...], max_tokens: int, what: str) -> torch.Tensor:
+    """Token ids [B, max_tokens] of ``prompts`` over ``vocab`` (a ValueError naming the first
+    unknown word, or a prompt longer than ``max_tokens``, as ``what`` reads it)."""
+    out = torch.zeros(len(prompts), max_tokens, dtype=torch.long)
     for i, p in enumerate(prompts):
         words = p.strip().lower().split() or ["<null>"]
-        if len(words) > MAX_TOKENS:
-            raise ValueError(f"prompt too long for the shapes world: {p!r}")
+        if len(words) > max_tokens:
+            raise ValueError(f"prompt too long for {what}: {p!r}")
         for j, w in enumerate(words):
-            if w not in VOCAB:
-                raise ValueError(f"unknown word {w!r} in prompt {p!r}; vocabulary: {', '.join(VOCAB[2:])}")
-            out[i, j] = VOCAB.index(w)
+            if w not in vocab:
+                raise ValueError(f"unknown word {w!r} in prompt {p!r}; vocabulary: {', '.join(vocab[2:])}")
+            out[i, j] = vocab.index(w)
     return out
 
 
