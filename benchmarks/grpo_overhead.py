@@ -19,8 +19,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from overhead import side_by_side  # noqa: E402  (a sibling script: run from benchmarks/ or by path)
 
 
 def _bare(net, prompts):
@@ -89,18 +90,8 @@ def measure(pipeline: Path, T: int, batch: int, repeats: int, out: Path, eta: fl
                          eval_prompts=str(prompts_file), eval_samples=2, checkpoint_every=0)
     run = Run(cfg, out / f"run-{T}", progress=False)
     floor_opt = torch.optim.AdamW([p for p in run.model.net.parameters() if p.requires_grad], lr=1e-4)
-    ours, floor = [], []
-    for step in range(repeats + 2):  # two warm-up rounds
-        prompts, seeds, _ = run.batch(step)
-        t0 = time.perf_counter()
-        run.train_step(step)
-        a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        floor_step(run.model, run.reward, prompts, seeds, T, 2.0, cfg.eta, cfg.ppo_clip, floor_opt)
-        b = time.perf_counter() - t0
-        if step >= 2:
-            ours.append(a)
-            floor.append(b)
+    ours, floor = side_by_side(run, lambda prompts, seeds: floor_step(run.model, run.reward, prompts, seeds, T, 2.0, cfg.eta,
+                                                                      cfg.ppo_clip, floor_opt), repeats)
     mo, mf = statistics.median(ours), statistics.median(floor)
     return {"steps": T, "batch": batch, "ours_s": mo, "floor_s": mf, "overhead": mo / mf - 1, "repeats": repeats,
             "ours_all_s": ours, "floor_all_s": floor}

@@ -57,6 +57,24 @@ def floor_step(model, reward, prompts, seeds, T, scale, opt) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def side_by_side(run, floor, repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
+    """Seconds of ``run.train_step`` and of ``floor(prompts, seeds)`` on the same batch, in
+    alternation, ``repeats`` times after ``warmup`` rounds."""
+    ours, bare = [], []
+    for step in range(repeats + warmup):
+        prompts, seeds, _ = run.batch(step)
+        t0 = time.perf_counter()
+        run.train_step(step)
+        a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        floor(prompts, seeds)
+        b = time.perf_counter() - t0
+        if step >= warmup:
+            ours.append(a)
+            bare.append(b)
+    return ours, bare
+
+
 def measure(pipeline: Path, T: int, batch: int, repeats: int, out: Path, checkpointing: bool) -> dict:
     import torch
 
@@ -71,18 +89,7 @@ def measure(pipeline: Path, T: int, batch: int, repeats: int, out: Path, checkpo
                          checkpointing=checkpointing)
     run = Run(cfg, out / f"run-{T}", progress=False)
     floor_opt = torch.optim.AdamW([p for p in run.model.net.parameters() if p.requires_grad], lr=1e-4)
-    ours, floor = [], []
-    for step in range(repeats + 2):  # two warm-up rounds
-        prompts, seeds, _ = run.batch(step)
-        t0 = time.perf_counter()
-        run.train_step(step)
-        a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        floor_step(run.model, run.reward, prompts, seeds, T, 2.0, floor_opt)
-        b = time.perf_counter() - t0
-        if step >= 2:
-            ours.append(a)
-            floor.append(b)
+    ours, floor = side_by_side(run, lambda prompts, seeds: floor_step(run.model, run.reward, prompts, seeds, T, 2.0, floor_opt), repeats)
     mo, mf = statistics.median(ours), statistics.median(floor)
     return {"steps": T, "batch": batch, "checkpointing": checkpointing, "ours_s": mo, "floor_s": mf, "overhead": mo / mf - 1, "repeats": repeats}
 

@@ -37,7 +37,7 @@ from rewardiff.finetune.draft import PromptConditions
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import LossOut, Reward, Timestep
+from rewardiff.types import LossOut, Reward, StepOut, Timestep
 
 
 def ppo_loss(advantages: Tensor, ratio: Tensor, clip: float) -> Tensor:
@@ -82,11 +82,30 @@ class PerPromptStats:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.get("buffers", {}).items()}
 
 
+def policy_step(net, model: DiffusionModel, x_t: Tensor, x_prev: Tensor, t: Timestep, t_prev: Timestep, cond, uncond,
+                scale: float, eta: float) -> StepOut:
+    """The step x_t -> x_prev under ``net`` (guidance ``scale``, stochasticity ``eta``): its mean,
+    std and the log-probability of ``x_prev``, summed over dimensions [B]."""
+    out, _ = guided_output(net, x_t, t, cond, uncond, scale)
+    step = model.process.step(out, t, t_prev, x_t, eta, torch.zeros_like(x_t))
+    return step._replace(log_prob=model.process.log_prob(x_prev, step.mean, step.std))
+
+
 def step_log_prob(model: DiffusionModel, x_t: Tensor, x_prev: Tensor, t: Timestep, t_prev: Timestep, cond, uncond, cfg: FinetuneConfig) -> Tensor:
     """log pi_theta(x_prev | x_t) of one step at eta = ``cfg.eta``, summed over dimensions [B]."""
-    out, _ = guided_output(model.net, x_t, t, cond, uncond, cfg.guidance_scale)
-    step = model.process.step(out, t, t_prev, x_t, cfg.eta, torch.zeros_like(x_t))
-    return model.process.log_prob(x_prev, step.mean, step.std)
+    return policy_step(model.net, model, x_t, x_prev, t, t_prev, cond, uncond, cfg.guidance_scale, cfg.eta).log_prob
+
+
+def gather_batch(acc, prompts: list[str], values: Tensor) -> tuple[list[str], Tensor, slice | None]:
+    """The prompts and values [B] of the global batch of every process (``acc``; None or one
+    process: this batch alone), and this process's rows of it (None with one process)."""
+    v = values.detach().float().reshape(-1)
+    if acc is None or acc.num_processes == 1:
+        return list(prompts), v, None
+    from accelerate.utils import gather_object
+
+    B = len(prompts)
+    return gather_object(list(prompts)), acc.gather(v), slice(acc.process_index * B, (acc.process_index + 1) * B)
 
 
 class DDPO:
@@ -118,15 +137,9 @@ class DDPO:
         self.stats.load_state_dict(json.loads((directory / "ddpo_stats.json").read_text()))
 
     def _advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
-        acc = self.acc
-        if acc is None or acc.num_processes == 1:
-            return self.stats.advantages(prompts, rewards)
-        from accelerate.utils import gather_object
-
-        every = gather_object(list(prompts))
-        adv = self.stats.advantages(every, acc.gather(rewards.detach().float().reshape(-1)))
-        B = len(prompts)
-        return adv[acc.process_index * B : (acc.process_index + 1) * B]
+        every, r, mine = gather_batch(self.acc, prompts, rewards)
+        adv = self.stats.advantages(every, r)
+        return adv if mine is None else adv[mine]
 
     def __call__(self, model: DiffusionModel, reward_fn: Reward, prompts: list[str], seeds: list[int],
                  cfg: FinetuneConfig, gen: torch.Generator) -> Iterator[LossOut]:

@@ -49,12 +49,12 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
-from rewardiff.finetune.ddpo import ppo_loss
+from rewardiff.finetune.ddpo import gather_batch, policy_step, ppo_loss
 from rewardiff.finetune.draft import PromptConditions
 from rewardiff.io import atomic_write_text
 from rewardiff.models.base import DiffusionModel
-from rewardiff.rollout import evaluations_per_call, guided_output
-from rewardiff.types import LossOut, Reward, StepOut, Timestep
+from rewardiff.rollout import evaluations_per_call
+from rewardiff.types import LossOut, Reward, Timestep
 
 STD_EPS = 1e-4  # added to the advantages' std, as flow_grpo
 
@@ -83,17 +83,11 @@ def group_advantages(prompts: list[str], rewards: Tensor, global_std: bool = Tru
 def gathered_advantages(acc, prompts: list[str], rewards: Tensor, global_std: bool) -> tuple[Tensor, Tensor, float]:
     """:func:`group_advantages` over the global batch of every process (``acc``; None: this
     one alone): this process's rows of it, and the share of groups with no signal."""
-    every, r = prompts, rewards.detach().float().reshape(-1)
-    multi = acc is not None and acc.num_processes > 1
-    if multi:
-        from accelerate.utils import gather_object
-
-        every, r = gather_object(list(prompts)), acc.gather(r)
+    every, r, mine = gather_batch(acc, prompts, rewards)
     adv, flat = group_advantages(every, r.cpu(), global_std)
     groups = dict(zip(every, flat.tolist()))
     zero_std = sum(groups.values()) / len(groups)
-    if multi:
-        mine = slice(acc.process_index * len(prompts), (acc.process_index + 1) * len(prompts))
+    if mine is not None:
         adv, flat = adv[mine], flat[mine]
     return adv.to(rewards.device), flat, zero_std
 
@@ -141,14 +135,6 @@ def trained_steps(process, ts: list[Timestep], window: range, cfg: FinetuneConfi
     if not steps:
         raise UserError("method 'grpo' found no stochastic step in its SDE window; check eta and sde_window")
     return steps[: max(1, int(cfg.timestep_fraction * len(steps)))]
-
-
-def policy_step(net, model: DiffusionModel, x_t: Tensor, x_prev: Tensor, t: Timestep, t_prev: Timestep, cond, uncond,
-                scale: float, eta: float) -> StepOut:
-    """The step x_t -> x_prev under ``net``: its mean, std and log-probability of ``x_prev``."""
-    out, _ = guided_output(net, x_t, t, cond, uncond, scale)
-    step = model.process.step(out, t, t_prev, x_t, eta, torch.zeros_like(x_t))
-    return step._replace(log_prob=model.process.log_prob(x_prev, step.mean, step.std))
 
 
 class GRPO:
@@ -204,18 +190,14 @@ class GRPO:
         if not signal:  # nothing to learn: one pass at weight 0 and no optimizer step, on every process alike
             trained = trained[:1]
         first = True
-        for _ in range(cfg.ppo_epochs if signal else 1):
-            order = kept[torch.randperm(len(kept), generator=gen)]
-            for m, rows in enumerate(_minibatches(order, cfg.ppo_minibatches if signal else 1)):
-                weight = 1.0 if len(rows) else 0.0  # an empty minibatch: one row at weight 0 (same passes everywhere)
-                rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
-                for k, j in enumerate(trained):
-                    loss, extra, n_ref = self._loss(model, traj, conds, rows, adv, j, ts, prevs, d, cfg)
-                    nfe = (per_call + n_ref) * len(rows) + (traj.nfe if first else 0)
-                    extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, window_start=float(window.start))
-                    yield LossOut(loss * weight / len(trained), rewards[rows], torch.zeros(len(rows)), nfe, j,
-                                  step=signal and k == len(trained) - 1, extra=extra, queries=B if first else 0)
-                    first = False
+        for rows, weight in minibatch_passes(kept, cfg, signal, gen):
+            for k, j in enumerate(trained):
+                loss, extra, n_ref = self._loss(model, traj, conds, rows, adv, j, ts, prevs, d, cfg)
+                nfe = (per_call + n_ref) * len(rows) + (traj.nfe if first else 0)
+                extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, window_start=float(window.start))
+                yield LossOut(loss * weight / len(trained), rewards[rows], torch.zeros(len(rows)), nfe, j,
+                              step=signal and k == len(trained) - 1, extra=extra, queries=B if first else 0)
+                first = False
 
     def _loss(self, model, traj, conds, rows, adv, j, ts, prevs, d, cfg) -> tuple[Tensor, dict, int]:
         """The clipped surrogate plus beta times the KL of the means, at step j for ``rows``."""
@@ -239,6 +221,16 @@ class GRPO:
                      "approx_kl": float(0.5 * ((lp - old) ** 2).mean()), "advantage_abs": float(adv[rows].abs().mean()),
                      "kl_means": float(kl)}
         return loss, extra, n_ref
+
+
+def minibatch_passes(kept: Tensor, cfg: FinetuneConfig, signal: bool, gen: torch.Generator) -> Iterator[tuple[Tensor, float]]:
+    """(rows, weight) of each minibatch: ``ppo_epochs`` passes over ``ppo_minibatches`` slices of
+    the kept rows in a random order. An empty slice is one row at weight 0, and a batch with no
+    signal anywhere is one pass of one slice, so every process takes the same backward passes."""
+    for _ in range(cfg.ppo_epochs if signal else 1):
+        order = kept[torch.randperm(len(kept), generator=gen)]
+        for rows in _minibatches(order, cfg.ppo_minibatches if signal else 1):
+            yield (rows, 1.0) if len(rows) else (torch.zeros(1, dtype=torch.long), 0.0)
 
 
 def _minibatches(rows: Tensor, n: int) -> list[Tensor]:

@@ -45,7 +45,7 @@ from torch import Tensor
 from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.draft import PromptConditions
-from rewardiff.finetune.grpo import _minibatches, gathered_advantages
+from rewardiff.finetune.grpo import gathered_advantages, minibatch_passes
 from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import timestep_tensor
@@ -123,8 +123,12 @@ class NFT:
                 for p, k in zip(params, kept):
                     p.copy_(k)
 
+    def _decay(self, cfg: FinetuneConfig) -> float:
+        """d of step 4 at the current update."""
+        return min(cfg.nft_decay_rate * self.updates, cfg.nft_decay_max)
+
     def _update_old(self, net, cfg: FinetuneConfig) -> None:
-        d = min(cfg.nft_decay_rate * self.updates, cfg.nft_decay_max)
+        d = self._decay(cfg)
         with torch.no_grad():
             for o, p in zip(self.old, _trainable(net)):
                 o.mul_(d).add_(p.detach(), alpha=1 - d)
@@ -156,18 +160,14 @@ class NFT:
         if not signal:  # nothing to learn: one pass at weight 0 and no optimizer step, on every process alike
             n_t = 1
         first = True
-        for _ in range(cfg.ppo_epochs if signal else 1):
-            order = kept[torch.randperm(len(kept), generator=gen)]
-            for rows in _minibatches(order, cfg.ppo_minibatches if signal else 1):
-                weight = 1.0 if len(rows) else 0.0  # an empty minibatch: one row at weight 0 (same passes everywhere)
-                rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
-                for j in range(n_t):
-                    loss, extra = self._loss(model, conds, x0[rows], ts[rows, j], r[rows], rows, cfg, gen)
-                    extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, old_decay=min(cfg.nft_decay_rate * self.updates, cfg.nft_decay_max))
-                    nfe = (2 + n_ref) * len(rows) + (sample_nfe if first else 0)
-                    yield LossOut(loss * weight / n_t, rewards[rows], torch.zeros(len(rows)), nfe, 0, step=signal and j == n_t - 1,
-                                  extra=extra, queries=B if first else 0)
-                    first = False
+        for rows, weight in minibatch_passes(kept, cfg, signal, gen):
+            for j in range(n_t):
+                loss, extra = self._loss(model, conds, x0[rows], ts[rows, j], r[rows], rows, cfg, gen)
+                extra.update(zero_std_ratio=zero_std, kept=float(len(kept)) / B, old_decay=self._decay(cfg))
+                nfe = (2 + n_ref) * len(rows) + (sample_nfe if first else 0)
+                yield LossOut(loss * weight / n_t, rewards[rows], torch.zeros(len(rows)), nfe, 0, step=signal and j == n_t - 1,
+                              extra=extra, queries=B if first else 0)
+                first = False
         # 4. the old weights follow the trained ones (after the last optimizer step of this call)
         self._update_old(model.net, cfg)
         self.updates += 1
