@@ -136,8 +136,9 @@ def test_grpo_kl_term_matches_the_closed_form():
     grpo = GRPO(cfg)
     conds = PromptConditions(model, ["a", "a", "b", "b"], 1.0)
     adv = torch.zeros(4)
-    _, extra, _ = grpo._loss(model, traj, conds, torch.arange(4), adv, j, ts, prevs, 2, cfg)
+    loss, extra, _ = grpo._loss(model, traj, conds, torch.arange(4), adv, j, ts, prevs, 2, cfg)
     assert extra["kl_means"] == pytest.approx(want, rel=1e-5)
+    assert float(loss) == pytest.approx(cfg.kl_weight * want, rel=1e-5)  # zero advantages: the penalty alone, added
 
 
 # ----------------------------------------------------------------------------- the NFT loss
@@ -274,3 +275,24 @@ def test_a_batch_with_no_signal_takes_no_optimizer_step(name):
     outs = list(method(model, lambda x, p: torch.ones(len(p)), ["a", "a", "b", "b"], [1, 2, 3, 4], cfg, torch.Generator()))
     assert len(outs) == 1 and not outs[0].step and float(outs[0].loss) == 0.0
     assert outs[0].extra["zero_std_ratio"] == 1.0
+
+
+def test_nft_kl_term_is_added_to_the_loss():
+    """Old weights = current ones, velocity x/2 + b, base x/2: v - v_ref = b at every state, so
+    the loss with kl_weight 1 exceeds the loss without it by mean(b^2), the same noise drawn."""
+    from rewardiff.finetune.draft import PromptConditions
+
+    net = AffineDenoiser()
+    with torch.no_grad():
+        net.b.copy_(torch.tensor([0.3, -0.1]))
+    model = DiffusionModel(net, FlowProcess(), lambda p: torch.zeros(len(p), 1), (2,), output_range=None)
+    model.reference = lambda x, t, c: x * 0.5
+    x0, t, r = torch.randn(4, 2), torch.full((4,), 500.0), torch.tensor([0.0, 0.4, 0.6, 1.0])
+    losses = []
+    for w in (0.0, 1.0):
+        cfg = _cfg(kl_weight=w, guidance_scale=1.0)
+        nft = NFT(cfg, model)
+        conds = PromptConditions(model, ["a"] * 4, 1.0)
+        loss, _ = nft._loss(model, conds, x0, t, r, torch.arange(4), cfg, torch.Generator().manual_seed(0))
+        losses.append(float(loss))
+    assert losses[1] - losses[0] == pytest.approx(float((net.b.detach() ** 2).mean()), rel=1e-5)
