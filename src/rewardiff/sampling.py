@@ -158,7 +158,8 @@ def _sample(m: Generator, meth: Any, prompts: list[str], seeds: list[int], steps
 
 def _write_samples(out: Path, m: Generator, x: torch.Tensor, prompts: list[str], n: int, summary: dict) -> None:
     """Text outputs: ``samples.txt`` (and ``texts`` in the summary), molecules drawn in ``grid.png``;
-    images: ``samples/NNNN.png`` and ``grid.png`` (one prompt a row, see :func:`prompt_grid`)."""
+    images: ``samples/NNNN.png`` and ``grid.png`` (one prompt a row, see :func:`prompt_grid`);
+    videos: the same with each sample a filmstrip of its frames, plus ``samples/NNNN.gif``."""
     from PIL import Image
 
     from rewardiff import plugins
@@ -173,8 +174,13 @@ def _write_samples(out: Path, m: Generator, x: torch.Tensor, prompts: list[str],
             plugins.load(plugins.TEXT_GRIDS[m.world])(summary["texts"][:48], out / "grid.png")
         return
     (out / "samples").mkdir(exist_ok=True)
-    for i, im in enumerate(to_uint8_hwc(x)):  # any [-1, 1] RGB batch
+    for i, im in enumerate(to_uint8_hwc(x)):  # any [-1, 1] RGB batch (videos: filmstrips)
         Image.fromarray(im).save(out / "samples" / f"{i:04d}.png")
+    if x.dim() == 5:  # videos [N, C, F, H, W]: each also as an animated GIF
+        from rewardiff.report.grid import save_gif
+
+        for i, v in enumerate(x):
+            save_gif(v, out / "samples" / f"{i:04d}.gif")
     cells, labels, columns = prompt_grid(x, prompts, n)
     save_grid(cells, out / "grid.png", nrow=columns, labels=labels)
 

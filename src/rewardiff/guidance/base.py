@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rewardiff.errors import UserError
 from rewardiff.processes.gaussian import GaussianProcess
+from rewardiff.rewards.ensemble import call
 from rewardiff.types import CHAIN, Process, Reward, Selection, StepContext, missing
 
 MAX_WIDTH = 4096
@@ -148,15 +149,18 @@ class Method:
 
     # ------------------------------------------------------------------ helpers
 
-    def score(self, x0: Tensor, prompts: list[str], rows: Tensor | None = None) -> Tensor:
+    def score(self, x0: Tensor, prompts: list[str], rows: Tensor | None = None, group: int | None = None) -> Tensor:
         """The reward of clean-sample estimates ``x0`` [N, ...] (decoded, clamped) -> [N];
-        with ``rows`` [N], row n is scored against ``prompts[rows[n]]``."""
+        with ``rows`` [N], row n is scored against ``prompts[rows[n]]``. ``group``: the rows
+        come in contiguous groups of candidates that compete (a relative reward, such as
+        Free2Guide's normalized sum or consensus, compares each group's rows among themselves;
+        None: the whole call is one group)."""
         if rows is not None:
             prompts = [prompts[int(r)] for r in rows]
         assert self.reward is not None
         self.stats["reward_calls"] = self.stats.get("reward_calls", 0) + x0.shape[0]
         with torch.no_grad():
-            return self.reward(self.output(x0), prompts).float()
+            return call(self.reward, self.output(x0), prompts, group).float()
 
 
 def candidates(ctx: StepContext, m: int, gen: torch.Generator, process: Any) -> tuple[Tensor, Tensor]:

@@ -48,7 +48,7 @@ class BestOfN(Method):
         """The one best-of-N selection: for final samples ``x0`` [B*n, ...] in groups of n per
         request (request-major) and their ``prompts``, the flat index [B] of each group's
         highest-scoring sample. Used by the diffusion hook and by autoregressive sampling."""
-        return pick_per_parent(self.score(x0, prompts), self.n, 0.0, self.gen)
+        return pick_per_parent(self.score(x0, prompts, group=self.n), self.n, 0.0, self.gen)
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         if self.n == 1 or ctx.index != ctx.num_steps - 1:

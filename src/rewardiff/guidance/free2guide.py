@@ -146,7 +146,7 @@ class Free2Guide(Method):
         cands, rows = candidates(ctx, self.n, self.gen, self.process)
         assert ctx.predict is not None
         model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
-        v = self.score(x0, ctx.prompts, rows)
+        v = self.score(x0, ctx.prompts, rows, group=self.n)
         keep = pick_per_parent(v, self.n, self.lam, self.gen).to(cands.device)
         return Selection(cands[keep], rows[keep], model_out[keep])
 
@@ -157,6 +157,6 @@ class Free2Guide(Method):
         if B != self.num_samples * self.n:
             raise RuntimeError(f"free2guide chooses among {self.n} initial noises: the rollout must start with "
                                f"{self.n} particles per request, got {B} for {self.num_samples} requests")
-        v = self.score(ctx.out.x0_hat, ctx.prompts)  # [B], request-major groups of n
+        v = self.score(ctx.out.x0_hat, ctx.prompts, group=self.n)  # [B], request-major groups of n
         keep = pick_per_parent(v, self.n, self.lam, self.gen).to(ctx.out.prev.device)
         return Selection(ctx.out.prev[keep], keep)

@@ -83,7 +83,7 @@ class SMC(Method):
     def _value(self, ctx: StepContext) -> Tensor:
         if self.value is not None:
             return self.value(ctx.x_t, ctx.t, ctx.cond).double().cpu()
-        return self.score(ctx.out.x0_hat, ctx.prompts).double().cpu()
+        return self.score(ctx.out.x0_hat, ctx.prompts, group=self.k).double().cpu()
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         if self.k == 1:
@@ -95,7 +95,7 @@ class SMC(Method):
         x = ctx.out.prev
         G = x.shape[0] // K
         if ctx.index == ctx.num_steps - 1:
-            r = self.score(x, ctx.prompts).double().cpu()
+            r = self.score(x, ctx.prompts, group=self.k).double().cpu()
             self.logw += (r - v) / self.alpha
             if self.final == "max":
                 j = r.view(G, K).argmax(1)

@@ -109,7 +109,7 @@ class SVDD(Method):
             model_out, x0 = ctx.predict(cands, ctx.t_prev, rows)
             if self.lookahead == "sample":  # one draw of the clean tokens [N, L] from x0_hat [N, L, V]
                 x0 = self.process.draw(x0, ctx.out.std, self.process.noise_like(cands, self.gen))
-            v = self.score(x0, ctx.prompts, rows)
+            v = self.score(x0, ctx.prompts, rows, group=self.m)
         else:
             model_out, v = None, self.value(cands, ctx.t_prev, gather_rows(ctx.cond, rows)).float()
         keep = pick_per_parent(v, self.m, self.alpha, self.gen).to(cands.device)
@@ -118,5 +118,5 @@ class SVDD(Method):
     def _final(self, ctx: StepContext) -> Selection:
         """The best of M draws of the final sample by the reward itself (no denoiser call)."""
         cands, rows = candidates(ctx, self.m, self.gen, self.process)
-        keep = pick_per_parent(self.score(cands, ctx.prompts, rows), self.m, self.alpha, self.gen).to(cands.device)
+        keep = pick_per_parent(self.score(cands, ctx.prompts, rows, group=self.m), self.m, self.alpha, self.gen).to(cands.device)
         return Selection(cands[keep], rows[keep])

@@ -28,7 +28,9 @@ def to_uint8_hwc(images: ImageBatch) -> np.ndarray:
     Args:
         images: A float tensor ``[N, C, H, W]`` in [-1, 1] (a uint8 tensor ``[N, C, H, W]``
             is taken as is), or a uint8 array ``[N, H, W, 3]``. ``C`` is 3 or 1 (gray is
-            repeated to RGB); a single image without the batch axis is accepted too.
+            repeated to RGB); a single image without the batch axis is accepted too. Videos
+            ``[N, C, F, H, W]`` become filmstrips: the F frames side by side, one pixel of
+            :data:`BACKGROUND` between them (:func:`filmstrip`).
 
     Returns:
         A C-contiguous uint8 array ``[N, H, W, 3]``.
@@ -57,6 +59,8 @@ def to_uint8_hwc(images: ImageBatch) -> np.ndarray:
 
 def _tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     x = x.detach().cpu()
+    if x.ndim == 5:
+        x = filmstrip(x)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4:
@@ -64,6 +68,30 @@ def _tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     if x.dtype != torch.uint8:
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def filmstrip(videos: torch.Tensor, gap: int = 1) -> torch.Tensor:
+    """Videos [N, C, F, H, W] -> images [N, C, H, F*W + (F-1)*gap]: frames left to right, in the
+    videos' own range and dtype, ``gap`` columns of the grid's background between frames."""
+    n, c, f, h, w = videos.shape
+    fill = torch.tensor(BACKGROUND[:c] if c == 3 else BACKGROUND[:1], dtype=torch.float32)
+    if videos.dtype == torch.uint8:
+        fill = fill.round().to(torch.uint8)
+    else:
+        fill = (fill / 127.5 - 1).to(videos.dtype)
+    out = fill.view(1, c, 1, 1).expand(n, c, h, f * w + (f - 1) * gap).clone()
+    for k in range(f):
+        out[..., k * (w + gap): k * (w + gap) + w] = videos[:, :, k]
+    return out
+
+
+def save_gif(video: torch.Tensor, path: str | os.PathLike, scale: int = 4, fps: int = 8) -> None:
+    """One video [C, F, H, W] in [-1, 1] as a looping animated GIF (nearest upscaling by ``scale``)."""
+    frames = to_uint8_hwc(video.permute(1, 0, 2, 3))  # [F, H, W, 3]
+    ims = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    buf = io.BytesIO()
+    ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def label_height() -> int:

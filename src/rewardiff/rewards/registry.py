@@ -8,7 +8,11 @@ A spec given to :func:`get_reward` is one of
 - either wrapped as ``"z(name)"``: the reward standardized, ``(r - mean) / std``, with the
   statistics a world recorded for ``name`` on its base model's samples (``plugins.REWARD_STATS``);
 - a weighted sum of any of these: ``"0.7*shapes-count+0.3*brightness"``,
-  ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"``, ``"brightness+-0.5*saturation"``.
+  ``"0.7*z(shapes-count)+0.3*z(jpeg-compressibility)"``, ``"brightness+-0.5*saturation"``;
+- Free2Guide's candidate-relative ensembles ``"normalized(a, b)"`` and ``"consensus(a, b)"``
+  (arguments are weighted terms: ``normalized(0.75*a, 0.25*b)``), and ``"keyframes(name)"`` /
+  ``"keyframes(name, 0, 5, 10, 15)"``, an image reward on a video's key frames
+  (:mod:`rewardiff.rewards.ensemble`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 from rewardiff import plugins
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn, first_line
-from rewardiff.rewards.ensemble import Normalized, WeightedSum, parse_weighted, split_z
+from rewardiff.rewards.ensemble import (Consensus, KeyFrames, Normalized, NormalizedSum, WeightedSum, parse_weighted, split_call,
+                                        split_top, split_z)
 from rewardiff.types import Reward
 
 Factory = Callable[..., Reward]
@@ -74,15 +79,42 @@ def get_reward(spec: str, **options: Any) -> Reward:
             with no recorded statistics for ``name``.
     """
     spec = spec.strip()
-    if "+" in spec or "*" in spec:
+    terms = parse_weighted(spec) if len(split_top(spec, "+")) > 1 or len(split_top(spec, "*")) > 1 else None
+    if terms is not None:
         if options:
             raise UserError(f"options {sorted(options)} cannot be passed to the weighted sum {spec!r}")
-        return WeightedSum([(w, _single(name, {})) for w, name in parse_weighted(spec)], name=spec)
+        return WeightedSum([(w, _single(name, {})) for w, name in terms], name=spec)
     return _single(spec, options)
 
 
+def _call(name: str, args: list[str], spec: str, options: dict[str, Any]) -> Reward:
+    """``normalized(...)``, ``consensus(...)`` or ``keyframes(...)`` built from its arguments."""
+    if name == "keyframes":
+        inner, rest = args[0], args[1:]
+        try:
+            frames = tuple(int(a) for a in rest) if rest else options.pop("frames", None)
+        except ValueError:
+            raise UserError(f"keyframes(...) takes a reward and frame numbers, got {spec!r}") from None
+        return KeyFrames(get_reward(inner, **options), frames)
+    if options:
+        raise UserError(f"options {sorted(options)} cannot be passed to the ensemble {spec!r}")
+    parts = []
+    for arg in args:
+        terms = parse_weighted(arg)
+        if len(terms) != 1:
+            raise UserError(f"each argument of {name}(...) is one weighted reward; got {arg!r} in {spec!r}")
+        w, term = terms[0]
+        parts.append((w, _single(term, {})))
+    cls = NormalizedSum if name == "normalized" else Consensus
+    return cls(parts)
+
+
 def _single(spec: str, options: dict[str, Any]) -> Reward:
-    """One registered name, one ``module:attribute``, or either wrapped in ``z(...)``."""
+    """One registered name, one ``module:attribute``, either wrapped in ``z(...)``, or a call of
+    an ensemble function."""
+    called = split_call(spec)
+    if called is not None:
+        return _call(called[0], called[1], spec, dict(options))
     inner, standardize = split_z(spec)
     if standardize:
         if options:
