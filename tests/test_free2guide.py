@@ -103,3 +103,25 @@ def test_free2guide_raises_the_toy_reward_over_the_base_sampler(model, start):
     x, _ = guided_sample(toy, meth, prompts, seeds, 12, guidance_scale=1.0)
     assert meth.options()["start"].startswith(start)
     assert float(reward(x, prompts).mean()) > float(reward(base, prompts).mean()) + 1.0
+
+
+@pytest.mark.parametrize(("offset", "window", "T", "D"), [(2, 3, 8, 3), (5, 3, 8, 2), (7, 3, 8, 0), (1, 10, 8, 6)])
+def test_offset_guides_later_steps_only(offset, window, T, D):
+    """The ablation's "guide later": with ``offset`` the states up to step ``offset`` are the base
+    sampler's own (same seeds, no initial-noise choice), and D counts the decisions left before
+    the last step."""
+    toy = _sd_like_toy()
+    seeds = [3, 4]
+    meth = make_method("free2guide", toy2d.target_reward_blackbox(), width=3, window=window, offset=offset, start="noise")
+    _, info = guided_sample(toy, meth, [""] * 2, seeds, T, guidance_scale=1.0)
+    assert meth.particles == 1 and meth.decisions(T) == D
+    assert info["nfe_per_sample"] == info["expected_nfe_per_sample"] == T + 2 * D
+    meth.check(1.0, toy.process)
+    meth.begin(2, toy, 1.0)
+    with torch.no_grad():
+        traj = toy.sample([""] * 2, seeds, T, eta=1.0, hook=meth, keep_states=True)
+        ref = toy.sample([""] * 2, seeds, T, eta=1.0, keep_states=True)
+    for i in range(offset + 1):
+        assert torch.allclose(traj.xs[i], ref.xs[i], atol=1e-6)
+    if D:
+        assert not torch.allclose(traj.xs[offset + 1], ref.xs[offset + 1], atol=1e-6)  # the first guided step chose

@@ -14,6 +14,10 @@ The reference code (``path_integral_video.py``, ``ddim_sampling``) guides steps 
    kept candidate's look-ahead output is reused by the next step.
 3. Steps from ``window`` on, and always the last step, run unguided.
 
+``offset`` moves the guided steps to i = offset .. offset+window-1 (no initial-noise choice
+when offset > 0): the paper's ablation of guiding later (offset > 0) or longer (a wider
+window), both of which it found worse than steps T .. T-5.
+
 Zero terminal SNR (named deviation, ``start = "step"``). When the signal-to-noise ratio at the
 first timestep (``process.snr``: abar / (1 - abar) for DDPM, ((1 - sigma) / sigma)^2 for flow)
 is below ``MIN_START_SNR``, x_T = sqrt(abar) x0 + sqrt(1 - abar) eps holds (almost) nothing of x0,
@@ -31,7 +35,7 @@ first state that carries signal. A flow process starts at sigma = 1, where x_T i
 and x0_hat(x_T) = x_T - v_hat is E[x0 | prompt] likewise. ``start = "auto"`` (the default)
 picks ``noise`` or ``step`` from the process; ``options()["start"]`` reports the choice made.
 
-Cost per sample: c * (T + (n - 1) * D) NFE with D = min(window, T - 1) guided decisions (at
+Cost per sample: c * (T + (n - 1) * D) NFE with D = min(offset + window, T - 1) - offset guided decisions (at
 T = 1 the noise choice is the only one: D = 1; the step choice has none: D = 0); both starts
 spend the same. n = 1, or lam = inf (uniform selection among exchangeable draws, so keeping the
 sampler's own draw is that selection), is the base sampler exactly.
@@ -66,6 +70,7 @@ class Free2Guide(Method):
         lam: selection temperature: 0 argmax, > 0 softmax, inf uniform (the base sampler).
         start: step 0's decision: ``noise`` (among n initial noises), ``step`` (among n
             candidates of x_{t_1}) or ``auto`` (noise unless the process has zero terminal SNR).
+        offset: the first guided step (0, the paper's; > 0 guides later, its ablation).
         seed: randomness of the candidates and of soft selection.
     """
 
@@ -75,10 +80,14 @@ class Free2Guide(Method):
     needs_stochastic = True
     requires = (CHAIN, GAUSSIAN)
 
-    def __init__(self, reward: Reward, n: int = 5, window: int = 6, lam: float = 0.0, start: str = "auto", seed: int = 0):
+    def __init__(self, reward: Reward, n: int = 5, window: int = 6, lam: float = 0.0, start: str = "auto", offset: int = 0,
+                 seed: int = 0):
         super().__init__(reward, seed)
         if window < 1:
             raise UserError(f"free2guide: window must be at least 1, got {window}")
+        if offset < 0:
+            raise UserError(f"free2guide: offset must be >= 0, got {offset}")
+        self.offset = int(offset)
         if lam < 0:
             raise UserError(f"free2guide: lam must be >= 0, got {lam}")
         if start not in STARTS:
@@ -111,15 +120,19 @@ class Free2Guide(Method):
 
     @property
     def particles(self) -> int:
-        return self.n if self.start_used == "noise" and not self._off() else 1
+        return self.n if self._noise_start() else 1
+
+    def _noise_start(self) -> bool:
+        """Whether step 0 chooses among n initial noises."""
+        return self.start_used == "noise" and self.offset == 0 and not self._off()
 
     def decisions(self, T: int) -> int:
         """D, the guided decisions of a T-step run."""
         if self._off():
             return 0
         if T == 1:
-            return 1 if (self.start_used or "noise") == "noise" else 0
-        return min(self.window, T - 1)
+            return 1 if (self.start_used or "noise") == "noise" and self.offset == 0 else 0
+        return max(0, min(self.offset + self.window, T - 1) - self.offset)
 
     def cost(self, T: int, c: int) -> int:
         return c * (T + (self.n - 1) * self.decisions(T))
@@ -128,7 +141,10 @@ class Free2Guide(Method):
         start = self.start_used or self.start
         if self.start == "auto" and self.start_used == "step":
             start = "step (zero terminal SNR: no initial-noise choice)"
-        return {"n": self.n, "window": self.window, "lam": self.lam, "start": start}
+        out = {"n": self.n, "window": self.window, "lam": self.lam, "start": start}
+        if self.offset:
+            out["offset"] = self.offset
+        return out
 
     def begin(self, num_samples: int, model, eta: float) -> None:
         super().begin(num_samples, model, eta)
@@ -137,9 +153,9 @@ class Free2Guide(Method):
 
     def step(self, ctx: StepContext) -> Tensor | Selection | None:
         i, T = ctx.index, ctx.num_steps
-        if self._off() or i >= self.window:
+        if self._off() or not self.offset <= i < self.offset + self.window:
             return None
-        if i == 0 and self.start_used == "noise":
+        if i == 0 and self._noise_start():
             return self._choose_start(ctx)
         if i == T - 1:  # no look-ahead after the last step
             return None
