@@ -2,6 +2,9 @@
 
 A spec given to :func:`get_reward` is one of
 - a registered name: ``"shapes-count"`` (:data:`rewardiff.plugins.REWARDS`, imported on use);
+- ``"openai:MODEL@URL"``: a vision-language model behind an OpenAI-compatible chat API (vLLM,
+  SGLang) asked to rate the image, read from its answer's log-probabilities
+  (:mod:`rewardiff.rewards.remote`; options: template, mode, frames, concurrency, timeout, ...);
 - ``"package.module:attribute"``, where the attribute is a reward object, a factory that
   returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
   (wrapped; non-differentiable unless ``f.differentiable`` is True);
@@ -22,6 +25,7 @@ from rewardiff import plugins
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn, first_line
 from rewardiff.rewards.ensemble import Normalized, WeightedSum, parse_weighted, split_z
+from rewardiff.rewards.wire import PREFIX as REMOTE_PREFIX
 from rewardiff.types import Reward
 
 Factory = Callable[..., Reward]
@@ -74,6 +78,10 @@ def get_reward(spec: str, **options: Any) -> Reward:
             with no recorded statistics for ``name``.
     """
     spec = spec.strip()
+    if spec.startswith(REMOTE_PREFIX):  # before the sums: a URL may hold + or *
+        from rewardiff.rewards.remote import from_spec
+
+        return from_spec(spec, **options)
     if "+" in spec or "*" in spec:
         if options:
             raise UserError(f"options {sorted(options)} cannot be passed to the weighted sum {spec!r}")
