@@ -131,6 +131,20 @@ def test_client_reads_back_the_served_reward_through_the_digit_identity(count_se
         assert ((client(x, prompts) - (1 + 8 * u)).abs() <= 1).all()
 
 
+def test_kept_alive_answers_do_not_wait_for_a_delayed_ack(count_server):
+    """The server's socket is a TCP one asyncio sets TCP_NODELAY on; without it every answer on a
+    kept-alive connection waited the peer's delayed ACK (40 ms on Linux)."""
+    url, _, _ = count_server
+    with httpx.Client(timeout=10) as c:
+        c.get(url + "/models")
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            c.get(url + "/models")
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[4] < 0.025, times
+
+
 def test_cache_hits_on_repeat_in_memory_and_on_disk(count_server, tmp_path):
     url, reward, (lo, hi) = count_server
     x, prompts = _shapes_batch()

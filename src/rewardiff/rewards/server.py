@@ -325,8 +325,10 @@ def bind(host: str, port: int):
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UserError(f"--host {host!r}: {e.strerror}") from None
-    family = infos[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto = infos[0][:3]
+    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on such sockets, and without
+    # it every kept-alive answer waits ~40 ms for a delayed ACK
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(infos[0][4])
