@@ -135,7 +135,7 @@ def main() -> None:
     deaths = [time_to_error(x, prompts, r, args.batch) for r in (0, 3)]
     for d in deaths:
         print(f"server killed, retries {d['retries']}: error after {d['seconds_to_error']:.2f} s: {d['error']}", flush=True)
-    result = {"command": "python benchmarks/remote_reward.py " + " ".join(sys.argv[1:]), "reward": "shapes-count",
+    result = {"command": " ".join(["python benchmarks/remote_reward.py", *sys.argv[1:]]), "reward": "shapes-count",
               "image_size": list(x.shape[1:]), "images": args.images, "batch": args.batch, "throughput": rows,
               "server_death": deaths, **stamp(),
               "note": "server and client on the same machine (loopback); the server is one process running the reward under a lock"}
