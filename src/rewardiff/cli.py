@@ -233,6 +233,22 @@ def soup(
         typer.echo(f"plot: {out / 'soup_curve.png'}")
 
 
+@app.command("serve-reward")
+def serve_reward(
+    name: Annotated[str, typer.Argument(help="reward to serve: a registered name (rewardiff rewards) or package.module:function; images only")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0: any free one, printed)")] = 8000,
+    template: Annotated[Optional[str], typer.Option(help="chat text holding {prompt} that /v1/chat/completions reads the prompt from "
+                                                   "(default: the remote reward's digit and yes/no templates)")] = None,
+    range_: Annotated[Optional[str], typer.Option("--range", help="LO,HI: the reward values mapped to digit 1 and 9 "
+                                                  "(default: the reward's value range)")] = None,
+) -> None:
+    """Serve a reward over HTTP: POST /score, and /v1/chat/completions as a vision-language server answers the openai: reward."""
+    from rewardiff.rewards.server import serve
+
+    serve(name, host, port, template, range_)
+
+
 @app.command()
 def rewards() -> None:
     """List the registered rewards."""

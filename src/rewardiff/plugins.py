@@ -82,6 +82,9 @@ REWARDS: dict[str, RewardEntry] = {
     "pickscore": RewardEntry(f"{_VISION}:pickscore", True, "PickScore v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): logit scale x cosine."),
     "hpsv2": RewardEntry(f"{_VISION}:hpsv2", True, "HPS v2 (open_clip ViT-H-14 fine-tuned on human preferences): cosine(image, prompt)."),
     "imagereward": RewardEntry(f"{_VISION}:imagereward", True, "ImageReward v1.0 (BLIP + MLP trained on human rankings), standardized."),
+    # a vision-language model over HTTP (the spec openai:MODEL@URL; by name it takes model= and url=)
+    "openai": RewardEntry("rewardiff.rewards.remote:openai_reward", False,
+                          "Remote vision-language judge over an OpenAI-compatible chat API (vLLM, SGLang): openai:MODEL@URL."),
     # the shapes world
     "shapes-count": RewardEntry(f"{_SHAPES_RM}:shapes_count", True,
                                 "Shapes world: log p(asked object count) from the learned reward model, clamped at log 0.02."),

@@ -2,6 +2,9 @@
 
 A spec given to :func:`get_reward` is one of
 - a registered name: ``"shapes-count"`` (:data:`rewardiff.plugins.REWARDS`, imported on use);
+- ``"openai:MODEL@URL"``: a vision-language model behind an OpenAI-compatible chat API (vLLM,
+  SGLang) asked to rate the image, read from its answer's log-probabilities
+  (:mod:`rewardiff.rewards.remote`; options: template, mode, frames, concurrency, timeout, ...);
 - ``"package.module:attribute"``, where the attribute is a reward object, a factory that
   returns one (callable with no arguments), or a plain ``f(x, prompts) -> Tensor[B]``
   (wrapped; non-differentiable unless ``f.differentiable`` is True);
@@ -27,6 +30,7 @@ from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn, first_line
 from rewardiff.rewards.ensemble import (Consensus, KeyFrames, Normalized, NormalizedSum, WeightedSum, parse_weighted, split_call,
                                         split_top, split_z)
+from rewardiff.rewards.wire import PREFIX as REMOTE_PREFIX
 from rewardiff.types import Reward
 
 Factory = Callable[..., Reward]
@@ -79,8 +83,13 @@ def get_reward(spec: str, **options: Any) -> Reward:
             with no recorded statistics for ``name``.
     """
     spec = spec.strip()
-    terms = parse_weighted(spec) if len(split_top(spec, "+")) > 1 or len(split_top(spec, "*")) > 1 else None
-    if terms is not None:
+    if len(split_top(spec, "+")) > 1 or len(split_top(spec, "*")) > 1:
+        try:
+            terms = parse_weighted(spec)
+        except UserError:
+            if spec.startswith(REMOTE_PREFIX):  # one remote reward whose URL holds + or *
+                return _single(spec, options)
+            raise
         if options:
             raise UserError(f"options {sorted(options)} cannot be passed to the weighted sum {spec!r}")
         return WeightedSum([(w, _single(name, {})) for w, name in terms], name=spec)
@@ -112,6 +121,10 @@ def _call(name: str, args: list[str], spec: str, options: dict[str, Any]) -> Rew
 def _single(spec: str, options: dict[str, Any]) -> Reward:
     """One registered name, one ``module:attribute``, either wrapped in ``z(...)``, or a call of
     an ensemble function."""
+    if spec.startswith(REMOTE_PREFIX):
+        from rewardiff.rewards.remote import from_spec
+
+        return from_spec(spec, **options)
     called = split_call(spec)
     if called is not None:
         return _call(called[0], called[1], spec, dict(options))
