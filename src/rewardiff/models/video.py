@@ -26,8 +26,9 @@ adapter with peft directly and writes it with ``TextToVideoSDPipeline.save_lora_
 (keys ``unet.<layer>.lora_A.weight``, the LoraConfig in the file's metadata); plain diffusers
 and peft load it into a pipeline as ``load_lora_adapter`` would::
 
-    state, meta = TextToVideoSDPipeline.lora_state_dict(DIR, return_lora_metadata=True)
-    inject_adapter_in_model(LoraConfig(**meta["unet"]), pipe.unet)       # meta from the file
+    state, _, meta = TextToVideoSDPipeline.lora_state_dict(DIR, return_lora_metadata=True)
+    config = {k.removeprefix("unet."): v for k, v in meta.items()}      # the LoraConfig, from the file
+    inject_adapter_in_model(LoraConfig(**config), pipe.unet)
     set_peft_model_state_dict(pipe.unet, {k.removeprefix("unet."): v for k, v in state.items()})
 
 (:func:`load_video_lora` does exactly this). The adapted layers (:func:`video_lora_targets`)
@@ -148,7 +149,7 @@ def load_video_lora(pipe, directory: str | Path) -> None:
     would, since ``UNet3DConditionModel`` has no ``load_lora_adapter``."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    state, meta = pipe.lora_state_dict(str(directory), return_lora_metadata=True)
+    state, _, meta = pipe.lora_state_dict(str(directory), return_lora_metadata=True)
     if not meta or "unet" not in {k.split(".")[0] for k in meta}:
         raise UserError(f"{directory}: the LoRA file records no unet LoraConfig in its metadata")
     config = {k.removeprefix("unet."): v for k, v in meta.items() if k.startswith("unet.")}
