@@ -10,8 +10,9 @@ sampler. ``model: diffusers:PATH`` in a fine-tuning config, or ``--model diffuse
 loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiffusionXLPipeline``
 folder is recognised by its ``model_index.json``, and so are a ``StableDiffusion3Pipeline``
 folder, which :mod:`rewardiff.models.sd3` loads, a ``FluxPipeline`` folder, which
-:mod:`rewardiff.models.flux` loads, and a ``TextToVideoSDPipeline`` folder, which
-:mod:`rewardiff.models.video` loads.
+:mod:`rewardiff.models.flux` loads, a ``TextToVideoSDPipeline`` folder, which
+:mod:`rewardiff.models.video` loads, and a ``WanPipeline`` folder, which
+:mod:`rewardiff.models.wan` loads.
 """
 
 from __future__ import annotations
@@ -133,10 +134,12 @@ def sd_model(path: str | Path) -> DiffusionModel:
     """A diffusers Stable Diffusion, Stable Diffusion XL, Stable Diffusion 3, FLUX.1 or
     text-to-video pipeline folder as a DiffusionModel (no network access; SD3:
     :func:`rewardiff.models.sd3.sd3_model`, FLUX: :func:`rewardiff.models.flux.flux_model`,
-    ``TextToVideoSDPipeline``: :func:`rewardiff.models.video.video_model`)."""
+    ``TextToVideoSDPipeline``: :func:`rewardiff.models.video.video_model`, ``WanPipeline``:
+    :func:`rewardiff.models.wan.wan_model`)."""
     from rewardiff.models.flux import flux_model, is_flux_pipeline
     from rewardiff.models.sd3 import is_sd3_pipeline, sd3_model
     from rewardiff.models.video import is_video_pipeline, video_model
+    from rewardiff.models.wan import is_wan_pipeline, wan_model
 
     d = Path(path)
     if not (d / "model_index.json").is_file():
@@ -147,6 +150,8 @@ def sd_model(path: str | Path) -> DiffusionModel:
         return flux_model(d)
     if is_video_pipeline(d):
         return video_model(d)
+    if is_wan_pipeline(d):
+        return wan_model(d)
     if is_xl_pipeline(d):
         from diffusers import StableDiffusionXLPipeline
 

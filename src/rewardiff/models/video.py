@@ -103,19 +103,24 @@ def is_video_pipeline(directory: str | Path) -> bool:
     return str(pipeline_index(directory).get("_class_name", "")) == VIDEO_PIPELINE
 
 
-def video_frames(directory: Path) -> int:
-    """The frames of a sample: ``num_frames`` in the folder's ``rewardiff.json``, else 16."""
+def folder_settings(directory: Path, defaults: dict[str, int]) -> dict[str, int]:
+    """The sizes of a sample (``defaults``' keys: ``num_frames``, and for Wan ``height`` and
+    ``width``) from the folder's ``rewardiff.json``, each a positive integer; the defaults
+    fill what it leaves out, and all of them without the file."""
     path = directory / SETTINGS
-    if not path.is_file():
-        return DEFAULT_FRAMES
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    frames = settings.get("num_frames", DEFAULT_FRAMES) if isinstance(settings, dict) else None
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise UserError(f"{path}: num_frames must be a positive integer, got {frames!r}")
-    return frames
+    settings: object = {}
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: expected a JSON object such as {json.dumps(defaults)}")
+    out = {k: settings.get(k, v) for k, v in defaults.items()}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{path}: {k} must be a positive integer, got {v!r}")
+    return out
 
 
 def video_model(path: str | Path) -> DiffusionModel:
@@ -124,7 +129,7 @@ def video_model(path: str | Path) -> DiffusionModel:
     from diffusers import TextToVideoSDPipeline
 
     d = Path(path)
-    frames = video_frames(d)
+    frames = folder_settings(d, {"num_frames": DEFAULT_FRAMES})["num_frames"]
     try:
         pipe = TextToVideoSDPipeline.from_pretrained(str(d), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
