@@ -303,3 +303,25 @@ def test_a_wan_folder_with_another_scheduler_is_refused(wan_dir, tmp_path):
     (wan / "rewardiff.json").write_text(json.dumps({"num_frames": 8, "height": 32, "width": 32}))
     with pytest.raises(UserError, match="num_frames - 1 must be a multiple of 4"):
         sd_model(wan)
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+@pytest.mark.parametrize("folder", ["short_dir", "wan_dir"])
+def test_an_inference_time_method_steers_videos_with_exact_nfe(folder, request):
+    """SVDD-PM (2 candidates a step) on video latents toward the mean pixel of the decoded
+    video: NFE c (1 + M (T - 1)) = 2 (1 + 2 x 2) = 10 per sample with CFG (c = 2), M = 2, T = 3,
+    a video [B, 3, F, H, W], and a reward no lower than the plain sampler's draws; with one
+    candidate it is the plain sampler (eta 1, the same seeds)."""
+    from rewardiff.guidance import guided_sample, make_method
+    from rewardiff.rewards.base import RewardFn
+
+    m = sd_model(request.getfixturevalue(folder))
+    reward = RewardFn("mean-pixel", True, (-1.0, 1.0), "mean of the video", lambda x, p: x.flatten(1).mean(1))
+    x, info = guided_sample(m, make_method("svdd-pm", reward, width=2), PROMPTS, [0, 1], 3, guidance_scale=2.0)
+    base = m.generate(PROMPTS, [0, 1], num_inference_steps=3, guidance_scale=2.0, eta=1.0)
+    assert info["nfe_per_sample"] == 2 * (1 + 2 * 2) and x.shape == base.shape and x.shape[:3] == (2, 3, m.frames)
+    assert float(reward(x, PROMPTS).mean()) >= float(reward(base, PROMPTS).mean())
+    one, _ = guided_sample(m, make_method("svdd-pm", reward, width=1), PROMPTS, [0, 1], 3, guidance_scale=2.0)
+    assert torch.equal(one, base)
