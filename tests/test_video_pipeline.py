@@ -293,7 +293,8 @@ def test_a_wan_folder_with_another_scheduler_is_refused(wan_dir, tmp_path):
     d = tmp_path / "unipc"
     shutil.copytree(wan_dir, d)
     shutil.rmtree(d / "scheduler")
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).save_pretrained(d / "scheduler")
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    unipc.save_pretrained(d / "scheduler")
     index = json.loads((d / "model_index.json").read_text())
     (d / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
     with pytest.raises(UserError, match=r"FlowMatchEulerDiscreteScheduler\(shift=3.0\)"):

@@ -32,7 +32,7 @@ and peft load it into a pipeline as ``load_lora_adapter`` would::
     set_peft_model_state_dict(pipe.unet, {k.removeprefix("unet."): v for k, v in state.items()})
 
 (:func:`load_video_lora` does exactly this). The adapted layers (:func:`video_lora_targets`)
-are Stable Diffusion's, spatial and temporal alike.
+are Stable Diffusion's, spatial and temporal alike, and the temporal convolutions.
 """
 
 from __future__ import annotations
