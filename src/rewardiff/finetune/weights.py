@@ -67,12 +67,26 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
     if backbone is None:
         attach_layer_lora(model, rank, alpha)
         return
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     net.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=backbone.targets)
-    backbone.module.add_adapter(cfg)  # lora_B starts at zero: the adapted model equals the base
+    # lora_B starts at zero: the adapted model equals the base
+    if hasattr(backbone.module, "add_adapter"):  # diffusers' PeftAdapterMixin
+        backbone.module.add_adapter(cfg)
+    else:  # a diffusers model without it (UNet3DConditionModel): peft itself, with the same layer names
+        inject_adapter_in_model(cfg, backbone.module)
     model.reference = AdapterOff(net)
+
+
+def switch_adapters(module: nn.Module, on: bool) -> None:
+    """Enable or disable every peft LoRA layer inside ``module`` (what diffusers'
+    ``enable_adapters`` / ``disable_adapters`` do, for any module)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(on)
 
 
 class AdapterOff:
@@ -84,11 +98,11 @@ class AdapterOff:
         self.net, self.backbone = net, backbone.module
 
     def __call__(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        self.backbone.disable_adapters()
+        switch_adapters(self.backbone, False)
         try:
             return self.net(x, t, cond)
         finally:
-            self.backbone.enable_adapters()
+            switch_adapters(self.backbone, True)
 
 
 def attach_layer_lora(model, rank: int, alpha: float) -> None:
@@ -127,19 +141,12 @@ class LayerAdapterOff(nn.Module):
         super().__init__()
         self.net = net
 
-    def _switch(self, on: bool) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for m in self.net.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.enable_adapters(on)
-
     def forward(self, *args, **kwargs):
-        self._switch(False)
+        switch_adapters(self.net, False)
         try:
             return self.net(*args, **kwargs)
         finally:
-            self._switch(True)
+            switch_adapters(self.net, True)
 
 
 def _frozen_copy(net: nn.Module) -> nn.Module:

@@ -9,8 +9,10 @@ scheduler config, so sampling through the one rollout loop matches the pipeline'
 sampler. ``model: diffusers:PATH`` in a fine-tuning config, or ``--model diffusers:PATH``,
 loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiffusionXLPipeline``
 folder is recognised by its ``model_index.json``, and so are a ``StableDiffusion3Pipeline``
-folder, which :mod:`rewardiff.models.sd3` loads, and a ``FluxPipeline`` folder, which
-:mod:`rewardiff.models.flux` loads.
+folder, which :mod:`rewardiff.models.sd3` loads, a ``FluxPipeline`` folder, which
+:mod:`rewardiff.models.flux` loads, a ``TextToVideoSDPipeline`` folder, which
+:mod:`rewardiff.models.video` loads, and a ``WanPipeline`` folder, which
+:mod:`rewardiff.models.wan` loads.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rewardiff.errors import UserError
 from rewardiff.models.base import DiffusionModel
-from rewardiff.processes.gaussian import GaussianProcess, make_betas, rescale_zero_terminal_snr
+from rewardiff.processes.gaussian import SPACINGS, GaussianProcess, make_betas, rescale_zero_terminal_snr
 
 
 class TextConditionedDenoiser(nn.Module):
@@ -111,24 +113,33 @@ class SDXLDenoiser(TextConditionedDenoiser):
 
 def process_from_scheduler(config: dict) -> GaussianProcess:
     """The Gaussian process a diffusers scheduler config describes (betas, prediction type,
-    zero-terminal-SNR rescaling, ``set_alpha_to_one``)."""
+    zero-terminal-SNR rescaling, ``set_alpha_to_one``, and where its timesteps fall:
+    ``timestep_spacing``, diffusers' default ``leading``, with ``steps_offset``)."""
     kind = config.get("beta_schedule", "linear")
     kinds = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
     if kind not in kinds:
         raise UserError(f"scheduler beta_schedule {kind!r} is not supported; supported: {', '.join(kinds)}")
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:  # linspace: DDIM's step to t - N // n misses the next timestep
+        raise UserError(f"scheduler timestep_spacing {spacing!r} is not supported; supported: {', '.join(SPACINGS)}")
     n = int(config.get("num_train_timesteps", 1000))
     betas = make_betas(kinds[kind], n, float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)))
     if config.get("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
-    return GaussianProcess(betas, config.get("prediction_type", "epsilon"), bool(config.get("set_alpha_to_one", True)))
+    return GaussianProcess(betas, config.get("prediction_type", "epsilon"), bool(config.get("set_alpha_to_one", True)),
+                           spacing, int(config.get("steps_offset", 0) or 0))
 
 
 def sd_model(path: str | Path) -> DiffusionModel:
-    """A diffusers Stable Diffusion, Stable Diffusion XL, Stable Diffusion 3 or FLUX.1 pipeline
-    folder as a DiffusionModel (no network access; SD3: :func:`rewardiff.models.sd3.sd3_model`,
-    FLUX: :func:`rewardiff.models.flux.flux_model`)."""
+    """A diffusers Stable Diffusion, Stable Diffusion XL, Stable Diffusion 3, FLUX.1 or
+    text-to-video pipeline folder as a DiffusionModel (no network access; SD3:
+    :func:`rewardiff.models.sd3.sd3_model`, FLUX: :func:`rewardiff.models.flux.flux_model`,
+    ``TextToVideoSDPipeline``: :func:`rewardiff.models.video.video_model`, ``WanPipeline``:
+    :func:`rewardiff.models.wan.wan_model`)."""
     from rewardiff.models.flux import flux_model, is_flux_pipeline
     from rewardiff.models.sd3 import is_sd3_pipeline, sd3_model
+    from rewardiff.models.video import is_video_pipeline, video_model
+    from rewardiff.models.wan import is_wan_pipeline, wan_model
 
     d = Path(path)
     if not (d / "model_index.json").is_file():
@@ -137,6 +148,10 @@ def sd_model(path: str | Path) -> DiffusionModel:
         return sd3_model(d)
     if is_flux_pipeline(d):
         return flux_model(d)
+    if is_video_pipeline(d):
+        return video_model(d)
+    if is_wan_pipeline(d):
+        return wan_model(d)
     if is_xl_pipeline(d):
         from diffusers import StableDiffusionXLPipeline
 

@@ -20,6 +20,7 @@ from rewardiff.types import StepOut
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 _LOG_2PI = math.log(2 * math.pi)
+SPACINGS = ("trailing", "leading")  # diffusers' timestep spacings whose DDIM steps land on the next timestep
 
 
 def make_betas(kind: str, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -52,11 +53,22 @@ class GaussianProcess:
         prediction: what the denoiser predicts: ``epsilon``, ``v_prediction`` or ``sample``.
         final_alpha_one: abar used after the last step is 1 (else abar_0), as diffusers'
             ``set_alpha_to_one``.
+        spacing: the timesteps :meth:`timesteps` visits unless told: ``trailing`` or
+            ``leading`` (diffusers' ``timestep_spacing``).
+        steps_offset: added to ``leading`` timesteps (diffusers' ``steps_offset``; Stable
+            Diffusion's and ModelScope's text-to-video configs have 1); ``trailing`` ignores it,
+            as diffusers does.
     """
 
-    def __init__(self, betas: Tensor, prediction: Prediction = "epsilon", final_alpha_one: bool = True):
+    def __init__(self, betas: Tensor, prediction: Prediction = "epsilon", final_alpha_one: bool = True,
+                 spacing: str = "trailing", steps_offset: int = 0):
         if prediction not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction type {prediction!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose {' or '.join(SPACINGS)}")
+        if not 0 <= steps_offset < len(betas):
+            raise ValueError(f"steps_offset must be in [0, {len(betas)}), got {steps_offset}")
+        self.spacing, self.steps_offset = spacing, int(steps_offset)
         self.betas = betas.double()
         self.abar = torch.cumprod(1 - self.betas, 0)
         if prediction == "epsilon":
@@ -79,17 +91,19 @@ class GaussianProcess:
         out = torch.where(t >= 0, self.abar[t.clamp(min=0)], torch.tensor(self.final_abar, dtype=torch.float64))
         return out.float()
 
-    def timesteps(self, n: int, spacing: str = "trailing") -> list[int]:
-        """The n training timesteps a DDIM sampler visits, largest first (as diffusers' spacings)."""
-        N = self.num_train_timesteps
+    def timesteps(self, n: int, spacing: str | None = None) -> list[int]:
+        """The n training timesteps a DDIM sampler visits, largest first, as diffusers'
+        ``DDIMScheduler.set_timesteps`` places them (``spacing``: the process's own unless told;
+        ``leading`` shifted by ``steps_offset``)."""
+        N, spacing = self.num_train_timesteps, spacing or self.spacing
         if not 1 <= n <= N:
             raise ValueError(f"num_inference_steps must be in [1, {N}], got {n}")
         if spacing == "trailing":
             ts = np.round(np.arange(N, 0, -N / n)).astype(np.int64) - 1
         elif spacing == "leading":
-            ts = (np.arange(0, n) * (N // n)).round()[::-1].astype(np.int64)
+            ts = (np.arange(0, n) * (N // n)).round()[::-1].astype(np.int64) + self.steps_offset
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; choose trailing or leading")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose {' or '.join(SPACINGS)}")
         return [int(t) for t in ts]
 
     @staticmethod
