@@ -38,3 +38,19 @@ def broken(x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 def unranged(x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """A reward with no value range."""
     return x.mean(dim=tuple(range(1, x.dim())))
+
+
+_scored = 0
+
+
+def mortal(x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean brightness in [0, 1], until ``REWARDIFF_TEST_DIE_AFTER`` samples have been scored:
+    then the serving process dies on the spot, as a crashed reward server does."""
+    import os
+
+    global _scored
+    limit = int(os.environ.get("REWARDIFF_TEST_DIE_AFTER", "0"))
+    if limit and _scored + x.shape[0] > limit:
+        os._exit(1)
+    _scored += x.shape[0]
+    return (x.mean(dim=tuple(range(1, x.dim()))) + 1) / 2

@@ -292,10 +292,10 @@ def test_connection_refused_on_a_closed_port():
 # ----------------------------------------------------------------------------- a server that dies
 
 
-def _start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """``rewardiff serve-reward ARGS --port 0`` in a subprocess; (process, API base URL) once it listens."""
+def _start_server(*args: str, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """``rewardiff serve-reward ARGS --port PORT`` in a subprocess; (process, API base URL) once it listens."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rewardiff", "serve-reward", *args, "--port", "0"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rewardiff", "serve-reward", *args, "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     line = proc.stdout.readline() if ready else ""
@@ -408,3 +408,54 @@ def test_serve_reward_command_errors_are_one_line(monkeypatch, capsys):
             assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     finally:
         taken.close()
+
+
+# ----------------------------------------------------------------------------- a training run whose server dies
+
+
+def test_a_training_run_whose_reward_server_dies_stops_naming_the_url_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """DDPO on the served reward: the server crashes at step 4; the run stops with the client's
+    one-line error (the URL, the retries) and the step, keeps its step-2 checkpoint, and resumes
+    to the end once a server answers again, bit for bit as a run that never lost it."""
+    from rewardiff.finetune.trainer import finetune
+    from rewardiff.rewards.guard import RewardFailure
+    from tests.helpers import blackbox_cfg
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}/v1"
+    cfg = blackbox_cfg(tiny_model_dir, reward=f"openai:mortal@{url}", steps=6)
+
+    def start(die_after: int) -> subprocess.Popen:
+        monkeypatch.setenv("REWARDIFF_TEST_DIE_AFTER", str(die_after))
+        proc, got = _start_server("tests.remote_rewards:mortal", "--range", "0,1", port=port)
+        assert got == url
+        return proc
+
+    proc = start(4 + 3 * 2)  # the evaluation before training (4 samples), then 2 a step: dies at step 4
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RewardFailure) as e:
+            finetune(cfg, tmp_path / "run", progress=False)
+        assert time.perf_counter() - t0 < 60
+        msg = str(e.value)
+        assert "\n" not in msg and f"remote reward {url}: " in msg and "at step 4" in msg, msg
+        assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    proc = start(0)
+    try:
+        finetune(cfg, tmp_path / "run", resume=True, progress=False)
+        finetune(cfg, tmp_path / "straight", progress=False)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
