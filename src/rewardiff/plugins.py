@@ -96,6 +96,9 @@ REWARDS: dict[str, RewardEntry] = {
                                   "Shapes world: GenEval's rules read by the classical judge; flow_grpo's partial credit in [0, 1] (strict=True: 1/0)."),
     "geneval-shapes-strict": RewardEntry(f"{_GENEVAL}:geneval_shapes_strict", False,
                                          "Shapes world: 1 when GenEval's rules hold for the classical judge's reading, else 0."),
+    # the video world
+    "video-frames-count": RewardEntry("rewardiff.worlds.video.frame_rewards:frames_count", True,
+                                      "Video world: the shapes count reward on each frame image (use keyframes(video-frames-count) on clips)."),
     # the molecules world
     "qed": RewardEntry(f"{_CHEM}:qed", False, "Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."),
     "sa": RewardEntry(f"{_CHEM}:sa", False, "Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."),
