@@ -189,3 +189,21 @@ def test_filmstrip_and_gif(tmp_path):
 
     with Image.open(tmp_path / "a.gif") as im:
         assert im.n_frames == 4
+
+
+def test_video_frames_count_is_the_shapes_count_of_each_key_frame():
+    from rewardiff.worlds.shapes import data
+    from rewardiff.worlds.shapes.reward_model import WEIGHTS_DIR as RM_WEIGHTS
+    from rewardiff.worlds.video.frame_rewards import still_prompt
+
+    assert still_prompt("two red circles moving right") == "two red circles"
+    assert still_prompt("two red circles") == "two red circles"
+    if not (RM_WEIGHTS / "model.safetensors").is_file():
+        pytest.skip("no shipped shapes reward model")
+    x, prompts, _ = data.make_batch(4, seed=5)
+    still = get_reward("shapes-count")(x, prompts)
+    clip = torch.stack([x, -torch.ones_like(x)], 2).repeat_interleave(4, 2)  # frames 0-3 the image, 4-7 black
+    r = get_reward("keyframes(video-frames-count, 0, 2)")
+    torch.testing.assert_close(r(clip, [p + " moving up" for p in prompts]), still)
+    black = get_reward("keyframes(video-frames-count, 5)")(clip, [p + " moving up" for p in prompts])
+    assert (black < still - 1.0).all()  # an empty frame holds none of the asked shapes
