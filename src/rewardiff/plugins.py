@@ -24,6 +24,8 @@ Registries:
         (``rewardiff train-reward``).
     EVALUATION_SUITES: suite name -> ``run(out, model, checkpoint, split, n, steps, guidance_scale,
         eta, seed) -> str`` (``rewardiff eval SUITE``: samples, judges, writes OUT, returns what to print).
+    IMAGE_SOURCES: scheme -> an object with ``low_res(key)`` and ``ground_truth(key)``: images
+        that prompts reference (``"shapes-sr:held-out/3"``), see :mod:`rewardiff.conditions`.
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ REWARD_TRAINERS: dict[str, str] = {
 EVALUATION_SUITES: dict[str, str] = {
     "geneval-shapes": f"{_GENEVAL}:eval_command",
 }
+
+IMAGE_SOURCES: dict[str, str] = {}
 
 
 def load(target: str) -> Any:
