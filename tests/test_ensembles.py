@@ -207,3 +207,35 @@ def test_video_frames_count_is_the_shapes_count_of_each_key_frame():
     torch.testing.assert_close(r(clip, [p + " moving up" for p in prompts]), still)
     black = get_reward("keyframes(video-frames-count, 5)")(clip, [p + " moving up" for p in prompts])
     assert (black < still - 1.0).all()  # an empty frame holds none of the asked shapes
+
+
+def test_the_guard_passes_groups_to_relative_rewards():
+    from rewardiff.rewards.guard import GuardedReward
+
+    spec = "consensus(brightness, saturation)"
+    x = torch.rand(6, 3, 4, 4) * 2 - 1
+    guarded = GuardedReward(get_reward(spec))
+    assert guarded.relative
+    torch.testing.assert_close(guarded(x, [""] * 6, group=3), get_reward(spec)(x, [""] * 6, group=3))
+    assert not torch.equal(guarded(x, [""] * 6, group=3), guarded(x, [""] * 6))
+
+
+def test_sample_command_steers_a_diffusers_video_pipeline_with_an_ensemble(tmp_path):
+    """``rewardiff sample`` on a text-to-video pipeline: Free2Guide with a consensus of key-frame
+    rewards, filmstrips in the grid, one GIF per sample, the NFE of the formula."""
+    import json
+
+    from rewardiff.models.video import tiny_video_pipeline
+    from rewardiff.sampling import sample_to_dir
+
+    pipe = tiny_video_pipeline(tmp_path / "pipe", 0, 32, 4)
+    out = tmp_path / "s"
+    sample_to_dir(out, f"diffusers:{pipe}", None, ["a cat"], 2, 0, "consensus(keyframes(brightness), keyframes(saturation))",
+                  3, 2.0, None, method="free2guide", width=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nfe_per_sample"] == summary["expected_nfe_per_sample"] == 2 * (3 + 1 * 2)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.gif", "0000.png", "0001.gif", "0001.png"]
+    from PIL import Image
+
+    with Image.open(out / "samples" / "0000.png") as im:
+        assert im.size == (4 * 32 + 3, 32)  # four frames side by side, a gap between each

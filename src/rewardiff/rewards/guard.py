@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rewardiff.errors import UserError
+from rewardiff.rewards.ensemble import call, is_relative
 
 
 class RewardFailure(UserError):
@@ -40,6 +41,7 @@ class GuardedReward:
         self.reward, self.timeout = reward, float(timeout)
         self.name, self.differentiable = reward.name, reward.differentiable
         self.value_range = getattr(reward, "value_range", None)
+        self.relative = is_relative(reward)  # compares the rows of a call (ensembles over candidates)
         self.context = ""  # "step 12 (prompts ...; seeds ...)": where the trainer is
 
     def __getattr__(self, item: str) -> Any:  # anything else a reward offers (e.g. a judge's helpers)
@@ -51,9 +53,9 @@ class GuardedReward:
         where = f" at {self.context}" if self.context else ""
         return RewardFailure(f"reward {self.name!r} {what}{where}")
 
-    def __call__(self, x: Tensor, prompts: list[str]) -> Tensor:
+    def __call__(self, x: Tensor, prompts: list[str], group: int | None = None) -> Tensor:
         try:
-            out = self._call(x, prompts)
+            out = self._call(x, prompts, group)
         except RewardFailure:
             raise
         except Exception as e:  # a user's reward can raise anything; the run names it
@@ -64,15 +66,15 @@ class GuardedReward:
             raise self._fail(f"raised {type(e).__name__}" + (f": {msg}" if msg else "")) from None
         return self._check(out, x)
 
-    def _call(self, x: Tensor, prompts: list[str]) -> Any:
+    def _call(self, x: Tensor, prompts: list[str], group: int | None = None) -> Any:
         if self.timeout <= 0 or self.differentiable:
-            return self.reward(x, prompts)
+            return call(self.reward, x, prompts, group)
         answer: queue.Queue = queue.Queue(maxsize=1)
 
         def work() -> None:
             try:
                 with torch.no_grad():
-                    answer.put((True, self.reward(x, prompts)))
+                    answer.put((True, call(self.reward, x, prompts, group)))
             except BaseException as e:  # handed to the caller's thread
                 answer.put((False, e))
 
