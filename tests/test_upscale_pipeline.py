@@ -108,10 +108,11 @@ def test_rollout_matches_the_diffusers_pipeline(pipe_dir, images, scale):
     """Same latents, low-res images (the PNGs, given to the pipeline as PIL images), image noise
     (one generator a sample, seeded with noise_seed) and 4 DDIM steps (v-prediction, leading
     timesteps 751, 501, 251, 1): our latents and images equal the pipeline's, without guidance
-    and with it (the unconditional branch with the same noised image). Measured 2.0e-6 on
-    latents of max 2.9 and 1.2e-6 on images in [0, 1]. By hand, once: the image left unnoised
-    moved the images by 4.1e-3, the noise level embedded as 0 by 0.052, the unconditional
-    branch with the empty prompt's text and a zero image by 0.035 (scale 4)."""
+    and with it (the unconditional branch with the same noised image). Measured 1.8e-6 on
+    latents of max 3.0 and 1.1e-6 on images in [0, 1]. Broken by hand once, on this tiny
+    pipeline: the low-res image left unnoised moved the images by 0.03 (this test failed), the
+    noise level embedded as 0 by 0.26 to 0.36 (failed), the unconditional branch's image left
+    unnoised by 0.078 at scale 4."""
     m, pipe = sd_model(pipe_dir), _pipeline(pipe_dir)
     assert m.process.timesteps(4) == [751, 501, 251, 1]
     kw = dict(num_inference_steps=4, guidance_scale=scale)
@@ -127,6 +128,7 @@ def test_rollout_matches_the_diffusers_pipeline(pipe_dir, images, scale):
 
 
 def test_a_prompt_without_an_image_or_with_an_unreadable_one_is_a_one_line_user_error(pipe_dir, images, tmp_path):
+    """From sampling, the model's prompt check, and a training run's prompt file (before it writes anything)."""
     m = sd_model(pipe_dir)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
@@ -141,6 +143,16 @@ def test_a_prompt_without_an_image_or_with_an_unreadable_one_is_a_one_line_user_
             with pytest.raises(UserError, match=message) as e:
                 call()
             assert "\n" not in str(e.value)
+    from rewardiff.finetune.config import FinetuneConfig
+    from rewardiff.finetune.trainer import finetune
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(_prompts(images)[0] + "\na photo of a cat\n")
+    cfg = FinetuneConfig(model=f"diffusers:{pipe_dir}", reward="tests.test_upscale_pipeline:low_res_fidelity", steps=1,
+                         prompts=str(prompts), eval_prompts=str(prompts))
+    with pytest.raises(UserError, match=r"config field 'prompts' .*'a photo of a cat' names no image"):
+        finetune(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_noise_level_above_the_pipeline_maximum_or_a_clipping_scheduler_is_refused(pipe_dir, tmp_path):
@@ -168,7 +180,7 @@ def test_lora_tuned_with_rewardiff_reloads_with_plain_load_lora_weights(pipe_dir
     """LoRA (rank 4) on the UNet, one reward-backprop step through the last DDIM step and the
     decoder, saved by rewardiff's weights code; plain StableDiffusionUpscalePipeline
     .load_lora_weights reads it, and the pipeline then draws our fine-tuned images from the
-    same latents and image noise (measured 7.2e-7; the base model differs by 0.36)."""
+    same latents and image noise (measured 7.2e-7; the base model differs by 0.38)."""
     from rewardiff.finetune.config import FinetuneConfig
     from rewardiff.finetune.weights import attach_lora, save_weights
 
