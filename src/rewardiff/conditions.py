@@ -47,6 +47,15 @@ def split(prompt: str) -> tuple[str, str | None]:
     return ("", prompt.strip()) if _scheme(prompt) is not None else (prompt, None)
 
 
+def unconditional(prompt: str) -> str:
+    """Classifier-free guidance's unconditional prompt of ``prompt``: its image with no text
+    (``"a cat | file:x.png"`` -> ``" | file:x.png"``), or ``""`` for a prompt with no image. An
+    image-conditioned model's unconditional branch drops the text and keeps the image, as
+    diffusers' upscaler and image-to-image pipelines do."""
+    _, ref = split(prompt)
+    return "" if ref is None else SEP + ref
+
+
 def _scheme(ref: str) -> str | None:
     from rewardiff import plugins
 

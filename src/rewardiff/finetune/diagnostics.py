@@ -75,7 +75,7 @@ def kl_to_base(model: DiffusionModel, prompts: list[str], seeds: list[int], num_
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
-        uncond = model.encode([""] * len(p)) if guidance_scale != 1.0 else None
+        uncond = model.encode(model.unconditional(p)) if guidance_scale != 1.0 else None
         meter = KLMeter(model, model.reference, uncond, guidance_scale, eta, variances)
         model.sample(p, s, num_inference_steps, eta=eta, guidance_scale=guidance_scale, hook=meter)
         out.append(meter.kl.cpu())

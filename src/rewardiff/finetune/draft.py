@@ -52,13 +52,13 @@ class PromptConditions:
         if not self.trains:
             with torch.no_grad():
                 self.cond = model.encode(prompts)
-                self.uncond = model.encode([""] * len(prompts)) if self.cfg_on else None
+                self.uncond = model.encode(model.unconditional(prompts)) if self.cfg_on else None
 
     def rows(self, rows: Tensor):
         """(cond, uncond) of the batch rows ``rows`` (uncond None without guidance)."""
         if self.trains:
             p = [self.prompts[int(i)] for i in rows]
-            return self.model.encode(p), self.model.encode([""] * len(p)) if self.cfg_on else None
+            return self.model.encode(p), self.model.encode(self.model.unconditional(p)) if self.cfg_on else None
         return gather_rows(self.cond, rows), gather_rows(self.uncond, rows)
 
 
@@ -120,7 +120,7 @@ def draft_lv(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     x1 = model.process.add_noise(x0, eps, torch.tensor(t_last))  # a long or float timestep
     rep = prompts * n
     cond = model.encode(rep)
-    uncond = model.encode([""] * len(rep)) if cfg.guidance_scale != 1.0 else None
+    uncond = model.encode(model.unconditional(rep)) if cfg.guidance_scale != 1.0 else None
     ref = model.reference if cfg.kl_weight > 0 else None
     traj = rollout(model.net, model.process, x1, cond, [t_last], guidance_scale=cfg.guidance_scale, uncond=uncond,
                    grad_steps={0}, checkpoint=False, reference=ref)
@@ -135,7 +135,7 @@ def refl(model, reward_fn, prompts, seeds, cfg, gen) -> LossOut:
     lo = min(max(int(cfg.refl_start * T), 1), T - 1)
     s = int(torch.randint(lo, T, (1,), generator=gen))
     cond = model.encode(prompts)  # with gradient: a fully fine-tuned text encoder learns too
-    uncond = model.encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+    uncond = model.encode(model.unconditional(prompts)) if cfg.guidance_scale != 1.0 else None
     with torch.no_grad():
         pre = rollout(model.net, model.process, model.noise(seeds), cond, ts[:s], eta=cfg.eta,
                       guidance_scale=cfg.guidance_scale, uncond=uncond, t_final=ts[s], generator=gen)

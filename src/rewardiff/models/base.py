@@ -38,7 +38,10 @@ class DiffusionModel:
             ``self_attn.in_proj_weight``); None when LoRA is not supported.
         world: the embedded world whose hooks apply to it (``rewardiff.plugins``), or None.
         check_prompts: raises UserError for prompts the model cannot read (a closed
-            vocabulary), or None when every prompt is fine.
+            vocabulary, an image it cannot read), or None when every prompt is fine.
+        unconditional: prompts -> the prompts of classifier-free guidance's unconditional
+            branch, one each; None: the empty prompt "" (an image-conditioned model keeps the
+            prompt's image and drops its text, :func:`rewardiff.conditions.unconditional`).
     """
 
     def __init__(
@@ -55,17 +58,23 @@ class DiffusionModel:
         lora_targets: list[str] | None = None,
         world: str | None = None,
         check_prompts: Callable[[list[str]], None] | None = None,
+        unconditional: Callable[[list[str]], list[str]] | None = None,
     ):
         self.net, self.process, self.encode, self.shape, self.name = net, process, encode, shape, name
         self.output_range, self.conditional, self.texts = output_range, conditional, texts
         self.lora_targets = list(lora_targets) if lora_targets else None
         self.decode = decode or (lambda x: x)
         self.world, self.check_prompts = world, check_prompts
+        self._unconditional = unconditional
         self.reference: nn.Module | None = None  # the frozen base model, when one is attached
         # a process over token ids (it has a vocabulary) samples tokens; any other (Gaussian,
         # flow) continuous states with Gaussian steps
         kind = TOKENS if getattr(process, "vocab_size", None) is not None else GAUSSIAN
         self.capabilities = frozenset({CHAIN, kind})
+
+    def unconditional(self, prompts: list[str]) -> list[str]:
+        """The prompts whose encoding is the unconditional condition of ``prompts`` (CFG's other branch)."""
+        return [""] * len(prompts) if self._unconditional is None else list(self._unconditional(list(prompts)))
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +120,7 @@ class DiffusionModel:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cond = self.encode(prompts)
-        uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
+        uncond = self.encode(self.unconditional(prompts)) if guidance_scale != 1.0 else None
         gen = self.step_generators(seeds) if any_stochastic(self.process, eta, num_inference_steps) else None
         ts = self.process.timesteps(num_inference_steps)
         x_T = self.noise(seeds) if x_T is None else x_T

@@ -11,8 +11,9 @@ loads a pipeline folder saved with ``save_pretrained`` (offline); a ``StableDiff
 folder is recognised by its ``model_index.json``, and so are a ``StableDiffusion3Pipeline``
 folder, which :mod:`rewardiff.models.sd3` loads, a ``FluxPipeline`` folder, which
 :mod:`rewardiff.models.flux` loads, a ``TextToVideoSDPipeline`` folder, which
-:mod:`rewardiff.models.video` loads, and a ``WanPipeline`` folder, which
-:mod:`rewardiff.models.wan` loads.
+:mod:`rewardiff.models.video` loads, a ``WanPipeline`` folder, which
+:mod:`rewardiff.models.wan` loads, and a ``StableDiffusionUpscalePipeline`` folder (the x4
+upscaler, its low-res image carried by the prompt), which :mod:`rewardiff.models.upscale` loads.
 """
 
 from __future__ import annotations
@@ -135,9 +136,11 @@ def sd_model(path: str | Path) -> DiffusionModel:
     text-to-video pipeline folder as a DiffusionModel (no network access; SD3:
     :func:`rewardiff.models.sd3.sd3_model`, FLUX: :func:`rewardiff.models.flux.flux_model`,
     ``TextToVideoSDPipeline``: :func:`rewardiff.models.video.video_model`, ``WanPipeline``:
-    :func:`rewardiff.models.wan.wan_model`)."""
+    :func:`rewardiff.models.wan.wan_model`, ``StableDiffusionUpscalePipeline``:
+    :func:`rewardiff.models.upscale.upscale_model`)."""
     from rewardiff.models.flux import flux_model, is_flux_pipeline
     from rewardiff.models.sd3 import is_sd3_pipeline, sd3_model
+    from rewardiff.models.upscale import is_upscale_pipeline, upscale_model
     from rewardiff.models.video import is_video_pipeline, video_model
     from rewardiff.models.wan import is_wan_pipeline, wan_model
 
@@ -152,6 +155,8 @@ def sd_model(path: str | Path) -> DiffusionModel:
         return video_model(d)
     if is_wan_pipeline(d):
         return wan_model(d)
+    if is_upscale_pipeline(d):
+        return upscale_model(d)
     if is_xl_pipeline(d):
         from diffusers import StableDiffusionXLPipeline
 

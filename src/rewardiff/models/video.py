@@ -103,10 +103,11 @@ def is_video_pipeline(directory: str | Path) -> bool:
     return str(pipeline_index(directory).get("_class_name", "")) == VIDEO_PIPELINE
 
 
-def folder_settings(directory: Path, defaults: dict[str, int]) -> dict[str, int]:
+def folder_settings(directory: Path, defaults: dict[str, int], minimum: int = 1) -> dict[str, int]:
     """The sizes of a sample (``defaults``' keys: ``num_frames``, and for Wan ``height`` and
-    ``width``) from the folder's ``rewardiff.json``, each a positive integer; the defaults
-    fill what it leaves out, and all of them without the file."""
+    ``width``; the upscaler's ``noise_level``) from the folder's ``rewardiff.json``, each an
+    integer of at least ``minimum``; the defaults fill what it leaves out, and all of them
+    without the file."""
     path = directory / SETTINGS
     settings: object = {}
     if path.is_file():
@@ -118,8 +119,9 @@ def folder_settings(directory: Path, defaults: dict[str, int]) -> dict[str, int]
         raise UserError(f"{path}: expected a JSON object such as {json.dumps(defaults)}")
     out = {k: settings.get(k, v) for k, v in defaults.items()}
     for k, v in out.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"{path}: {k} must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise UserError(f"{path}: {k} must be {what}, got {v!r}")
     return out
 
 
