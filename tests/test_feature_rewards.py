@@ -86,13 +86,27 @@ def test_dists_distance_matches_the_hand_computed_value():
     # channel 1: x = 0 2 0 2 (mean 1, var 1), y = 1 1 3 3 (mean 2, var 1), cov = 8/4 - 2 = 0
     #   texture 2*1*2 / (1 + 4) = .8, structure 0 / 2 = 0
     # channel 2: x = y = 1 2 3 4: texture 1, structure 1
-    # alpha (1, 1), beta (1, 3), sum 6: similarity (.8 + 1 + 0 + 3) / 6 = .8, distance .2
+    # alpha (1, 1), beta (3, 1), sum 6: similarity (.8 + 1 + 3 * 0 + 1) / 6 = 2.8 / 6, distance 3.2 / 6
     fx = torch.tensor([[[[0.0, 2.0], [0.0, 2.0]], [[1.0, 2.0], [3.0, 4.0]]]])
     fy = torch.tensor([[[[1.0, 1.0], [3.0, 3.0]], [[1.0, 2.0], [3.0, 4.0]]]])
-    d = FD.dists_distance([fx], [fy], [torch.tensor([1.0, 1.0])], [torch.tensor([1.0, 3.0])], c1=0.0, c2=0.0)
-    assert d.item() == pytest.approx(0.2, abs=1e-6)
+    d = FD.dists_distance([fx], [fy], [torch.tensor([1.0, 1.0])], [torch.tensor([3.0, 1.0])], c1=0.0, c2=0.0)
+    assert d.item() == pytest.approx(3.2 / 6, abs=1e-6)
     # equal weights: (.8 + 1 + 0 + 1) / 4 = .7
     assert FD.dists_distance([fx], [fy]).item() == pytest.approx(0.3, abs=1e-5)
+
+
+def test_the_shapes_feature_network_reads_each_scale_of_the_reward_model():
+    from rewardiff.worlds.shapes.reward_model import load_reward_model
+
+    net = load_reward_model()
+    x, y = rand_images(2, seed=8), rand_images(2, seed=9)
+    # the shipped backbone: two blocks of (conv, norm, SiLU) at 32x32, pool, two at 16x16, pool, two at 8x8
+    cuts = [(0, 6), (0, 13), (0, 20)]
+    fx = [net.features[a:b](x) for a, b in cuts]
+    fy = [net.features[a:b](y) for a, b in cuts]
+    assert [tuple(f.shape[1:]) for f in fx] == [(32, 32, 32), (64, 16, 16), (64, 8, 8)]
+    assert shapes_distance("lpips")(x, y).tolist() == pytest.approx(FD.lpips_distance(fx, fy).tolist(), rel=1e-5)
+    assert shapes_distance("dists")(x, y).tolist() == pytest.approx(FD.dists_distance(fx, fy).tolist(), rel=1e-5)
 
 
 def test_psnr_of_a_known_mse():
@@ -313,27 +327,28 @@ def _vgg_by_hand(state: dict, x: torch.Tensor, pool: str) -> list[torch.Tensor]:
     return outs
 
 
-def test_real_lpips_equals_its_definition_over_the_saved_backbone(real_dirs, tmp_path):
-    folder = real_dirs["lpips"]
-    state = torch.load(folder / "vgg16-397923af.pth")
-    heads = torch.load(folder / "vgg.pth")
-    x, y = rand_images(2, seed=10), rand_images(2, seed=11)
+def _lpips_by_hand(state: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 from its definition: scaled inputs, VGG16 relu taps, unit-normalised, weighted squared differences."""
     fx = _vgg_by_hand(state, (x - IMAGENET_SHIFT) / IMAGENET_SCALE, "max")
     fy = _vgg_by_hand(state, (y - IMAGENET_SHIFT) / IMAGENET_SCALE, "max")
-    expected = 0
+    total = torch.zeros(x.shape[0])
     for k, (a, b) in enumerate(zip(fx, fy)):
         a, b = a / (a.norm(dim=1, keepdim=True) + 1e-10), b / (b.norm(dim=1, keepdim=True) + 1e-10)
-        expected = expected + ((a - b) ** 2 * heads[f"lin{k}.model.1.weight"]).sum(1).mean((1, 2))
-    prompts = file_prompts(tmp_path, y)
-    y_png = torch.stack([conditions.ground_truth(p) for p in prompts])
-    fy_png = _vgg_by_hand(state, (y_png - IMAGENET_SHIFT) / IMAGENET_SCALE, "max")
-    expected_png = sum(((a / (a.norm(dim=1, keepdim=True) + 1e-10) - b / (b.norm(dim=1, keepdim=True) + 1e-10)) ** 2
-                        * heads[f"lin{k}.model.1.weight"]).sum(1).mean((1, 2)) for k, (a, b) in enumerate(zip(fx, fy_png)))
+        total = total + ((a - b) ** 2 * heads[f"lin{k}.model.1.weight"]).sum(1).mean((1, 2))
+    return total
+
+
+def test_real_lpips_equals_its_definition_over_the_saved_backbone(real_dirs, tmp_path):
     from rewardiff.rewards.perceptual import lpips_metric
 
-    assert lpips_metric(folder, "vgg")(x, y).tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+    folder = real_dirs["lpips"]
+    state, heads = torch.load(folder / "vgg16-397923af.pth"), torch.load(folder / "vgg.pth")
+    x, y = rand_images(2, seed=10), rand_images(2, seed=11)
+    assert lpips_metric(folder, "vgg")(x, y).tolist() == pytest.approx(_lpips_by_hand(state, heads, x, y).tolist(), rel=1e-4)
+    prompts = file_prompts(tmp_path, y)
+    truth = torch.stack([conditions.ground_truth(p) for p in prompts])  # y as its PNG holds it
     reward = get_reward("lpips", net="vgg", path=str(folder))
-    assert reward(x, prompts).tolist() == pytest.approx((-expected_png).tolist(), rel=1e-4)
+    assert reward(x, prompts).tolist() == pytest.approx((-_lpips_by_hand(state, heads, x, truth)).tolist(), rel=1e-4)
 
 
 def test_real_dists_equals_its_definition_over_the_saved_backbone(real_dirs, tmp_path, monkeypatch):

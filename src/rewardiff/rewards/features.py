@@ -146,6 +146,7 @@ class FeatureDistance(nn.Module):
             raise UserError(f"feature distance kind must be 'lpips' or 'dists', got {kind!r}")
         self.net, self.kind, self.size, self.min_size = net, kind, size, min_size
         self.weights, self.alpha, self.beta = weights, alpha, beta
+        self.eval().requires_grad_(False)  # a fixed function: batch norms read their running statistics
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The network's feature maps of ``x`` fitted to its input size."""

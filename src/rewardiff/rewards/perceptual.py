@@ -202,7 +202,8 @@ def lpips(net: str = "vgg", path: str | Path | None = None, against: str = "gt")
     folder = Path(path).expanduser() if path is not None else default_path("lpips")
     _backbone_file(folder, net, "LPIPS", "lpips")
     head = folder / LPIPS_HEADS[net]
-    _need("LPIPS", head.is_file(), f"the lpips package's linear heads {head}", "github.com/richzhang/PerceptualSimilarity (lpips/weights/v0.1)", "lpips")
+    _need("LPIPS", head.is_file(), f"the lpips package's linear heads {head}",
+          "github.com/richzhang/PerceptualSimilarity (lpips/weights/v0.1)", "lpips")
     return reference_reward("lpips", lazy_metric(lambda: lpips_metric(folder, net)), against, -1.0, None,
                             f"minus LPIPS ({net}) against the {'ground truth' if against == 'gt' else 'low-resolution input'}")
 
