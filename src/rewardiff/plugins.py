@@ -67,6 +67,9 @@ _SHAPES_RM = "rewardiff.worlds.shapes.reward_model"
 _CHEM = "rewardiff.worlds.molecules.chem"
 _CHEM_RM = "rewardiff.worlds.molecules.reward_model"
 _VISION = "rewardiff.rewards.vision"
+_FIDELITY = "rewardiff.rewards.fidelity"
+_PERCEPTUAL = "rewardiff.rewards.perceptual"
+_SHAPES_FEAT = "rewardiff.worlds.shapes.feature_rewards"
 _GENEVAL = "rewardiff.worlds.shapes.geneval_suite"
 
 REWARDS: dict[str, RewardEntry] = {
@@ -84,6 +87,14 @@ REWARDS: dict[str, RewardEntry] = {
     "pickscore": RewardEntry(f"{_VISION}:pickscore", True, "PickScore v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): logit scale x cosine."),
     "hpsv2": RewardEntry(f"{_VISION}:hpsv2", True, "HPS v2 (open_clip ViT-H-14 fine-tuned on human preferences): cosine(image, prompt)."),
     "imagereward": RewardEntry(f"{_VISION}:imagereward", True, "ImageReward v1.0 (BLIP + MLP trained on human rankings), standardized."),
+    # fidelity to an image-conditioned prompt's references (rewardiff.conditions: "TEXT | SCHEME:KEY")
+    "psnr": RewardEntry(f"{_FIDELITY}:psnr_reward", True, "PSNR in dB against the prompt's ground truth image (pixels read as [0, 1])."),
+    "psnr-lr": RewardEntry(f"{_FIDELITY}:psnr_lr", True, "PSNR in dB of the output area-averaged down to the low-resolution input, against that input."),
+    "ssim": RewardEntry(f"{_FIDELITY}:ssim_reward", True, "SSIM (11x11 Gaussian window, sigma 1.5) against the prompt's ground truth image."),
+    "lpips": RewardEntry(f"{_PERCEPTUAL}:lpips", True,
+                         "Minus LPIPS v0.1 (torchvision VGG16 or AlexNet + the lpips heads; net=, path=, against=gt|lr)."),
+    "dists": RewardEntry(f"{_PERCEPTUAL}:dists", True,
+                         "Minus DISTS (torchvision VGG16 with L2 pooling + DISTS's alpha/beta; path=, against=gt|lr)."),
     # a vision-language model over HTTP (the spec openai:MODEL@URL; by name it takes model= and url=)
     "openai": RewardEntry("rewardiff.rewards.remote:openai_reward", False,
                           "Remote vision-language judge over an OpenAI-compatible chat API (vLLM, SGLang): openai:MODEL@URL."),
@@ -92,6 +103,14 @@ REWARDS: dict[str, RewardEntry] = {
                                 "Shapes world: log p(asked object count) from the learned reward model, clamped at log 0.02."),
     "shapes-color": RewardEntry(f"{_SHAPES_RM}:shapes_color", True,
                                 "Shapes world: log p(asked color) from the learned reward model, clamped at log 0.02."),
+    "lpips-shapes": RewardEntry(f"{_SHAPES_FEAT}:lpips_shapes", True,
+                                "Shapes world: minus the LPIPS-style distance over the reward model's features, to the ground truth."),
+    "lpips-shapes-lr": RewardEntry(f"{_SHAPES_FEAT}:lpips_shapes_lr", True,
+                                   "Shapes world: minus the LPIPS-style distance over the reward model's features, to the low-res input."),
+    "dists-shapes": RewardEntry(f"{_SHAPES_FEAT}:dists_shapes", True,
+                                "Shapes world: minus the DISTS-style distance over the reward model's features, to the ground truth."),
+    "dists-shapes-lr": RewardEntry(f"{_SHAPES_FEAT}:dists_shapes_lr", True,
+                                   "Shapes world: minus the DISTS-style distance over the reward model's features, to the low-res input."),
     "shapes-ensemble": RewardEntry("rewardiff.worlds.shapes.stats:shapes_ensemble", False,
                                    "shapes world: 0.7*z(shapes-count)+0.3*z(jpeg-compressibility), each standardized on base-model samples"),
     "geneval-shapes": RewardEntry(f"{_GENEVAL}:geneval_shapes", False,
