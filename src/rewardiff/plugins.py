@@ -39,11 +39,13 @@ MODELS: dict[str, str] = {
     "shapes-geneval": "rewardiff.worlds.shapes.denoiser:shapes_geneval_model",
     "molecules": "rewardiff.worlds.molecules.masked:molecules_model",
     "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
+    "shapes-video": "rewardiff.worlds.video.denoiser:video_model",
 }
 
 MODEL_DIRS: dict[str, tuple[str, str]] = {
     "molecules-ar": ("rewardiff.worlds.molecules.autoregressive:is_ar_dir", "rewardiff.worlds.molecules.autoregressive:molecules_ar_model"),
     "molecules": ("rewardiff.worlds.molecules.masked:is_masked_dir", "rewardiff.worlds.molecules.masked:molecules_model"),
+    "video": ("rewardiff.worlds.video.denoiser:is_video_dir", "rewardiff.worlds.video.denoiser:video_model"),
     "shapes": ("rewardiff.worlds.shapes.denoiser:is_shapes_dir", "rewardiff.worlds.shapes.denoiser:shapes_model"),
 }
 
@@ -66,6 +68,7 @@ _CHEM = "rewardiff.worlds.molecules.chem"
 _CHEM_RM = "rewardiff.worlds.molecules.reward_model"
 _VISION = "rewardiff.rewards.vision"
 _GENEVAL = "rewardiff.worlds.shapes.geneval_suite"
+_VIDEO = "rewardiff.worlds.video.evaluate"
 
 REWARDS: dict[str, RewardEntry] = {
     # plain image rewards
@@ -93,6 +96,11 @@ REWARDS: dict[str, RewardEntry] = {
                                   "Shapes world: GenEval's rules read by the classical judge; flow_grpo's partial credit in [0, 1] (strict=True: 1/0)."),
     "geneval-shapes-strict": RewardEntry(f"{_GENEVAL}:geneval_shapes_strict", False,
                                          "Shapes world: 1 when GenEval's rules hold for the classical judge's reading, else 0."),
+    # the video world
+    "video-judge": RewardEntry(f"{_VIDEO}:video_judge", False,
+                               "Video world: the classical judge's partial credit (count, colour, direction, consistency) in [0, 1]."),
+    "video-judge-strict": RewardEntry(f"{_VIDEO}:video_judge_strict", False,
+                                      "Video world: 1 when the classical judge reads count, colour, direction and every frame right, else 0."),
     # the molecules world
     "qed": RewardEntry(f"{_CHEM}:qed", False, "Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."),
     "sa": RewardEntry(f"{_CHEM}:sa", False, "Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."),
@@ -115,6 +123,9 @@ PROMPT_SETS: dict[str, str] = {
     "geneval-train": "rewardiff.worlds.shapes.compositions:train_prompts",
     "geneval-held-out": "rewardiff.worlds.shapes.compositions:held_out_prompts",
     "geneval-all": "rewardiff.worlds.shapes.compositions:all_prompts",
+    "video-train": "rewardiff.worlds.video.data:train_prompts",
+    "video-held-out": "rewardiff.worlds.video.data:held_out_prompts",
+    "video-all": "rewardiff.worlds.video.data:all_prompts",
     "animals": "rewardiff.prompts:animals",
     "animals-held-out": "rewardiff.prompts:animals_held_out",
 }
@@ -122,6 +133,7 @@ PROMPT_SETS: dict[str, str] = {
 EVALUATIONS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.evaluate:judge_hook",
     "molecules": "rewardiff.worlds.molecules.evaluate:chemistry_hook",
+    "video": "rewardiff.worlds.video.evaluate:judge_hook",
 }
 
 TEXT_GRIDS: dict[str, str] = {
@@ -138,6 +150,7 @@ PRETRAIN: dict[str, str] = {
     "shapes-geneval": "rewardiff.worlds.shapes.pretrain:pretrain_geneval_command",
     "molecules": "rewardiff.worlds.molecules.pretrain_masked:pretrain_command",
     "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
+    "shapes-video": "rewardiff.worlds.video.pretrain:pretrain_command",
 }
 
 REWARD_TRAINERS: dict[str, str] = {
