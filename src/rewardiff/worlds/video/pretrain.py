@@ -20,7 +20,7 @@ from rewardiff.worlds.video.denoiser import NAME, VideoDenoiser, VideoModelConfi
 
 @dataclass
 class PretrainConfig:
-    steps: int = 800  # optimizer steps (about 70 minutes on one busy CPU core)
+    steps: int = 600  # optimizer steps (the shipped model: 600, about 75 minutes on one busy CPU core)
     batch_size: int = 16  # clips per step
     frames: int = video.FRAMES  # frames a clip (8..16)
     lr: float = 1e-3  # AdamW learning rate after warm-up
@@ -65,8 +65,12 @@ def _train_step(cfg: PretrainConfig, step: int, model, process, opt) -> float:
     t = process.training_timesteps(len(prompts), gen)
     noise = torch.randn(x0.shape, generator=gen)
     x_t = process.add_noise(x0, noise, t)
-    pred = model(x_t, t, model.encode(prompts))
-    loss = (pred - process.target(x0, noise, t)).pow(2).mean()
+    # diffusers' temporal convolutions drop out (p = 0.1) with the global generator: seed it from
+    # the step too, so that a resumed run draws the same masks as an uninterrupted one
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pred = model(x_t, t, model.encode(prompts))
+        loss = (pred - process.target(x0, noise, t)).pow(2).mean()
     return optimizer_step(model, opt, loss, cfg.lr * min(1.0, (step + 1) / cfg.warmup))
 
 
