@@ -46,16 +46,19 @@ def direction_of(centroids: list[tuple[float, float] | None]) -> tuple[int, int]
     """(axis, sign) the tracked centroids move (axis 0: x, 1: y; sign +1 right/down), or None.
 
     The axis is the one along which the steps travel farther; the sign is the one more than half
-    of all steps take along it (steps shorter than :data:`STILL_STEP` take neither). Frames with
-    no object are skipped (the step spans the gap)."""
-    pts = np.array([c for c in centroids if c is not None], dtype=np.float64)
-    if len(pts) < 2:
+    of all frame-to-frame steps take along it (steps shorter than :data:`STILL_STEP` take
+    neither). A frame with no object is bridged: the step across it counts once for each frame
+    step it spans, at its mean length."""
+    present = [i for i, c in enumerate(centroids) if c is not None]
+    if len(present) < 2:
         return None
+    pts = np.array([centroids[i] for i in present], dtype=np.float64)
+    span = np.diff(present).astype(np.float64)  # frame steps each step spans
     steps = np.diff(pts, axis=0)  # [S, 2] (dx, dy)
     axis = int(np.abs(steps[:, 1]).sum() > np.abs(steps[:, 0]).sum())
-    along = steps[:, axis]
+    along = steps[:, axis] / span
     for sign in (1, -1):
-        if (along * sign >= STILL_STEP).sum() * 2 > len(centroids) - 1:
+        if span[along * sign >= STILL_STEP].sum() * 2 > len(centroids) - 1:
             return axis, sign
     return None
 
