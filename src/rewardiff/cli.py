@@ -126,7 +126,7 @@ def sample(
 
 @app.command()
 def pretrain(
-    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, shapes-geneval, molecules or molecules-ar")],
+    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, shapes-geneval, shapes-video, molecules or molecules-ar")],
     out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,

@@ -41,11 +41,13 @@ MODELS: dict[str, str] = {
     "shapes-geneval": "rewardiff.worlds.shapes.denoiser:shapes_geneval_model",
     "molecules": "rewardiff.worlds.molecules.masked:molecules_model",
     "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
+    "shapes-video": "rewardiff.worlds.video.denoiser:video_model",
 }
 
 MODEL_DIRS: dict[str, tuple[str, str]] = {
     "molecules-ar": ("rewardiff.worlds.molecules.autoregressive:is_ar_dir", "rewardiff.worlds.molecules.autoregressive:molecules_ar_model"),
     "molecules": ("rewardiff.worlds.molecules.masked:is_masked_dir", "rewardiff.worlds.molecules.masked:molecules_model"),
+    "video": ("rewardiff.worlds.video.denoiser:is_video_dir", "rewardiff.worlds.video.denoiser:video_model"),
     "shapes": ("rewardiff.worlds.shapes.denoiser:is_shapes_dir", "rewardiff.worlds.shapes.denoiser:shapes_model"),
 }
 
@@ -71,6 +73,7 @@ _FIDELITY = "rewardiff.rewards.fidelity"
 _PERCEPTUAL = "rewardiff.rewards.perceptual"
 _SHAPES_FEAT = "rewardiff.worlds.shapes.feature_rewards"
 _GENEVAL = "rewardiff.worlds.shapes.geneval_suite"
+_VIDEO = "rewardiff.worlds.video.evaluate"
 
 REWARDS: dict[str, RewardEntry] = {
     # plain image rewards
@@ -118,6 +121,10 @@ REWARDS: dict[str, RewardEntry] = {
     "geneval-shapes-strict": RewardEntry(f"{_GENEVAL}:geneval_shapes_strict", False,
                                          "Shapes world: 1 when GenEval's rules hold for the classical judge's reading, else 0."),
     # the video world
+    "video-judge": RewardEntry(f"{_VIDEO}:video_judge", False,
+                               "Video world: the classical judge's partial credit (count, colour, direction, consistency) in [0, 1]."),
+    "video-judge-strict": RewardEntry(f"{_VIDEO}:video_judge_strict", False,
+                                      "Video world: 1 when the classical judge reads count, colour, direction and every frame right, else 0."),
     "video-frames-count": RewardEntry("rewardiff.worlds.video.frame_rewards:frames_count", True,
                                       "Video world: the shapes count reward on each frame image (use keyframes(video-frames-count) on clips)."),
     # the molecules world
@@ -142,6 +149,9 @@ PROMPT_SETS: dict[str, str] = {
     "geneval-train": "rewardiff.worlds.shapes.compositions:train_prompts",
     "geneval-held-out": "rewardiff.worlds.shapes.compositions:held_out_prompts",
     "geneval-all": "rewardiff.worlds.shapes.compositions:all_prompts",
+    "video-train": "rewardiff.worlds.video.data:train_prompts",
+    "video-held-out": "rewardiff.worlds.video.data:held_out_prompts",
+    "video-all": "rewardiff.worlds.video.data:all_prompts",
     "animals": "rewardiff.prompts:animals",
     "animals-held-out": "rewardiff.prompts:animals_held_out",
 }
@@ -149,6 +159,7 @@ PROMPT_SETS: dict[str, str] = {
 EVALUATIONS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.evaluate:judge_hook",
     "molecules": "rewardiff.worlds.molecules.evaluate:chemistry_hook",
+    "video": "rewardiff.worlds.video.evaluate:judge_hook",
 }
 
 TEXT_GRIDS: dict[str, str] = {
@@ -165,6 +176,7 @@ PRETRAIN: dict[str, str] = {
     "shapes-geneval": "rewardiff.worlds.shapes.pretrain:pretrain_geneval_command",
     "molecules": "rewardiff.worlds.molecules.pretrain_masked:pretrain_command",
     "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
+    "shapes-video": "rewardiff.worlds.video.pretrain:pretrain_command",
 }
 
 REWARD_TRAINERS: dict[str, str] = {
