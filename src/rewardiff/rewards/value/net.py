@@ -134,6 +134,8 @@ def _head(features: int, emb_dim: int) -> nn.Sequential:
 class ValueNet(nn.Module):
     """Time- and prompt-conditioned regressor ``(x_t, t, cond) -> predicted final reward [B]``.
 
+    Videos [B, C, F, H, W] are read as images of C * F channels (the frames stacked on the
+    channels: a small value net that sees the whole clip at once).
     Images [B, C, H, W]: a 3x3 convolution at full resolution, one stride-2 convolution per
     further width (so (32, 64, 64) halves the resolution twice), one more convolution at the
     last width; each followed by GroupNorm, FiLM from the embedding, and SiLU; then global
@@ -150,7 +152,7 @@ class ValueNet(nn.Module):
     the buffers ``target_mean`` and ``target_std`` (set by training, saved with the weights).
 
     Args:
-        shape: one state's shape, (C, H, W) for images or (d,) for vectors.
+        shape: one state's shape, (C, H, W) for images, (C, F, H, W) for videos or (d,) for vectors.
         cond_dim: D of the pooled condition [B, D].
         in_channels: image channels (default ``shape[0]``); ignored for vectors.
         widths: channels (images) or hidden widths (vectors); defaults (32, 64, 64) and (128, 128, 128).
@@ -161,13 +163,14 @@ class ValueNet(nn.Module):
                  widths: tuple[int, ...] | None = None, emb_dim: int = EMB_DIM):
         super().__init__()
         shape = tuple(int(s) for s in shape)
-        if len(shape) not in (1, 3):
-            raise ValueError(f"ValueNet takes images (C, H, W) or vectors (d,), got shape {shape}")
+        if len(shape) not in (1, 3, 4):
+            raise ValueError(f"ValueNet takes images (C, H, W), videos (C, F, H, W) or vectors (d,), got shape {shape}")
         if cond_dim < 1:
             raise ValueError(f"cond_dim must be at least 1, got {cond_dim}")
         self.shape, self.cond_dim, self.emb_dim = shape, int(cond_dim), int(emb_dim)
-        self.image = len(shape) == 3
-        self.in_channels = int(in_channels if in_channels is not None else shape[0]) if self.image else shape[0]
+        self.image = len(shape) >= 3
+        frames = shape[1] if len(shape) == 4 else 1
+        self.in_channels = int(in_channels if in_channels is not None else shape[0] * frames) if self.image else shape[0]
         self.widths = tuple(int(w) for w in (widths or (IMAGE_WIDTHS if self.image else VECTOR_WIDTHS)))
         if not self.widths:
             raise ValueError("widths must name at least one layer width")
@@ -207,7 +210,10 @@ class ValueNet(nn.Module):
                 "widths": list(self.widths), "emb_dim": self.emb_dim}
 
     def input_stats(self, x: Tensor) -> Tensor:
-        """Per-channel mean and standard deviation of images, before standardization. [B, C, H, W] -> [B, 2C]"""
+        """Per-channel mean and standard deviation of images, before standardization. [B, C, H, W] -> [B, 2C]
+        (videos [B, C, F, H, W]: per channel of each frame, [B, 2 C F])."""
+        if x.dim() == 5:
+            x = x.flatten(1, 2)
         return torch.cat([x.mean(dim=(2, 3)), (x.var(dim=(2, 3), unbiased=False) + 1e-8).sqrt()], dim=1)
 
     def embed(self, t: Tensor, cond: Tensor) -> Tensor:
@@ -219,6 +225,8 @@ class ValueNet(nn.Module):
         B = x_t.shape[0]
         dtype = self.target_mean.dtype
         x = x_t.to(dtype)
+        if x.dim() == 5:  # a video [B, C, F, H, W]: its frames stacked on the channels
+            x = x.flatten(1, 2)
         emb = self.embed(batch_times(t, B, x.device), pooled_rows(cond, B, self.cond_dim, x.device, dtype))  # [B, E]
         h = x
         for layer, norm, film in zip(self.layers, self.norms, self.films):
@@ -232,7 +240,7 @@ class ValueNet(nn.Module):
         """Predicted final reward, in reward units.
 
         Args:
-            x_t: noisy states [B, C, H, W] or [B, d].
+            x_t: noisy states [B, C, H, W], [B, C, F, H, W] or [B, d].
             t: their training timestep, one int for the batch or a tensor [B].
             cond: the model condition of the B rows ([B, L, D], [B, D] or [B]; pooled here).
 

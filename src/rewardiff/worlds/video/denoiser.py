@@ -63,6 +63,11 @@ class VideoDenoiser(nn.Module):
             attention_head_dim=c.attention_heads,
             norm_num_groups=c.norm_groups,
         )
+        from rewardiff.models.video import VIDEO_PIPELINE, video_lora_targets
+
+        # LoRA adapts the UNet3D layers the text-to-video adapter adapts (spatial and temporal
+        # attention, the ResNets, the temporal convolutions): the same class, the same targets
+        self.lora_layers, self.lora_pipeline = video_lora_targets(self.unet), VIDEO_PIPELINE
 
     def encode(self, prompts: list[str]) -> Tensor:
         """Prompts -> token states; "" is the unconditional prompt used by guidance."""
