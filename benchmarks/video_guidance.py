@@ -13,8 +13,10 @@ What is compared, and how it is kept fair:
   prompts (``video-held-out``) and training prompts.
 - Equal NFE: Free2Guide (n = 5, the first 6 steps, the paper's) fixes a budget; best-of-N,
   SVDD-PM and SMC take the largest width that spends no more (``Method.plan``); base is the
-  floor. Every method samples the same (prompt, seed) grid; each guided method runs with three
-  method seeds, the spread beside every mean.
+  floor. With T = 24 steps the budgets meet: Free2Guide 2 (24 + 4 x 6) = 96 NFE a clip,
+  best-of-2 and SMC with 2 particles 96, SVDD-PM with M = 2 94. Every method samples the same
+  (prompt, seed) grid; the main methods run with two method seeds, the ensembles and the
+  ablation with one (CPU time), the spread beside every mean.
 - Ensembles (Free2Guide's three): the served judge with an image reward on key frames
   (``keyframes(video-frames-count)``: the shapes world's learned count reward on each key
   frame), as a weighted sum with beta = 0.75 on the judge, a normalized sum and a consensus.
@@ -45,14 +47,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "video_guidance"
-STEPS = 20  # DDIM steps (the paper: 50; guidance on the first 6 either way)
+STEPS = 24  # DDIM steps (the paper: 50; guidance on the first 6 either way); 24 makes the budgets meet exactly
 GUIDANCE = 2.0
-PER_PROMPT = 4  # seeds per prompt
+PER_PROMPT = 2  # seeds per prompt
 N_CANDIDATES = 5  # Free2Guide's n (LaVie's)
 WINDOW = 6  # steps T .. T-5
 JUDGE = "video-judge"
 IMAGE = "keyframes(video-frames-count)"
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)  # method seeds of the main comparison
+EXTRA_SEEDS = (0,)  # of the ensembles and the ablation
+MAIN = ("base", "free2guide", "best-of-n", "svdd-pm", "smc")
 
 
 def configs(vlm: str) -> dict[str, tuple[str, str | None, dict]]:
@@ -118,9 +122,14 @@ def read(clips: torch.Tensor, prompts: list[str]) -> dict:
     """The classical judge on every frame: each reading's accuracy."""
     from rewardiff.worlds.video.judge import judge
 
+    from rewardiff.rewards.wire import DEFAULT_FRAMES, frame_indices
+
     j = judge(clips, prompts)
     keys = [k for k in ("count_ok", "color_ok", "direction_ok", "consistency", "all_ok", "partial") if k in j]
-    return {k: float(np.mean(j[k])) for k in keys}
+    out = {k: float(np.mean(j[k])) for k in keys}
+    seen = frame_indices(clips.shape[2], DEFAULT_FRAMES)  # the frames the served judge was sent
+    out["reward_view_partial"] = float(np.mean(judge(clips[:, :, seen], prompts)["partial"]))
+    return out
 
 
 def run_one(name: str, seed: int, vlm: str, model, prompts: list[str], split: list[str]) -> dict:
@@ -179,12 +188,17 @@ def print_table(table: dict) -> None:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=",".join(configs("x")))
-    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--train-prompts", type=int, default=6, help="training prompts read beside the held-out ones")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="method seeds of the main comparison")
+    ap.add_argument("--extra-seeds", default=",".join(map(str, EXTRA_SEEDS)), help="method seeds of the ensembles and the ablation")
+    ap.add_argument("--train-prompts", type=int, default=4, help="training prompts read beside the held-out ones")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--model", default="shapes-video", help="the model (a folder for a smoke run)")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the per-run JSON files go")
     args = ap.parse_args()
+    OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         from tqdm import tqdm
@@ -193,12 +207,17 @@ def main() -> None:
         from rewardiff.sampling import load_model
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        model = load_model("shapes-video")
+        model = load_model(args.model)
         held = plugins.load(plugins.PROMPT_SETS["video-held-out"])()
         train = plugins.load(plugins.PROMPT_SETS["video-train"])()
         rng = np.random.default_rng(0)
         prompts = held + [train[i] for i in sorted(rng.choice(len(train), args.train_prompts, replace=False))]
-        todo = [(c, s) for c in args.configs.split(",") for s in ([0] if c == "base" else map(int, args.seeds.split(",")))]
+        def seeds_of(c: str) -> list[int]:
+            if c == "base":
+                return [0]
+            return [int(x) for x in (args.seeds if c in MAIN else args.extra_seeds).split(",")]
+
+        todo = [(c, s) for c in args.configs.split(",") for s in seeds_of(c)]
         todo = [(c, s) for c, s in todo if not (OUT / f"{c}-seed{s}.json").exists()]
         with served(JUDGE) as url:
             vlm = f"openai:{JUDGE}@{url}"
@@ -209,7 +228,7 @@ def main() -> None:
                 print(f"{name} seed {seed}: held-out all_ok {res['held_out'].get('all_ok', float('nan')):.3f} "
                       f"NFE {res['nfe_per_sample']:.0f} {res['seconds']:.0f} s", flush=True)
     table = summarize()
-    (HERE / "results" / "video_guidance.json").write_text(json.dumps(table, indent=2))
+    (OUT.parent / f"{OUT.name}.json").write_text(json.dumps(table, indent=2))
     print_table(table)
 
 

@@ -54,3 +54,14 @@ def mortal(x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         os._exit(1)
     _scored += x.shape[0]
     return (x.mean(dim=tuple(range(1, x.dim()))) + 1) / 2
+
+
+def truth_match(x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """1 - mean |x - ground truth| / 2 in [0, 1], the truth read from each prompt (rewardiff.conditions)."""
+    from rewardiff import conditions
+
+    gt = conditions.stack([conditions.ground_truth(p) for p in prompts], "truth_match")
+    return 1 - (x - gt).abs().mean(dim=(1, 2, 3)) / 2
+
+
+truth_match.value_range = (0.0, 1.0)

@@ -459,3 +459,41 @@ def test_a_training_run_whose_reward_server_dies_stops_naming_the_url_and_resume
     a = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- context images (super-resolution judges)
+
+
+def test_context_images_go_first_and_the_server_can_score_the_last_only(tmp_path):
+    """With ``context: [low-res, ground-truth]`` the client sends the prompt's input and truth before
+    the sample; a server started with ``last_image`` scores the sample alone, reading the truth from
+    the prompt, and the client reads back that reward."""
+    from rewardiff.rewards.wire import from_png
+
+    low, high = quantized(_images(1, 7)[0]), quantized(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1)
+    for name, im in (("low.png", low), ("high.png", high)):
+        (tmp_path / name).write_bytes(to_png(im))
+    prompt = f"a square | file:{tmp_path / 'low.png'};gt={tmp_path / 'high.png'}"
+    x = quantized(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1)
+    x[1] = high  # the second sample is the truth itself
+    service = make_service("tests.remote_rewards:truth_match", last_image=True)
+    with served(build_app(service)) as url:
+        client = RemoteReward("truth", url, context=("low-res", "ground-truth"), **FAST)
+        sent = client.payload([to_png(low), to_png(high), to_png(x[0])], prompt)["messages"][0]["content"]
+        assert [p["type"] for p in sent] == ["image_url"] * 3 + ["text"]
+        got = client(x, [prompt, prompt])
+        expected = 1 + 8 * remote_rewards.truth_match(x, [prompt, prompt])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert got[1].item() == pytest.approx(9.0, abs=1e-4)
+        body = client.payload([to_png(c) for c in client._context_images(prompt)] + [to_png(x[0])], prompt)
+        decoded = [from_png(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])) for p in body["messages"][0]["content"][:3]]
+        torch.testing.assert_close(decoded[0], low, atol=1e-6, rtol=0)
+        torch.testing.assert_close(decoded[1], high, atol=1e-6, rtol=0)
+        client.close()
+    # without last_image the server stacks the three images of different sizes: a one-line 400
+    with served(build_app(make_service("tests.remote_rewards:truth_match"))) as url:
+        with RemoteReward("truth", url, context=("low-res", "ground-truth"), **FAST) as client:
+            with pytest.raises(UserError, match="frames of different sizes"):
+                client(x[:1], [prompt])
+    with pytest.raises(UserError, match="'context' takes low-res and ground-truth"):
+        RemoteReward("m", "http://127.0.0.1:1/v1", context=("truth",))

@@ -242,11 +242,13 @@ def serve_reward(
                                                    "(default: the remote reward's digit and yes/no templates)")] = None,
     range_: Annotated[Optional[str], typer.Option("--range", help="LO,HI: the reward values mapped to digit 1 and 9 "
                                                   "(default: the reward's value range)")] = None,
+    last_image: Annotated[bool, typer.Option("--last-image", help="score only a chat message's last image (the others are "
+                                             "context, e.g. a super-resolution input and its truth)")] = False,
 ) -> None:
     """Serve a reward over HTTP: POST /score, and /v1/chat/completions as a vision-language server answers the openai: reward."""
     from rewardiff.rewards.server import serve
 
-    serve(name, host, port, template, range_)
+    serve(name, host, port, template, range_, last_image=last_image)
 
 
 @app.command()

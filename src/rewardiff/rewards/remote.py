@@ -77,6 +77,10 @@ class RemoteReward:
         template: the question, holding ``{prompt}`` (default: :func:`default_template` of ``mode``).
         mode: ``digits``, ``yes-no`` or ``text`` (how the score is read).
         frames: key frames of a video, clipped to its length, or ``"all"``.
+        context: images of the prompt's condition sent before the sample's own, in this order:
+            ``"low-res"`` (the conditioning input) and ``"ground-truth"`` (its truth), read by
+            :mod:`rewardiff.conditions` (a super-resolution judge compares the output with them);
+            empty by default. The template can say which image is which.
         concurrency: requests in flight at most.
         timeout: seconds each try may take to connect, send or receive.
         retries: tries after the first on connection errors, timeouts, 429 and 5xx.
@@ -92,12 +96,13 @@ class RemoteReward:
     def __init__(self, model: str, url: str, template: str | None = None, mode: str = "digits",
                  frames: Any = DEFAULT_FRAMES, concurrency: int = 4, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.5, cache: bool = True, cache_file: str | Path | None = None,
-                 api_key: str | None = None, name: str | None = None):
+                 api_key: str | None = None, name: str | None = None, context: Any = ()):
         import httpx
 
         self.model, self.url, self.mode = _check_model(model), _check_url(url), _check_mode(mode)
         self.template = _check_template(template if template is not None else default_template(mode))
         self.frames = check_frames(frames)
+        self.context = _check_context(context)
         self.concurrency = _check_number("concurrency", concurrency, int, 1)
         self.timeout = _check_number("timeout", timeout, float, 0.0, strict=True)
         self.retries = _check_number("retries", retries, int, 0)
@@ -121,7 +126,8 @@ class RemoteReward:
         """Score a batch: ``x`` images [B, 3, H, W] or videos [B, 3, F, H, W] in [-1, 1], B prompts -> float [B]."""
         if len(prompts) != x.shape[0]:
             raise UserError(f"reward {self.name!r}: {x.shape[0]} samples but {len(prompts)} prompts")
-        pngs = [[to_png(f) for f in frames] for frames in sample_frames(x, self.frames)]
+        pngs = [[to_png(c) for c in self._context_images(prompt)] + [to_png(f) for f in frames]
+                for frames, prompt in zip(sample_frames(x, self.frames), prompts)]
         keys = [self.cache_key(p, prompt) for p, prompt in zip(pngs, prompts)]
         scores: dict[str, float] = {}
         todo: dict[str, int] = {}  # key -> the first sample that needs it
@@ -139,6 +145,20 @@ class RemoteReward:
             if self._use_cache:
                 self._remember(fresh)
         return torch.tensor([scores[k] for k in keys], dtype=torch.float32, device=x.device)
+
+    def _context_images(self, prompt: str) -> list[Tensor]:
+        """The condition images sent before a sample's own (``context``), [3, H, W] each."""
+        if not self.context:
+            return []
+        from rewardiff import conditions
+
+        out = []
+        for what in self.context:
+            im = conditions.low_res(prompt) if what == "low-res" else conditions.ground_truth(prompt)
+            if im is None:
+                raise UserError(f"remote reward {self.url}: prompt {prompt!r} has no {what} image to send")
+            out.append(im)
+        return out
 
     def cache_key(self, pngs: list[bytes], prompt: str) -> str:
         """sha256 over the frames' PNG bytes (each length-prefixed), the prompt, model, template and mode."""
@@ -328,6 +348,17 @@ def _check_number(what: str, value: Any, kind: type, low: float, strict: bool = 
         return kind(value)
     bound = f"{'above' if strict else 'at least'} {low:g}"
     raise UserError(f"remote reward: {what} must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+
+
+CONTEXT = ("low-res", "ground-truth")
+
+
+def _check_context(context: Any) -> tuple[str, ...]:
+    items = (context,) if isinstance(context, str) else tuple(context or ())
+    bad = [c for c in items if c not in CONTEXT]
+    if bad:
+        raise UserError(f"remote reward option 'context' takes {' and '.join(CONTEXT)}, got {bad}")
+    return items
 
 
 def openai_reward(model: str | None = None, url: str | None = None, **options: Any) -> RemoteReward:

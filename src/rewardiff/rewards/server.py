@@ -176,9 +176,14 @@ class RewardService:
         reward: the reward to serve (images [B, 3, H, W] or videos [B, 3, F, H, W] in [-1, 1]).
         templates: the chat texts accepted, each holding ``{prompt}`` (the first that matches wins).
         value_range: (lo, hi) mapping the reward to u in [0, 1]; default the reward's own.
+        last_image: score only the last image of a chat message (the ones before it are context
+            for a vision-language model, such as a super-resolution input and its truth, which
+            the served reward reads from the prompt instead).
     """
 
-    def __init__(self, reward: Reward, templates: list[str], value_range: tuple[float, float] | None = None):
+    def __init__(self, reward: Reward, templates: list[str], value_range: tuple[float, float] | None = None,
+                 last_image: bool = False):
+        self.last_image = bool(last_image)
         self.reward, self.templates = reward, [(t, template_pattern(t), is_yes_no(t)) for t in templates]
         self.value_range = value_range or getattr(reward, "value_range", None)
         self.name = str(getattr(reward, "name", "reward"))
@@ -220,6 +225,8 @@ class RewardService:
     def chat(self, body: Any) -> dict:
         """An OpenAI chat completion answering one request (see the module docstring)."""
         images, text = chat_inputs(body)
+        if self.last_image:
+            images = images[-1:]
         prompt, yes_no = self.match(text)
         x = stack_frames(images, "images")[None]
         u = self.unit(self.score(x, [prompt])[0])
@@ -340,21 +347,21 @@ def bind(host: str, port: int):
     return sock
 
 
-def make_service(name: str, template: str | None = None, value_range: str | None = None) -> RewardService:
+def make_service(name: str, template: str | None = None, value_range: str | None = None, last_image: bool = False) -> RewardService:
     """The service for reward ``name`` (any spec :func:`~rewardiff.rewards.get_reward` takes)."""
     from rewardiff.rewards import get_reward
 
     lohi = parse_range(value_range)
     templates = [template] if template is not None else [DIGITS_TEMPLATE, YES_NO_TEMPLATE]
-    return RewardService(get_reward(name), templates, lohi)
+    return RewardService(get_reward(name), templates, lohi, last_image)
 
 
 def serve(name: str, host: str = "127.0.0.1", port: int = 8000, template: str | None = None,
-          value_range: str | None = None, log_level: str = "warning") -> None:
+          value_range: str | None = None, log_level: str = "warning", last_image: bool = False) -> None:
     """Serve reward ``name`` until interrupted; prints the address (the real port when ``port`` is 0)."""
     import uvicorn
 
-    service = make_service(name, template, value_range)
+    service = make_service(name, template, value_range, last_image)
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}/v1"
