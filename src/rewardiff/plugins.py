@@ -42,12 +42,14 @@ MODELS: dict[str, str] = {
     "molecules": "rewardiff.worlds.molecules.masked:molecules_model",
     "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
     "shapes-video": "rewardiff.worlds.video.denoiser:video_model",
+    "shapes-sr": "rewardiff.worlds.superres.model:shapes_sr_model",
 }
 
 MODEL_DIRS: dict[str, tuple[str, str]] = {
     "molecules-ar": ("rewardiff.worlds.molecules.autoregressive:is_ar_dir", "rewardiff.worlds.molecules.autoregressive:molecules_ar_model"),
     "molecules": ("rewardiff.worlds.molecules.masked:is_masked_dir", "rewardiff.worlds.molecules.masked:molecules_model"),
     "video": ("rewardiff.worlds.video.denoiser:is_video_dir", "rewardiff.worlds.video.denoiser:video_model"),
+    "superres": ("rewardiff.worlds.superres.model:is_sr_dir", "rewardiff.worlds.superres.model:shapes_sr_model"),
     "shapes": ("rewardiff.worlds.shapes.denoiser:is_shapes_dir", "rewardiff.worlds.shapes.denoiser:shapes_model"),
 }
 
@@ -74,6 +76,7 @@ _PERCEPTUAL = "rewardiff.rewards.perceptual"
 _SHAPES_FEAT = "rewardiff.worlds.shapes.feature_rewards"
 _GENEVAL = "rewardiff.worlds.shapes.geneval_suite"
 _VIDEO = "rewardiff.worlds.video.evaluate"
+_SR = "rewardiff.worlds.superres.rewards"
 
 REWARDS: dict[str, RewardEntry] = {
     # plain image rewards
@@ -127,6 +130,11 @@ REWARDS: dict[str, RewardEntry] = {
                                       "Video world: 1 when the classical judge reads count, colour, direction and every frame right, else 0."),
     "video-frames-count": RewardEntry("rewardiff.worlds.video.frame_rewards:frames_count", True,
                                       "Video world: the shapes count reward on each frame image (use keyframes(video-frames-count) on clips)."),
+    # the super-resolution world (prompts name their input: shapes-sr:held-out/3)
+    "sr-hallucination": RewardEntry(f"{_SR}:sr_hallucination", False,
+                                    "Super-resolution world: minus the judge's hallucination count against the ground truth."),
+    "sr-hallucination-lr": RewardEntry(f"{_SR}:sr_hallucination_lr", False,
+                                       "Super-resolution world: minus the hallucinations the low-resolution input shows (output degraded, compared)."),
     # the molecules world
     "qed": RewardEntry(f"{_CHEM}:qed", False, "Molecules: QED drug-likeness in [0, 1] from RDKit (0 for an empty molecule)."),
     "sa": RewardEntry(f"{_CHEM}:sa", False, "Molecules: synthetic accessibility flipped to (10 - SA) / 9 in [0, 1], higher is easier."),
@@ -154,12 +162,15 @@ PROMPT_SETS: dict[str, str] = {
     "video-all": "rewardiff.worlds.video.data:all_prompts",
     "animals": "rewardiff.prompts:animals",
     "animals-held-out": "rewardiff.prompts:animals_held_out",
+    "sr-train": "rewardiff.worlds.superres.data:train_prompts",
+    "sr-held-out": "rewardiff.worlds.superres.data:held_out_prompts",
 }
 
 EVALUATIONS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.evaluate:judge_hook",
     "molecules": "rewardiff.worlds.molecules.evaluate:chemistry_hook",
     "video": "rewardiff.worlds.video.evaluate:judge_hook",
+    "superres": "rewardiff.worlds.superres.evaluate:hallucination_hook",
 }
 
 TEXT_GRIDS: dict[str, str] = {
@@ -177,6 +188,7 @@ PRETRAIN: dict[str, str] = {
     "molecules": "rewardiff.worlds.molecules.pretrain_masked:pretrain_command",
     "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
     "shapes-video": "rewardiff.worlds.video.pretrain:pretrain_command",
+    "shapes-sr": "rewardiff.worlds.superres.pretrain:pretrain_command",
 }
 
 REWARD_TRAINERS: dict[str, str] = {
@@ -187,7 +199,9 @@ EVALUATION_SUITES: dict[str, str] = {
     "geneval-shapes": f"{_GENEVAL}:eval_command",
 }
 
-IMAGE_SOURCES: dict[str, str] = {}
+IMAGE_SOURCES: dict[str, str] = {
+    "shapes-sr": "rewardiff.worlds.superres.data:SOURCE",
+}
 
 
 def load(target: str) -> Any:

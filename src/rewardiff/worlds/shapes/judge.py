@@ -111,6 +111,12 @@ def classify_shape(mask: np.ndarray) -> int:
 
 def objects(image: np.ndarray) -> list[ShapeObject]:
     """Every object of one uint8 image [H, W, 3]: the components :func:`read` counts, with their shapes."""
+    return [o for o, _ in objects_with_masks(image)]
+
+
+def objects_with_masks(image: np.ndarray) -> list[tuple[ShapeObject, np.ndarray]]:
+    """The objects of :func:`objects`, each with its component's pixels (a bool mask [H, W]),
+    for judges that match objects by where they lie (the super-resolution world's)."""
     rgb = image.astype(np.float32)
     fg = rgb.max(axis=-1) > FOREGROUND_MIN
     nearest = ((rgb[:, :, None, :] - shapes.COLOR_RGB[None, None]) ** 2).sum(-1).argmin(-1)
@@ -124,7 +130,9 @@ def objects(image: np.ndarray) -> list[ShapeObject]:
                 continue
             ys, xs = np.nonzero(mask)
             centroid = (float(xs.mean()) + sx.start + 0.5, float(ys.mean()) + sy.start + 0.5)
-            out.append(ShapeObject(classify_shape(mask), c, (sx.start, sy.start, sx.stop, sy.stop), centroid, area))
+            full = np.zeros(labels.shape, bool)
+            full[sy, sx] = mask
+            out.append((ShapeObject(classify_shape(mask), c, (sx.start, sy.start, sx.stop, sy.stop), centroid, area), full))
     return out
 
 
