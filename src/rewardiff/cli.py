@@ -76,7 +76,7 @@ def finetune(
     out: Annotated[Path, typer.Option(help="run directory (must not hold a run, unless --resume)")] = Path("runs/finetune"),
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint, with the same config")] = False,
 ) -> None:
-    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard; gumbel for token models).
+    """Fine-tune a model on a reward (draft, draft-k, draft-lv, alignprop, refl, ddpo, vard, grpo, nft; gumbel for token models).
 
     Ctrl-C or SIGTERM stops at the end of the current step with a checkpoint (exit status 130 or
     143); --resume continues bit for bit. A mistake in the config or the arguments is one line
