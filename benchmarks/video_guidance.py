@@ -177,14 +177,16 @@ def summarize() -> dict:
 
 
 def print_table(table: dict) -> None:
-    cols = ("all_ok", "count_ok", "color_ok", "direction_ok", "consistency")
-    print(f"{'config':24s} {'NFE':>6s} " + " ".join(f"{c:>15s}" for c in cols) + "   (held-out; mean ± sd over method seeds)")
+    cols = [("held_out", c) for c in ("partial", "all_ok", "count_ok", "color_ok", "direction_ok", "consistency", "reward_view_partial")]
+    cols += [("train", "partial"), ("train", "reward_view_partial")]
+    head = " ".join(f"{(s[:5] + ':' + c.replace('_ok', '').replace('reward_view_partial', 'seen'))[:15]:>15s}" for s, c in cols)
+    print(f"{'config':24s} {'NFE':>5s} {head}   (mean ± sd over method seeds; seen: the judge on the frames the reward was sent)")
     for name, e in table.items():
         cells = []
-        for c in cols:
-            key = f"held_out_{c}"
+        for split, c in cols:
+            key = f"{split}_{c}"
             cells.append(f"{e[key]:.3f}±{e[key + '_sd']:.3f}" if key in e else "-")
-        print(f"{name:24s} {e['nfe_per_sample']:6.0f} " + " ".join(f"{c:>15s}" for c in cells))
+        print(f"{name:24s} {e['nfe_per_sample']:5.0f} " + " ".join(f"{c:>15s}" for c in cells))
 
 
 def main() -> None:
