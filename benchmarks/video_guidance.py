@@ -15,7 +15,8 @@ What is compared, and how it is kept fair:
   SVDD-PM and SMC take the largest width that spends no more (``Method.plan``); base is the
   floor. With T = 24 steps the budgets meet: Free2Guide 2 (24 + 4 x 6) = 96 NFE a clip,
   best-of-2 and SMC with 2 particles 96, SVDD-PM with M = 2 94. Every method samples the same
-  (prompt, seed) grid; the main methods run with two method seeds, the ensembles and the
+  (prompt, seed) grid for a run seed (each run seed draws fresh initial noises, for every method
+  alike, base included); the main methods run with two run seeds, the ensembles and the
   ablation with one (CPU time), the spread beside every mean.
 - Ensembles (Free2Guide's three): the served judge with an image reward on key frames
   (``keyframes(video-frames-count)``: the shapes world's learned count reward on each key
@@ -111,10 +112,12 @@ def served(reward: str):
         proc.wait(timeout=30)
 
 
-def grid(prompts: list[str]) -> tuple[list[str], list[int]]:
-    """The (prompt, seed) grid every method samples: PER_PROMPT seeds of each prompt."""
+def grid(prompts: list[str], seed: int) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) grid every method samples with run seed ``seed``: PER_PROMPT sample
+    seeds of each prompt, a fresh set for each run seed (best-of-N has no randomness of its own,
+    so a run seed must change the initial noises, for every method alike)."""
     ps = [p for p in prompts for _ in range(PER_PROMPT)]
-    ss = [1000 + i for i in range(len(ps))]
+    ss = [1000 + 100_000 * seed + i for i in range(len(ps))]
     return ps, ss
 
 
@@ -143,7 +146,7 @@ def run_one(name: str, seed: int, vlm: str, model, prompts: list[str], split: li
         ref = make_method("free2guide", reward, width=N_CANDIDATES, window=WINDOW)
         ref.check(1.0, model.process)
         budget_plan(meth, ref.cost(STEPS, 2), STEPS, GUIDANCE)
-    ps, ss = grid(prompts)
+    ps, ss = grid(prompts, seed)
     t0 = time.time()
     x, info = guided_sample(model, meth, ps, ss, STEPS, guidance_scale=GUIDANCE, eta=1.0, batch_size=16)
     seconds = time.time() - t0
@@ -215,8 +218,6 @@ def main() -> None:
         rng = np.random.default_rng(0)
         prompts = held + [train[i] for i in sorted(rng.choice(len(train), args.train_prompts, replace=False))]
         def seeds_of(c: str) -> list[int]:
-            if c == "base":
-                return [0]
             return [int(x) for x in (args.seeds if c in MAIN else args.extra_seeds).split(",")]
 
         todo = [(c, s) for c in args.configs.split(",") for s in seeds_of(c)]
