@@ -95,14 +95,9 @@ class SRDenoiser(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from rewardiff.io import save_module
 
-        from rewardiff.io import atomic_write, atomic_write_text
-
-        d = Path(directory)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
-        atomic_write_text(d / "config.json", json.dumps(asdict(self.config), indent=2))
+        save_module(directory, self, asdict(self.config))
 
     @classmethod
     def load(cls, directory: str | Path) -> SRDenoiser:
