@@ -233,6 +233,35 @@ def soup(
         typer.echo(f"plot: {out / 'soup_curve.png'}")
 
 
+@app.command()
+def distill(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML of distill fields (configs/distill-*.yaml)")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="the text (default: the config's)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the prior: shapes-3d (default), any rewardiff model, diffusers:DIR")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="a field: key=value (steps=400, visual_prompt=generate, ...)")] = None,
+    out: Annotated[Path, typer.Option(help="run directory (must not hold a run, unless --resume)")] = Path("runs/distill"),
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint, with the same config")] = False,
+) -> None:
+    """Text-to-3D: score distillation (SDS) from a diffusion model onto 3D Gaussians, with VP3D's visual prompt and rewards.
+
+    Writes the scene, a turntable (PNG strip and GIF), summary.json and report.html to --out.
+    Ctrl-C or SIGTERM stops at the end of the current step with a checkpoint; --resume continues."""
+    from rewardiff.distill.config import load_config
+    from rewardiff.distill.run import distill as run
+    from rewardiff.report.strict import strict_dumps
+    from rewardiff.sampling import parse_options
+
+    fields = parse_options(set_, "--set")
+    if prompt is not None:
+        fields["prompt"] = prompt
+    if model is not None:
+        fields["model"] = model
+    cfg = load_config(config, fields)
+    summary = run(cfg, out, resume=resume)
+    typer.echo(strict_dumps(summary, indent=2))
+    typer.echo(f"turntable: {out / 'turntable.gif'}; report: {out / 'report.html'}")
+
+
 @app.command("serve-reward")
 def serve_reward(
     name: Annotated[str, typer.Argument(help="reward to serve: a registered name (rewardiff rewards) or package.module:function; images only")],

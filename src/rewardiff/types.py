@@ -163,6 +163,10 @@ class ContinuousProcess(Process, Protocol):
         """The signal-to-noise ratio of x_t: (coefficient of x0)^2 / (variance of the noise)."""
         ...
 
+    def at_fraction(self, tau: Tensor) -> Tensor:
+        """The timesteps at fractions ``tau`` in [0, 1] of the way from clean to pure noise."""
+        ...
+
 
 class Draw(NamedTuple):
     """How the rollout picks a categorical step's tokens (its ``draw`` argument).

@@ -175,6 +175,7 @@ def sd_model(path: str | Path) -> DiffusionModel:
     model = DiffusionModel(net, process_from_scheduler(dict(pipe.scheduler.config)), net.encode, shape,
                            vae_decoder(pipe.vae), name=f"diffusers:{d.name}")
     model.image_size = size * pipe.vae_scale_factor  # type: ignore[attr-defined]
+    model.encode_images = vae_encoder(pipe.vae)  # type: ignore[attr-defined]
     return model
 
 
@@ -230,6 +231,19 @@ def vae_decoder(vae: nn.Module):
         return checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() and z.requires_grad else run(z)
 
     return decode
+
+
+def vae_encoder(vae: nn.Module):
+    """images in [-1, 1] -> latents z = (mean of vae.encode(x) - shift) * scale, the inverse of
+    :func:`vae_decoder`, differentiable (score distillation pushes its gradient through it)."""
+    vae.eval().requires_grad_(False)
+    scale, shift = float(vae.config.scaling_factor), getattr(vae.config, "shift_factor", None)
+
+    def encode(x: Tensor) -> Tensor:
+        mean = vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist.mean
+        return mean * scale if shift is None else (mean - float(shift)) * scale
+
+    return encode
 
 
 def _byte_symbols() -> list[str]:

@@ -112,7 +112,7 @@ def sd3_model(path: str | Path) -> DiffusionModel:
     """A diffusers ``StableDiffusion3Pipeline`` folder as a DiffusionModel (no network access)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from rewardiff.models.sd import pipeline_index, vae_decoder
+    from rewardiff.models.sd import pipeline_index, vae_decoder, vae_encoder
 
     d = Path(path)
     index = pipeline_index(d)
@@ -142,6 +142,7 @@ def sd3_model(path: str | Path) -> DiffusionModel:
     shape = (int(tf.config.in_channels), size, size)
     model = DiffusionModel(net, process, net.encode, shape, vae_decoder(pipe.vae), name=f"diffusers:{d.name}")
     model.image_size = size * pipe.vae_scale_factor  # type: ignore[attr-defined]
+    model.encode_images = vae_encoder(pipe.vae)  # type: ignore[attr-defined]
     return model
 
 

@@ -162,6 +162,11 @@ class FlowProcess:
 
     # ------------------------------------------------------------------ forward process
 
+    def at_fraction(self, tau: Tensor) -> Tensor:
+        """The timesteps at fractions ``tau`` in [0, 1] of the way to pure noise: N tau, that is
+        sigma = tau (score distillation draws its noise levels so)."""
+        return torch.as_tensor(tau, dtype=torch.float64).clamp(0, 1).float() * self.num_train_timesteps
+
     def training_timesteps(self, n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0) -> Tensor:
         """n timesteps to train a denoiser at: sigma from the logit-normal of SD3 (Esser et al.
         2024, sec. 3.1: sigma = sigmoid(u), u ~ N(mean, std^2); 0 and 1 by default), as floats t = N sigma."""

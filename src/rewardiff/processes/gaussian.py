@@ -117,6 +117,12 @@ class GaussianProcess:
         a = self.alpha_bar(t)
         return a / (1 - a)
 
+    def at_fraction(self, tau: Tensor) -> Tensor:
+        """The training timesteps at fractions ``tau`` in [0, 1] of the way to pure noise:
+        round(tau (N - 1)), int64 (score distillation draws its noise levels so)."""
+        n = self.num_train_timesteps - 1
+        return torch.round(torch.as_tensor(tau, dtype=torch.float64) * n).long().clamp(0, n)
+
     def training_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n timesteps to train a denoiser at: uniform over the training timesteps (DDPM)."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
