@@ -97,7 +97,7 @@ def finetune(
 @app.command()
 def sample(
     out: Annotated[Path, typer.Option(help="output directory")],
-    model: Annotated[str, typer.Option(help="model: shapes, shapes-sr, molecules, molecules-ar, hf:DIR, diffusers:DIR or a model directory")] = "shapes",
+    model: Annotated[str, typer.Option(help="model: shapes, shapes-sr, shapes-3d, molecules, molecules-ar, hf:DIR, diffusers:DIR or a model directory")] = "shapes",
     checkpoint: Annotated[Optional[Path], typer.Option(help="fine-tuned run or checkpoint directory")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(help="prompt (repeat for several; default: 'two red circles')")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="file of prompts: one a line (blank lines and # comments "
@@ -126,7 +126,7 @@ def sample(
 
 @app.command()
 def pretrain(
-    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, shapes-geneval, shapes-video, shapes-sr, molecules or molecules-ar")],
+    world: Annotated[str, typer.Argument(help="which world model: shapes, shapes-flow, shapes-geneval, shapes-video, shapes-sr, shapes-3d, molecules or molecules-ar")],
     out: Annotated[Optional[Path], typer.Option(help="training directory, resumed when it holds a checkpoint (default: runs/pretrain-WORLD)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the world's, as its shipped model)")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,

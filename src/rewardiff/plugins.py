@@ -24,6 +24,8 @@ Registries:
         (``rewardiff train-reward``).
     EVALUATION_SUITES: suite name -> ``run(out, model, checkpoint, split, n, steps, guidance_scale,
         eta, seed) -> str`` (``rewardiff eval SUITE``: samples, judges, writes OUT, returns what to print).
+    JUDGES_3D: world name -> ``judge(views [V, 3, H, W], text) -> dict of figures``: how
+        ``rewardiff distill`` reads a distilled scene's turntable (count, colours, consistency).
     IMAGE_SOURCES: scheme -> an object with ``low_res(key)`` and ``ground_truth(key)``: images
         that prompts reference (``"shapes-sr:held-out/3"``), see :mod:`rewardiff.conditions`.
 """
@@ -43,6 +45,7 @@ MODELS: dict[str, str] = {
     "molecules-ar": "rewardiff.worlds.molecules.autoregressive:molecules_ar_model",
     "shapes-video": "rewardiff.worlds.video.denoiser:video_model",
     "shapes-sr": "rewardiff.worlds.superres.model:shapes_sr_model",
+    "shapes-3d": "rewardiff.worlds.shapes3d.prior:shapes3d_model",
 }
 
 MODEL_DIRS: dict[str, tuple[str, str]] = {
@@ -50,6 +53,7 @@ MODEL_DIRS: dict[str, tuple[str, str]] = {
     "molecules": ("rewardiff.worlds.molecules.masked:is_masked_dir", "rewardiff.worlds.molecules.masked:molecules_model"),
     "video": ("rewardiff.worlds.video.denoiser:is_video_dir", "rewardiff.worlds.video.denoiser:video_model"),
     "superres": ("rewardiff.worlds.superres.model:is_sr_dir", "rewardiff.worlds.superres.model:shapes_sr_model"),
+    "shapes3d": ("rewardiff.worlds.shapes3d.prior:is_shapes3d_dir", "rewardiff.worlds.shapes3d.prior:shapes3d_model"),
     "shapes": ("rewardiff.worlds.shapes.denoiser:is_shapes_dir", "rewardiff.worlds.shapes.denoiser:shapes_model"),
 }
 
@@ -164,6 +168,9 @@ PROMPT_SETS: dict[str, str] = {
     "animals-held-out": "rewardiff.prompts:animals_held_out",
     "sr-train": "rewardiff.worlds.superres.data:train_prompts",
     "sr-held-out": "rewardiff.worlds.superres.data:held_out_prompts",
+    "3d-train": "rewardiff.worlds.shapes3d.data:train_prompts",
+    "3d-held-out": "rewardiff.worlds.shapes3d.data:held_out_prompts",
+    "3d-all": "rewardiff.worlds.shapes3d.data:all_prompts",
 }
 
 EVALUATIONS: dict[str, str] = {
@@ -189,6 +196,7 @@ PRETRAIN: dict[str, str] = {
     "molecules-ar": "rewardiff.worlds.molecules.pretrain_ar:pretrain_command",
     "shapes-video": "rewardiff.worlds.video.pretrain:pretrain_command",
     "shapes-sr": "rewardiff.worlds.superres.pretrain:pretrain_command",
+    "shapes-3d": "rewardiff.worlds.shapes3d.pretrain:pretrain_command",
 }
 
 REWARD_TRAINERS: dict[str, str] = {
@@ -197,6 +205,10 @@ REWARD_TRAINERS: dict[str, str] = {
 
 EVALUATION_SUITES: dict[str, str] = {
     "geneval-shapes": f"{_GENEVAL}:eval_command",
+}
+
+JUDGES_3D: dict[str, str] = {
+    "shapes3d": "rewardiff.worlds.shapes3d.judge:multiview",
 }
 
 IMAGE_SOURCES: dict[str, str] = {

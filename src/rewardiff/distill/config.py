@@ -35,7 +35,7 @@ class DistillConfig:
     elevation_max: float = 40.0
     distance: float = 4.0
     fov: float = 40.0
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # RGB behind the scene, for priors without a world of their own
     view_prompt: str = "auto"  # auto | view (the prior reads the camera) | suffix (", front view" ...) | none
     # SDS
     guidance_scale: float = 30.0  # SDS needs large scales (DreamFusion: 100)

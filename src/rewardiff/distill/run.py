@@ -78,6 +78,12 @@ def resolve_view_mode(model: Any, mode: str) -> str:
 # ----------------------------------------------------------------------------- the model's image space
 
 
+def background(model: Any, cfg: DistillConfig):
+    """What the scene is rendered over: the world's own ground and sky where the prior was trained
+    on them (``model.render_background(camera, size)``), else the config's plain colour."""
+    return getattr(model, "render_background", None) or tuple(cfg.background)
+
+
 def render_size(model: Any, cfg: DistillConfig) -> int:
     """The side of the renders: the config's, or the size of the images the model makes."""
     if cfg.size is not None:
@@ -280,7 +286,7 @@ def distill(cfg: DistillConfig, out: Path, resume: bool = False, progress: bool 
     opt = torch.optim.Adam(_param_groups(scene, cfg), eps=1e-15)
     start = _load_checkpoint(out, scene, opt)
     truncate_jsonl(out / "metrics.jsonl", start)
-    bg = tuple(cfg.background)
+    bg = background(model, cfg)
 
     with StopSignals() as stop, (out / "metrics.jsonl").open("a") as log:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="distill")
@@ -344,7 +350,7 @@ def finish(cfg: DistillConfig, out: Path, scene, model: Any, mode: str, size: in
     state = {k: v.detach().contiguous() for k, v in scene.state_dict().items()}
     atomic_write(out / "scene.safetensors", lambda p: save_file(state, str(p)))
     with torch.no_grad():
-        views = render_views(scene, turntable_cameras(cfg, cfg.turntable), size, background=tuple(cfg.background))
+        views = render_views(scene, turntable_cameras(cfg, cfg.turntable), size, background=background(model, cfg))
     save_grid(views, out / "turntable.png", nrow=cfg.turntable, scale=4)
     save_gif(views.permute(1, 0, 2, 3), out / "turntable.gif", scale=4, fps=6)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -22,14 +22,19 @@ from rewardiff.worlds.shapes import data as shapes
 
 def grammar(prompts: str) -> tuple[int, int, Callable[[list[str]], Tensor]]:
     """(vocabulary size, most tokens, tokenizer) of a grammar of prompts: ``count`` (the
-    counting world's words) or ``geneval`` (those and GenEval's: a, and, left of, above, ...)."""
+    counting world's words), ``geneval`` (those and GenEval's: a, and, left of, above, ...) or
+    ``shapes3d`` (the 3D world's: "two red spheres and a blue cube")."""
     if prompts == "count":
         return len(shapes.VOCAB), shapes.MAX_TOKENS, shapes.tokenize
     if prompts == "geneval":
         from rewardiff.worlds.shapes import compositions
 
         return len(compositions.GENEVAL_VOCAB), compositions.GENEVAL_MAX_TOKENS, compositions.tokenize
-    raise UserError(f"unknown prompts {prompts!r} in the shapes model's config; count or geneval")
+    if prompts == "shapes3d":
+        from rewardiff.worlds.shapes3d import data as shapes3d
+
+        return len(shapes3d.VOCAB), shapes3d.MAX_TOKENS, shapes3d.tokenize
+    raise UserError(f"unknown prompts {prompts!r} in the shapes model's config; count, geneval or shapes3d")
 
 
 @dataclass
@@ -43,7 +48,7 @@ class ShapesModelConfig:
     prediction: str = "v_prediction"  # epsilon | v_prediction | sample (the Gaussian process)
     process: str = "gaussian"  # gaussian (DDPM/DDIM) | flow (rectified flow: velocity, as SD3)
     shift: float = 1.0  # flow: the schedule's shift (SD3: 3 at 1024 px; 1 at 32 px)
-    prompts: str = "count"  # the grammar it reads: count (the counting prompts) | geneval (GenEval's six tasks)
+    prompts: str = "count"  # the grammar it reads: count (the counting prompts) | geneval (GenEval's six tasks) | shapes3d
     extra: dict = field(default_factory=dict)  # free-form notes carried into the card
 
 
