@@ -134,6 +134,9 @@ REWARDS: dict[str, RewardEntry] = {
                                       "Video world: 1 when the classical judge reads count, colour, direction and every frame right, else 0."),
     "video-frames-count": RewardEntry("rewardiff.worlds.video.frame_rewards:frames_count", True,
                                       "Video world: the shapes count reward on each frame image (use keyframes(video-frames-count) on clips)."),
+    # the 3D shapes world (renders of a scene; a prompt's camera reference is ignored)
+    "shapes3d-count": RewardEntry("rewardiff.worlds.shapes3d.reward_model:shapes3d_count", True,
+                                  "3D shapes world: sum over colours of log p(asked count of that colour) from the learned CNN."),
     # the super-resolution world (prompts name their input: shapes-sr:held-out/3)
     "sr-hallucination": RewardEntry(f"{_SR}:sr_hallucination", False,
                                     "Super-resolution world: minus the judge's hallucination count against the ground truth."),
@@ -201,6 +204,7 @@ PRETRAIN: dict[str, str] = {
 
 REWARD_TRAINERS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.reward_training:train_with_base_samples",
+    "shapes3d": "rewardiff.worlds.shapes3d.reward_model:train_command",
 }
 
 EVALUATION_SUITES: dict[str, str] = {
