@@ -81,10 +81,10 @@ def test_random_cameras_cover_the_stated_ranges():
 def test_ground_is_a_grey_disc_under_a_white_sky():
     cam = Camera(0.0, 10.0)
     bg = world.ground(cam, 32)
-    # the centre ray hits the origin: ground; the top row looks 10 - 19.4 < 0 degrees... still down
-    # at its centre? tan: the top row centre is 15.5 px above the axis, f = 16 / tan(20 deg)
+    # the centre ray hits the origin: ground. The top row's centre is 15.5 px above the axis with
+    # f = 16 / tan(20 deg) px, so its ray rises atan(15.5 / f) - 10 degrees above the horizon: sky
     up = math.degrees(math.atan(15.5 / (16 / math.tan(math.radians(20.0))))) - 10.0
-    assert up > 0  # so the top row looks above the horizon: sky
+    assert up > 0
     assert torch.allclose(bg[:, 16, 16], torch.tensor(world.GROUND_RGB))
     assert torch.allclose(bg[:, 0, 16], torch.ones(3))
     assert torch.allclose(world.ground(Camera(0.0, 89.0, distance=10.0), 32)[:, 16, 16], torch.tensor(world.GROUND_RGB))
