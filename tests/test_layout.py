@@ -119,7 +119,7 @@ def test_a_world_registers_a_model_by_name_without_the_core_importing_it(monkeyp
     monkeypatch.setitem(plugins.MODELS, "toy2d", "tests.test_layout:toy_loader")
     model = base_model("toy2d")
     assert model.name == "toy2d" and model.capabilities == {"chain", "gaussian"}
-    with pytest.raises(UserError, match="unknown model 'toy3d'; use 'shapes', 'shapes-flow', 'shapes-geneval', 'molecules', 'molecules-ar', 'shapes-video', 'shapes-sr', 'toy2d'"):
+    with pytest.raises(UserError, match="unknown model 'toy3d'; use 'shapes', 'shapes-flow', 'shapes-geneval', 'molecules', 'molecules-ar', 'shapes-video', 'shapes-sr', 'shapes-3d', 'toy2d'"):
         base_model("toy3d")
 
 

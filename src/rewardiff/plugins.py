@@ -24,6 +24,8 @@ Registries:
         (``rewardiff train-reward``).
     EVALUATION_SUITES: suite name -> ``run(out, model, checkpoint, split, n, steps, guidance_scale,
         eta, seed) -> str`` (``rewardiff eval SUITE``: samples, judges, writes OUT, returns what to print).
+    FEATURE_DISTANCES: name -> ``factory() -> distance(x, y) -> [B]``: image distances of a world
+        (over its reward model's features), for ``rewardiff distill``'s visual consistency.
     JUDGES_3D: world name -> ``judge(views [V, 3, H, W], text) -> dict of figures``: how
         ``rewardiff distill`` reads a distilled scene's turntable (count, colours, consistency).
     IMAGE_SOURCES: scheme -> an object with ``low_res(key)`` and ``ground_truth(key)``: images
@@ -209,6 +211,11 @@ REWARD_TRAINERS: dict[str, str] = {
 
 EVALUATION_SUITES: dict[str, str] = {
     "geneval-shapes": f"{_GENEVAL}:eval_command",
+}
+
+FEATURE_DISTANCES: dict[str, str] = {
+    "lpips-shapes": "rewardiff.worlds.shapes.feature_rewards:lpips_shapes_distance",
+    "dists-shapes": "rewardiff.worlds.shapes.feature_rewards:dists_shapes_distance",
 }
 
 JUDGES_3D: dict[str, str] = {

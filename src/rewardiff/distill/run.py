@@ -110,20 +110,21 @@ def to_net_space(model: Any, images: Tensor) -> Tensor:
 
 def consistency_metric(spec: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The visual-consistency distance by name, (x [B,3,H,W], y [B,3,H,W]) -> [B], 0 for equal images:
-    ``mse`` (pixels), ``lpips-shapes`` / ``dists-shapes`` (over the shapes reward model's features),
-    ``lpips:DIR`` / ``dists:DIR`` (LPIPS v0.1 / DISTS weights in DIR)."""
+    ``mse`` (pixels), a world's (``rewardiff.plugins.FEATURE_DISTANCES``: ``lpips-shapes`` /
+    ``dists-shapes`` over the shapes reward model's features), ``lpips:DIR`` / ``dists:DIR``
+    (LPIPS v0.1 / DISTS weights in DIR)."""
     if spec == "mse":
         return lambda x, y: (x - y.to(x)).pow(2).flatten(1).mean(1)
-    if spec in ("lpips-shapes", "dists-shapes"):
-        from rewardiff.worlds.shapes.feature_rewards import shapes_distance
+    from rewardiff import plugins
 
-        return shapes_distance(spec.split("-")[0])
+    if spec in plugins.FEATURE_DISTANCES:
+        return plugins.load(plugins.FEATURE_DISTANCES[spec])()
     kind, sep, folder = spec.partition(":")
     if sep and kind in ("lpips", "dists"):
         from rewardiff.rewards import perceptual
 
         return perceptual.lpips_metric(Path(folder)) if kind == "lpips" else perceptual.dists_metric(Path(folder))
-    raise UserError(f"unknown consistency {spec!r}; mse, lpips-shapes, dists-shapes, lpips:DIR or dists:DIR")
+    raise UserError(f"unknown consistency {spec!r}; mse, {', '.join(plugins.FEATURE_DISTANCES)}, lpips:DIR or dists:DIR")
 
 
 def load_visual_prompt(cfg: DistillConfig, model: Any, size: int, mode: str, out: Path) -> Tensor | None:

@@ -49,6 +49,16 @@ def shapes_distance(kind: str, path: str | Path | None = None) -> FeatureDistanc
     return FeatureDistance(ShapesFeatures(load_reward_model(path)), kind, size=SIZE)
 
 
+def lpips_shapes_distance() -> FeatureDistance:
+    """The LPIPS-style distance over the shipped reward model's features. (x, y) -> [B]"""
+    return shapes_distance("lpips")
+
+
+def dists_shapes_distance() -> FeatureDistance:
+    """The DISTS-style distance over the shipped reward model's features. (x, y) -> [B]"""
+    return shapes_distance("dists")
+
+
 def _reward(kind: str, against: str, path: str | Path | None) -> RewardFn:
     check_against(against)
     _check_exists(_weights_file(path))

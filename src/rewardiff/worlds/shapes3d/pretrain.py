@@ -24,8 +24,8 @@ from rewardiff.worlds.shapes3d.prior import NAME, ViewDenoiser, with_view
 
 @dataclass
 class PretrainConfig:
-    steps: int = 3000  # optimizer steps
-    batch_size: int = 48  # renders per step
+    steps: int = 1500  # optimizer steps (the shipped model: 1500)
+    batch_size: int = 32  # renders per step
     lr: float = 1e-3  # AdamW learning rate after warm-up
     warmup: int = 200  # linear warm-up steps
     ema: float = 0.999  # EMA decay of the shipped weights
