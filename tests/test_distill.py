@@ -205,3 +205,18 @@ def test_latent_sd_model_distils_through_its_vae(tmp_path):
     end = final_scene(tmp_path / "run")
     for name, p in start.state_dict().items():
         assert not torch.equal(p, end.state_dict()[name]), f"{name} did not move"
+
+
+def test_a_2d_flow_model_distils_too(tmp_path):
+    """The shipped 2-D shapes flow model (velocity prediction, no camera): the prompt alone, the
+    gradient through the flow process; the world has no 3D judge, so none is read."""
+    from rewardiff.sampling import load_model
+
+    model = load_model("shapes-flow")
+    cfg = config(prompt="two red circles", steps=3, size=None, guidance_scale=5.0, checkpoint_every=3)
+    summary = distill(cfg, tmp_path / "run", progress=False, model=model)
+    assert summary["view_prompt"] == "none" and "judge" not in summary
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["sds_grad_norm"] > 0 for r in rows)
+    with pytest.raises(UserError, match="does not read cameras"):
+        distill(config(view_prompt="view"), tmp_path / "bad", progress=False, model=model)
