@@ -110,7 +110,21 @@ class Release:
 
 
 @dataclass
-class CovarianceEstimator:
+class _PrivateEstimator:
+    """The settings every private estimator shares (see each estimator's Args)."""
+
+    phi: FeatureMap
+    m: int
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    reward_bound: float = 1.0
+    rkhs_norm: float = 1.0
+    ridge: float = 0.01
+    noise_multiplier: float = 1.0
+
+
+@dataclass
+class CovarianceEstimator(_PrivateEstimator):
     """The low-sensitivity covariance-based estimator (Pavlovic, Salgia & Zhao 2025).
 
     Releases Sigma_hat = (1/n) sum phi_i phi_i^T (its upper triangle) and b_hat = (1/n) sum phi_i y_i
@@ -133,14 +147,6 @@ class CovarianceEstimator:
         share: The part of the (whitened) privacy budget given to Sigma_hat.
     """
 
-    phi: FeatureMap
-    m: int
-    epsilon: float = 1.0
-    delta: float = 1e-5
-    reward_bound: float = 1.0
-    rkhs_norm: float = 1.0
-    ridge: float = 0.01
-    noise_multiplier: float = 1.0
     share: float = 0.5
 
     def sensitivity(self, n: int) -> tuple[float, float]:
@@ -193,7 +199,7 @@ class CovarianceEstimator:
 
 
 @dataclass
-class RidgeOutputPerturbation:
+class RidgeOutputPerturbation(_PrivateEstimator):
     """Kernel ridge regression in the features, released by output perturbation (the baseline).
 
     theta_hat = (Phi^T Phi / n + lam I)^{-1} Phi^T y / n plus Gaussian noise of L2 sensitivity
@@ -202,15 +208,6 @@ class RidgeOutputPerturbation:
     unit sensitivity: the same rule as the covariance estimator's, noise error against the bias
     sqrt(lam) B.
     """
-
-    phi: FeatureMap
-    m: int
-    epsilon: float = 1.0
-    delta: float = 1e-5
-    reward_bound: float = 1.0
-    rkhs_norm: float = 1.0
-    ridge: float = 0.01
-    noise_multiplier: float = 1.0
 
     def regulariser(self, n: int) -> float:
         c = gaussian_sigma(1.0, self.epsilon, self.delta)

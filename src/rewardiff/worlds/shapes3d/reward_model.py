@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
-from rewardiff.worlds.shapes.reward_model import _block
+from rewardiff.worlds.shapes.reward_model import _block, save_reward_model
 
 WEIGHTS_DIR = WEIGHTS / "shapes3d-rm"
 LOG_FLOOR = math.log(0.02)
@@ -141,22 +141,8 @@ def train_reward_model(out: str | Path, steps: int = 1500, seed: int = 0, n_trai
     card = {"model": "shapes3d-rm", "steps": steps, "seed": seed, "train_images": n_train,
             "val_all_colours_right": float((pred == yv).all(-1).float().mean()),
             "val_per_colour_right": float((pred == yv).float().mean())}
-    save(net, out, card)
+    save_reward_model(net, out, card)  # the shapes reward model's format: weights, widths in the metadata, card
     return card
-
-
-def save(net: Shapes3DRM, out: str | Path, card: dict) -> Path:
-    from safetensors.torch import save_file
-
-    from rewardiff.io import atomic_write, atomic_write_text
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {"config": json.dumps({"widths": list(net.widths)})}
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
-    atomic_write_text(out / "card.json", json.dumps(card, indent=2) + "\n")
-    return out
 
 
 _CACHE: dict[str, Shapes3DRM] = {}
