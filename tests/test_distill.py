@@ -152,6 +152,7 @@ def test_visual_prompt_consistency_pulls_the_front_view_onto_the_prompt_image(tm
     distill(cfg, tmp_path / "run", progress=False, model=perfect_prior(cfg), judge=lambda v, t: {})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("consistency" not in r for r in rows[:20])
+    assert rows[0]["grad_sds"] == 0.0 and rows[20]["grad_consistency"] > 0  # SDS off; the term's pull logged as it joins
     cons = [r["consistency"] for r in rows[20:]]
     assert cons[-1] < 0.5 * cons[0], (cons[0], cons[-1])
     assert (tmp_path / "run" / "visual_prompt.png").is_file()

@@ -63,7 +63,7 @@ class DistillConfig:
     # output
     checkpoint_every: int = 50
     turntable: int = 12  # views of the final turntable
-    eval_every: int = 0  # 0: the turntable and judge only at the end
+    grad_log_every: int = 25  # log each term's gradient norm on the scene every this many steps (0: never)
 
 
 def _convert(name: str, value: Any, like: Any, kind: str) -> Any:
@@ -132,6 +132,7 @@ def check(cfg: DistillConfig) -> None:
     need(cfg.lr > 0, "lr", "must be positive")
     need(cfg.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
     need(cfg.turntable >= 1, "turntable", "must be at least 1")
+    need(cfg.grad_log_every >= 0, "grad_log_every", "must be 0 (never) or more")
     need(cfg.consistency_weight == 0 or cfg.visual_prompt is not None, "consistency_weight",
          "needs a visual_prompt (generate, or an image file)")
     need(cfg.text_reward_weight == 0 or cfg.text_reward is not None, "text_reward_weight", "needs a text_reward")

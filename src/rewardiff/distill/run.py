@@ -202,6 +202,16 @@ def _check_resumable(out: Path, cfg: DistillConfig, resume: bool) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def term_gradient_norms(terms: dict[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+    """The norm of each weighted loss term's gradient on the scene's parameters (``grad_TERM``):
+    how hard each term pulls, to weigh SDS against the rewards (one extra backward a term)."""
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"grad_{name}"] = float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads if g is not None)))
+    return out
+
+
 def make_scene(cfg: DistillConfig):
     """The initial scene: ``gaussians`` Gaussians around (0, 0, init_height), seeded by the config."""
     from rewardiff.render import Gaussians
@@ -305,7 +315,7 @@ def distill(cfg: DistillConfig, out: Path, resume: bool = False, progress: bool 
                 cond = model.encode(prompts)
                 uncond = model.encode(model.unconditional(prompts)) if cfg.guidance_scale != 1.0 else None
             grad, stats = sds_gradient(model, x, cond, uncond, tau, noise, cfg.guidance_scale, cfg.weighting)
-            loss = cfg.sds_weight * sds_loss(x, grad)
+            terms = {"sds": cfg.sds_weight * sds_loss(x, grad)}
             row: dict[str, Any] = {"step": step + 1, "t": stats["t"], "sds_grad_norm": stats["grad_norm"]}
             if step >= cfg.warmup:
                 if metric is not None and vp is not None:
@@ -314,14 +324,16 @@ def distill(cfg: DistillConfig, out: Path, resume: bool = False, progress: bool 
                     az, el = cfg.visual_prompt_view
                     front = render_views(scene, [Camera(az, el, distance=cfg.distance, fov=cfg.fov)], size, background=bg)
                     d = metric(front, vp[None].to(front)).mean()
-                    loss = loss + cfg.consistency_weight * d
+                    terms["consistency"] = cfg.consistency_weight * d
                     row["consistency"] = float(d.detach())
                 if text_reward is not None:
                     r = text_reward(images, [cfg.prompt] * len(cams)).mean()
-                    loss = loss - cfg.text_reward_weight * r
+                    terms["text_reward"] = -cfg.text_reward_weight * r
                     row["text_reward"] = float(r.detach())
+            if cfg.grad_log_every and (step % cfg.grad_log_every == 0 or (step == cfg.warmup and len(terms) > 1)):
+                row.update(term_gradient_norms(terms, list(scene.parameters())))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            sum(terms.values()).backward()
             opt.step()
             row["seconds"] = time.time() - t0
             log.write(json.dumps(row) + "\n")
