@@ -69,7 +69,7 @@ def perfect_prior(cfg: DistillConfig) -> DiffusionModel:
 
 def config(**kw) -> DistillConfig:
     base = dict(prompt="a scene", steps=80, gaussians=48, views=4, size=SIZE, guidance_scale=1.0, lr=0.02,
-                init_radius=0.5, init_height=0.3, warmup=0, checkpoint_every=10, turntable=6)
+                init_radius=0.5, init_height=0.3, init_flatten=1.0, init_opacity=0.5, warmup=0, checkpoint_every=10, turntable=6)
     base.update(kw)
     return DistillConfig(**base)
 

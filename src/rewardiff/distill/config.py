@@ -26,8 +26,10 @@ class DistillConfig:
     seed: int = 0
     # the scene: a blob of 3D Gaussians
     gaussians: int = 256
-    init_radius: float = 0.6  # std of the initial means around (0, 0, init_height)
-    init_height: float = 0.4
+    init_radius: float = 1.2  # the initial means fill a ball of this radius around (0, 0, init_height) ...
+    init_height: float = 0.3
+    init_flatten: float = 0.3  # ... squashed vertically by this factor (the scene stands on the ground)
+    init_opacity: float = 0.15  # low, so that SDS turns on the Gaussians it needs
     # cameras drawn each step
     views: int = 4  # renders per step (the SDS batch)
     size: int | None = None  # render side in pixels (None: the model's image size)
@@ -122,6 +124,8 @@ def check(cfg: DistillConfig) -> None:
 
     need(cfg.steps >= 1, "steps", "must be at least 1")
     need(cfg.gaussians >= 1, "gaussians", "must be at least 1")
+    need(0.0 < cfg.init_opacity < 1.0, "init_opacity", "must lie strictly between 0 and 1")
+    need(cfg.init_radius > 0 and cfg.init_flatten >= 0, "init_radius", "init_radius must be positive and init_flatten not negative")
     need(cfg.views >= 1, "views", "must be at least 1")
     need(cfg.size is None or cfg.size >= 8, "size", "must be at least 8 pixels")
     need(0.0 <= cfg.t_min < cfg.t_max <= 1.0, "t_max", "need 0 <= t_min < t_max <= 1")

@@ -213,13 +213,15 @@ def term_gradient_norms(terms: dict[str, Tensor], params: list[Tensor]) -> dict[
 
 
 def make_scene(cfg: DistillConfig):
-    """The initial scene: ``gaussians`` Gaussians around (0, 0, init_height), seeded by the config."""
+    """The initial scene, seeded by the config: ``gaussians`` Gaussians uniform in a ball of
+    ``init_radius`` squashed vertically by ``init_flatten`` around (0, 0, init_height), at
+    ``init_opacity`` (3D Gaussian text-to-3D starts so: a faint cloud SDS carves objects from)."""
     from rewardiff.render import Gaussians
 
     g = torch.Generator().manual_seed(cfg.seed)
-    scene = Gaussians.random(cfg.gaussians, g, cfg.init_radius)
+    scene = Gaussians.random(cfg.gaussians, g, cfg.init_radius, opacity=cfg.init_opacity)
     with torch.no_grad():
-        scene.means[:, 2] += cfg.init_height
+        scene.means[:, 2] = scene.means[:, 2] * cfg.init_flatten + cfg.init_height
     return scene
 
 
