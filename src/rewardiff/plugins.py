@@ -24,6 +24,8 @@ Registries:
         (``rewardiff train-reward``).
     EVALUATION_SUITES: suite name -> ``run(out, model, checkpoint, split, n, steps, guidance_scale,
         eta, seed) -> str`` (``rewardiff eval SUITE``: samples, judges, writes OUT, returns what to print).
+    PROMPT_FEATURES: world name -> ``features(prompts) -> ndarray [P, d]``: prompts as context vectors
+        (``rewardiff tune``); a ValueError names a prompt that is not the world's.
     IMAGE_SOURCES: scheme -> an object with ``low_res(key)`` and ``ground_truth(key)``: images
         that prompts reference (``"shapes-sr:held-out/3"``), see :mod:`rewardiff.conditions`.
 """
@@ -197,6 +199,10 @@ REWARD_TRAINERS: dict[str, str] = {
 
 EVALUATION_SUITES: dict[str, str] = {
     "geneval-shapes": f"{_GENEVAL}:eval_command",
+}
+
+PROMPT_FEATURES: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.data:prompt_features",
 }
 
 IMAGE_SOURCES: dict[str, str] = {
