@@ -233,3 +233,22 @@ def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, capsys, args, ne
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_real_bank_cell_is_what_rewardiff_sample_makes(tmp_path):
+    """The bank's base cell of prompt 0 holds the samples and the reward `rewardiff sample` gives at the same seeds."""
+    from PIL import Image
+
+    from rewardiff.sampling import sample_to_dir
+    from rewardiff.tune import ModelSampler
+
+    cfg = TuneConfig(methods=("base", "best-of-n"), widths=(2,), guidance_scales=(1.5,), samples=2, steps=3)
+    arms = arm_grid(cfg)
+    bank = build_bank(tmp_path / "tune", cfg, ["two red circles"], arms, ModelSampler(cfg, arms))
+    ref = sample_to_dir(tmp_path / "sample", "shapes", None, ["two red circles"], 2, 0, "shapes-count", 3, 1.5, None)
+    images = load_cell_images(tmp_path / "tune", 0, 0)
+    for k in range(2):
+        assert np.array_equal(images[k], np.asarray(Image.open(tmp_path / "sample" / "samples" / f"{k:04d}.png")))
+    assert bank.means[0, 0] == pytest.approx(ref["reward_mean"], abs=1e-6)
+    assert bank.value_range == pytest.approx((math.log(0.02), 0.0))
+    assert set(bank.judge) >= {"judge_count", "judge_both"}
