@@ -152,8 +152,8 @@ def check_config(cfg: TuneConfig) -> None:
         (not all(e > 0 for e in cfg.epsilons), f"--epsilon: need numbers > 0 (inf: no privacy), got {cfg.epsilons}"),
         (not 0 < cfg.delta < 1, f"--delta must be in (0, 1), got {cfg.delta}"),
         (cfg.explore < 0 or cfg.explore == 1, f"--explore must be 0 (a quarter of the rounds) or at least 2, got {cfg.explore}"),
-        (cfg.rounds < 2 or cfg.explore_rounds > cfg.rounds, f"--rounds ({cfg.rounds}) must be at least 2 and the exploration "
-                                                           f"({cfg.explore_rounds} rounds)"),
+        (cfg.rounds < 2, f"--rounds must be at least 2, got {cfg.rounds}"),
+        (cfg.explore_rounds > cfg.rounds, f"--explore {cfg.explore_rounds} is more than --rounds {cfg.rounds}"),
         (cfg.kernel not in ("rbf", "matern"), f"--kernel: {cfg.kernel!r} is not one of rbf, matern"),
         (not cfg.lengthscale > 0, f"--lengthscale must be > 0, got {cfg.lengthscale}"),
     ]
