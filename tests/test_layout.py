@@ -79,7 +79,7 @@ def test_importing_the_rewards_imports_no_rdkit_and_no_world():
 
 def _entries():
     for reg_name in ("MODELS", "PROMPT_SETS", "EVALUATIONS", "TOKENIZERS", "PRETRAIN", "REWARD_STATS", "TEXT_GRIDS", "REWARD_TRAINERS", "MODEL_PREFIXES",
-                     "EVALUATION_SUITES"):
+                     "EVALUATION_SUITES", "PROMPT_FEATURES", "FEATURE_DISTANCES", "JUDGES_3D"):
         for name, target in getattr(plugins, reg_name).items():
             yield reg_name, name, target
     for name, (is_dir, loader) in plugins.MODEL_DIRS.items():

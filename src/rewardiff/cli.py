@@ -263,6 +263,57 @@ def distill(
     typer.echo(f"turntable: {out / 'turntable.gif'}; report: {out / 'report.html'}")
 
 
+@app.command()
+def tune(
+    out: Annotated[Path, typer.Option(help="run directory; its bank (OUT/bank) is resumed when the bank's settings match")] = Path("runs/tune"),
+    model: Annotated[str, typer.Option(help="model whose sampler settings are the arms")] = "shapes",
+    prompt_set: Annotated[str, typer.Option(help="the contexts: a prompt set (train, held-out, all) or a prompt file")] = "train",
+    prompts: Annotated[int, typer.Option(help="keep this many prompts, spread through the set (0: all)")] = 8,
+    methods: Annotated[str, typer.Option(help="methods of the arm grid, comma-separated")] = "base,best-of-n,svdd-pm,smc",
+    widths: Annotated[str, typer.Option(help="widths of the arm grid (base takes none)")] = "2,4",
+    guidance_scales: Annotated[str, typer.Option(help="classifier-free guidance scales of the arm grid")] = "1.5,3",
+    arms: Annotated[int, typer.Option(help="keep this many arms, evenly spaced through the grid (0: all)")] = 0,
+    samples: Annotated[int, typer.Option(help="bank samples per (prompt, arm)")] = 4,
+    steps: Annotated[int, typer.Option(help="DDIM steps of every arm")] = 15,
+    reward: Annotated[str, typer.Option(help="reward the methods steer by")] = "shapes-count",
+    rating: Annotated[str, typer.Option(help="reward the simulated users rate with")] = "shapes-count",
+    noise: Annotated[float, typer.Option(help="standard deviation of the Gaussian noise on a rating")] = 0.1,
+    rounds: Annotated[int, typer.Option(help="users in a stream")] = 1000,
+    seeds: Annotated[str, typer.Option(help="stream seeds, comma-separated")] = "0,1,2",
+    epsilon: Annotated[str, typer.Option(help="privacy levels of the private agent, comma-separated (inf: no noise)")] = "0.5,1,2,4",
+    delta: Annotated[float, typer.Option(help="delta of the private release")] = 1e-5,
+    explore: Annotated[int, typer.Option(help="uniform rounds before the private release (0: a quarter of --rounds)")] = 0,
+    kernel: Annotated[str, typer.Option(help="kernel on (prompt, setting) features: rbf or matern (5/2)")] = "rbf",
+    lengthscale: Annotated[float, typer.Option(help="the kernel's lengthscale")] = 2.0,
+    bank_seed: Annotated[int, typer.Option(help="first seed of the bank's samples")] = 0,
+) -> None:
+    """Learn which sampler setting users prefer per prompt from a stream of ratings, privately.
+
+    Builds a bank of rated samples for every (prompt, setting), then plays the private kernel
+    bandit at each --epsilon, GP-UCB and uniform arms on the same simulated streams; writes
+    summary.json, regret.png, grid.png and report.html. Ctrl-C keeps the finished bank cells:
+    the same command resumes."""
+    import signal
+
+    from rewardiff.errors import Stopped
+    from rewardiff.tune import TuneConfig, parse_list, run_tune
+
+    cfg = TuneConfig(model=model, prompt_set=prompt_set, prompts=prompts, methods=parse_list(methods, str, "--methods"),
+                     widths=parse_list(widths, int, "--widths"), guidance_scales=parse_list(guidance_scales, float, "--guidance-scales"),
+                     arms=arms, samples=samples, steps=steps, reward=reward, rating=rating, bank_seed=bank_seed, noise=noise,
+                     rounds=rounds, seeds=parse_list(seeds, int, "--seeds"), epsilons=parse_list(epsilon, float, "--epsilon"),
+                     delta=delta, explore=explore, kernel=kernel, lengthscale=lengthscale)
+    try:
+        summary = run_tune(cfg, out)
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT, f"interrupted; the bank keeps its finished cells in {out / 'bank'}: run the same command to resume") from None
+    for name, a in summary["agents"].items():
+        c, r = a["cumulative_regret"], a["simple_regret"]
+        typer.echo(f"{name:16s} cumulative regret {c['mean']:8.2f} ± {c['std']:6.2f}   simple regret {r['mean']:.3f} ± {r['std']:.3f}")
+    s = summary["seconds"]
+    typer.echo(f"bank {s['bank_build']:.0f} s, streams {s['streams']:.0f} s; summary: {out / 'summary.json'}; report: {out / 'report.html'}")
+
+
 @app.command("serve-reward")
 def serve_reward(
     name: Annotated[str, typer.Argument(help="reward to serve: a registered name (rewardiff rewards) or package.module:function; images only")],

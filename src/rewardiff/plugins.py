@@ -28,6 +28,8 @@ Registries:
         (over its reward model's features), for ``rewardiff distill``'s visual consistency.
     JUDGES_3D: world name -> ``judge(views [V, 3, H, W], text) -> dict of figures``: how
         ``rewardiff distill`` reads a distilled scene's turntable (count, colours, consistency).
+    PROMPT_FEATURES: world name -> ``features(prompts) -> ndarray [P, d]``: prompts as context vectors
+        (``rewardiff tune``); a ValueError names a prompt that is not the world's.
     IMAGE_SOURCES: scheme -> an object with ``low_res(key)`` and ``ground_truth(key)``: images
         that prompts reference (``"shapes-sr:held-out/3"``), see :mod:`rewardiff.conditions`.
 """
@@ -220,6 +222,10 @@ FEATURE_DISTANCES: dict[str, str] = {
 
 JUDGES_3D: dict[str, str] = {
     "shapes3d": "rewardiff.worlds.shapes3d.judge:multiview",
+}
+
+PROMPT_FEATURES: dict[str, str] = {
+    "shapes": "rewardiff.worlds.shapes.data:prompt_features",
 }
 
 IMAGE_SOURCES: dict[str, str] = {

@@ -3,7 +3,7 @@
 from rewardiff.report.diversity import diversity_by_prompt, pairwise_diversity
 from rewardiff.report.grid import GUTTER, grid_image, label_height, save_grid
 from rewardiff.report.html import Section, read_metrics, write_report
-from rewardiff.report.plots import plot_curves, plot_reward_curve
+from rewardiff.report.plots import plot_bands, plot_curves, plot_reward_curve
 from rewardiff.report.strict import strict_dumps, strict_json, write_json
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "grid_image",
     "label_height",
     "pairwise_diversity",
+    "plot_bands",
     "plot_curves",
     "plot_reward_curve",
     "read_metrics",

@@ -97,6 +97,40 @@ def plot_curves(series: Mapping[str, Sequence[Point]], path: str | os.PathLike, 
     return _save_png(fig, path)
 
 
+def plot_bands(series: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike, xlabel: str = "step",
+               ylabel: str = "value", title: str = "", x: Sequence[float] | None = None) -> Path:
+    """Plot one line per named series, its mean over runs (seeds), with a band from the lowest to
+    the highest run at each point, and write a PNG atomically.
+
+    Args:
+        series: Name to runs, an array-like [S, N]: S runs of N points each (a single run draws
+            no band).
+        path: Destination PNG; parent folders are created.
+        xlabel, ylabel, title: Axis labels and the title.
+        x: The N abscissas (default 1, ..., N).
+
+    Returns:
+        The path written.
+    """
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, runs) in enumerate(series.items()):
+        y = np.atleast_2d(np.asarray(runs, dtype=np.float64))  # [S, N]
+        if y.size == 0:
+            continue
+        xs = np.arange(1, y.shape[1] + 1) if x is None else np.asarray(x, dtype=np.float64)
+        color = f"C{i % 10}"
+        ax.plot(xs, y.mean(0), color=color, label=name)
+        if len(y) > 1:
+            ax.fill_between(xs, y.min(0), y.max(0), color=color, alpha=0.2, linewidth=0)
+    _decorate(ax, xlabel, ylabel, title)
+    if any(np.size(r) for r in series.values()):
+        ax.legend(loc="best", fontsize=9)
+    else:
+        _no_data(ax)
+    return _save_png(fig, path)
+
+
 def _decorate(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

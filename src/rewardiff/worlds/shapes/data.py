@@ -179,3 +179,16 @@ def is_prompt(prompt: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def prompt_features(prompts: list[str]) -> np.ndarray:
+    """Each prompt as a context vector [P, 11]: one-hot count (4), one-hot color (4), one-hot shape (3).
+
+    The contexts of ``rewardiff tune`` (``plugins.PROMPT_FEATURES``); every row has norm sqrt(3).
+    Raises ``ValueError`` naming the first prompt that is not the world's.
+    """
+    out = np.zeros((len(prompts), len(COUNT_WORDS) + len(COLORS) + len(SHAPES)))
+    for i, p in enumerate(prompts):
+        s = parse_prompt(p)
+        out[i, [s.count - 1, len(COUNT_WORDS) + s.color, len(COUNT_WORDS) + len(COLORS) + s.shape]] = 1.0
+    return out
