@@ -106,9 +106,13 @@ def test_count_reward_is_highest_for_the_asked_counts():
     with torch.no_grad():
         net.log_sharpness.fill_(1.0)
     net.counts = lambda x: torch.tensor([[1.0, 0.0, 1.0, 0.0], [2.0, 0.0, 0.0, 1.0]])  # type: ignore[method-assign]
-    r = count_reward(net, torch.zeros(2, 3, 32, 32), ["a red sphere and a blue cube"] * 2)
+    x = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    r = count_reward(net, x, ["a red sphere and a blue cube"] * 2)
     assert r[0] > r[1]
     assert r[1] >= 4 * LOG_FLOOR
+    # by hand: log(0.02 + 0.98 p) summed over the colours, p the asked count's probability
+    p = net(x).exp().gather(-1, torch.tensor([[1, 0, 1, 0]] * 2)[..., None])[..., 0]
+    torch.testing.assert_close(r, torch.log(0.02 + 0.98 * p).sum(-1))
 
 
 def test_shipped_reward_model_reads_fresh_renders():

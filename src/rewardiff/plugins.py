@@ -140,7 +140,7 @@ REWARDS: dict[str, RewardEntry] = {
                                       "Video world: the shapes count reward on each frame image (use keyframes(video-frames-count) on clips)."),
     # the 3D shapes world (renders of a scene; a prompt's camera reference is ignored)
     "shapes3d-count": RewardEntry("rewardiff.worlds.shapes3d.reward_model:shapes3d_count", True,
-                                  "3D shapes world: sum over colours of log p(asked count of that colour) from the learned CNN."),
+                                  "3D shapes world: sum over colours of log(0.02 + 0.98 p(asked count of that colour)) from the learned CNN."),
     # the super-resolution world (prompts name their input: shapes-sr:held-out/3)
     "sr-hallucination": RewardEntry(f"{_SR}:sr_hallucination", False,
                                     "Super-resolution world: minus the judge's hallucination count against the ground truth."),

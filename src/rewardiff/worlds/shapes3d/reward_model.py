@@ -1,9 +1,9 @@
 """The 3D shapes world's learned text-alignment reward: a small CNN counting objects of each colour.
 
 VP3D's text-alignment term is a differentiable human-feedback reward of renders and the text;
-in this world it is ``shapes3d-count``: sum over the four colours of log p(the number of objects
-of that colour the prompt asks for), read by a CNN from one render, each term clamped below at
-log 0.02 so that a hopeless colour gives no gradient. The judge the benchmarks read
+in this world it is ``shapes3d-count``: sum over the four colours of log(0.02 + 0.98 p), p the
+probability of the number of objects of that colour the prompt asks for, read by a CNN from
+one render: bounded below by log 0.02 a colour, smoothly, so that a missing colour still pulls. The judge the benchmarks read
 (:mod:`rewardiff.worlds.shapes3d.judge`) is classical and never trained: the reward can be
 hacked, the judge shows it.
 
@@ -184,7 +184,11 @@ def asked_counts(prompts: list[str]) -> Tensor:
 
 
 def count_reward(net: Shapes3DRM, x: Tensor, prompts: list[str]) -> Tensor:
-    """Sum over colours of log p(asked count), each clamped at log 0.02. x [B, 3, H, W] -> [B]"""
+    """Sum over colours of log(0.02 + 0.98 p(asked count)). x [B, 3, H, W] -> [B]
+
+    A smooth floor: 0 when every colour count is certainly right, 4 log 0.02 when all are
+    certainly wrong, and a gradient everywhere (a hard clamp would give a colour that is
+    missing altogether, the case a distillation most needs to fix, no gradient at all)."""
     if x.dim() != 4 or x.shape[1] != 3:
         raise UserError(f"shapes3d-count takes RGB images [B, 3, H, W]; got shape {tuple(x.shape)}")
     x = x.float()
@@ -193,16 +197,17 @@ def count_reward(net: Shapes3DRM, x: Tensor, prompts: list[str]) -> Tensor:
     net = net.to(x.device)
     want = asked_counts(prompts).to(x.device)
     logp = net(x).gather(-1, want[..., None])[..., 0]
-    return logp.clamp(min=LOG_FLOOR).sum(-1)
+    floor = torch.tensor(LOG_FLOOR, device=x.device, dtype=logp.dtype)
+    return torch.logaddexp(floor, logp + math.log1p(-math.exp(LOG_FLOOR))).sum(-1)
 
 
 def shapes3d_count(path: str | Path | None = None) -> RewardFn:
-    """3D shapes world: the sum over colours of log p(asked count of that colour), from the learned CNN."""
+    """3D shapes world: the sum over colours of log(0.02 + 0.98 p(asked count of that colour)), from the learned CNN."""
     d = Path(path) if path is not None else WEIGHTS_DIR
     if not ((d / "model.safetensors").is_file() or d.is_file()):
         raise UserError(f"shapes3d reward model weights not found in {d}; train them with: rewardiff train-reward shapes3d")
     return RewardFn("shapes3d-count", True, (N_COLORS * LOG_FLOOR, 0.0),
-                    "3D shapes world: sum over colours of the clamped log p(asked count) from the learned CNN",
+                    "3D shapes world: sum over colours of log(0.02 + 0.98 p(asked count)) from the learned CNN",
                     lambda x, prompts: count_reward(load(path), x, prompts))
 
 
