@@ -22,7 +22,7 @@ class DistillConfig:
 
     model: str = "shapes-3d"  # any rewardiff model: a world's name, diffusers:DIR, a model folder
     prompt: str = "a red sphere"  # the text (a view-conditioned prior gets "TEXT | view:AZ,EL" per camera)
-    steps: int = 300  # optimisation steps
+    steps: int = 200  # optimisation steps
     seed: int = 0
     # the scene: a blob of 3D Gaussians
     gaussians: int = 256
@@ -40,7 +40,7 @@ class DistillConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # RGB behind the scene, for priors without a world of their own
     view_prompt: str = "auto"  # auto | view (the prior reads the camera) | suffix (", front view" ...) | none
     # SDS
-    guidance_scale: float = 30.0  # SDS needs large scales (DreamFusion: 100)
+    guidance_scale: float = 20.0  # SDS needs large scales (DreamFusion: 100; 10-30 on the 3D world's small prior)
     t_min: float = 0.02
     t_max: float = 0.98
     anneal_to: float | None = 0.5  # the upper end of t's range falls linearly to this over the run (None: fixed)
@@ -48,7 +48,7 @@ class DistillConfig:
     sds_weight: float = 1.0
     # optimiser: Adam, one learning rate scaled per parameter group
     lr: float = 0.01
-    lr_means: float = 1.0
+    lr_means: float = 5.0  # positions move fast enough to leave the centre
     lr_scales: float = 1.0
     lr_colors: float = 5.0
     lr_opacity: float = 5.0
@@ -61,7 +61,7 @@ class DistillConfig:
     consistency_weight: float = 0.0
     text_reward: str | None = None  # a differentiable reward of renders and the text (shapes3d-count, clip-score, ...)
     text_reward_weight: float = 0.0
-    warmup: int = 100  # steps of SDS alone before the visual prompt and the rewards join (VP3D's schedule)
+    warmup: int = 40  # steps of SDS alone before the visual prompt and the rewards join (VP3D's schedule)
     # output
     checkpoint_every: int = 50
     turntable: int = 12  # views of the final turntable
