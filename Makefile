@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rewardiff demo --out runs/demo
 
+# the suite runs in parallel processes (pytest-xdist), one a core up to four
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --maxprocesses=4 -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

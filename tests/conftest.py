@@ -4,8 +4,15 @@ value-net scrambler."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the machine's cores: split them, or torch's threads spin
+    # against each other (far slower than one thread each)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 from rewardiff.worlds.shapes.denoiser import ShapesDenoiser, ShapesModelConfig
 
