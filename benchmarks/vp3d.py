@@ -100,6 +100,11 @@ def run_one(arm: str, k: int, prompt: str, seed: int, steps: int, overrides: dic
     from rewardiff.report.grid import save_grid
 
     save_grid(views[:8], OUT / "turntables" / f"{arm}-p{k}-seed{seed}.png", nrow=8, scale=3)
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoint")  # the run is finished: keep the scene, its metrics and summary
+    for name in ("report.html", "turntable.gif", "visual_prompt.safetensors", *(p.name for p in run_dir.glob("*.png"))):
+        (run_dir / name).unlink(missing_ok=True)
     row = {"arm": arm, "prompt": prompt, "prompt_index": k, "seed": seed, "steps": steps, **figures,
            "seconds": time.time() - t0, "seconds_per_step": summary["seconds_per_step"],
            "consistency_last": summary.get("consistency_last"), "text_reward_last": summary.get("text_reward_last"),
