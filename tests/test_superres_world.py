@@ -213,7 +213,20 @@ def test_evaluation_hook_reports_rates_types_and_psnr():
     assert ev.metrics["hallucination_rate"] == pytest.approx(float(np.mean(counts > 0)))
     assert ev.metrics["hallucination_count"] == pytest.approx(sum(ev.metrics[f"hallucination_{t}"] for t in J.TYPES))
     assert hook(None, truth, prompts).metrics["hallucination_rate"] == 0
+    # sharpness is relative to the truth: 1 for the truth itself, below 1 for bicubic's blur
+    assert hook(None, truth, prompts).metrics["sharpness"] == pytest.approx(1.0)
+    assert hook(None, truth, prompts).metrics["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert ev.metrics["sharpness"] < 0.9
     assert hook(None, truth, ["two red circles"] * 8) is None
+
+
+def test_sharpness_by_hand():
+    from rewardiff.worlds.superres.evaluate import sharpness
+
+    x = torch.zeros(1, 1, 3, 3)
+    x[..., :, 2] = 1.0  # a vertical edge: forward differences of 1 on the two pixels left of column 2's top rows
+    # the 2x2 top-left block of gradient magnitudes: |dx| = (0, 1) per row, dy = 0
+    assert float(sharpness(x)) == pytest.approx(0.5)
 
 
 def test_prompt_sets_name_the_worlds_scenes():

@@ -16,11 +16,20 @@ def is_world_prompt(prompt: str) -> bool:
     return ref is not None and ref.startswith(sr.SCHEME + ":")
 
 
+def sharpness(x: Tensor) -> Tensor:
+    """Mean gradient magnitude of images [B, C, H, W] (forward differences of the pixels), one a sample [B]."""
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    return (dx[..., :-1, :].pow(2) + dy[..., :, :-1].pow(2)).sqrt().flatten(1).mean(1)
+
+
 def hallucination_hook(model, outputs: Tensor, prompts: list[str], reward_name: str = "") -> Evaluation | None:
     """For images of the world's prompts: ``hallucination_rate`` (share of samples with at least
     one), ``hallucination_count`` (mean), ``hallucination_<type>`` (mean of each type, see
-    :mod:`rewardiff.worlds.superres.judge`) and ``psnr`` (dB, to the ground truth); a label a
-    sample (its count, "ok" for none). None for anything else."""
+    :mod:`rewardiff.worlds.superres.judge`), ``psnr`` (dB) and ``ssim`` to the ground truth, and
+    ``sharpness`` (the outputs' mean gradient magnitude over the truths': below 1 is blurrier than
+    the truth, so that "hallucinates less by blurring" shows); a label a sample (its count, "ok"
+    for none). None for anything else."""
     if getattr(model, "texts", None) is not None or outputs.dim() != 4 or not prompts:
         return None
     if not all(is_world_prompt(p) for p in prompts):
@@ -31,6 +40,9 @@ def hallucination_hook(model, outputs: Tensor, prompts: list[str], reward_name: 
     truth = conditions.stack([conditions.ground_truth(p) for p in prompts], "the super-resolution evaluation").to(outputs.device)
     if truth.shape != outputs.shape:
         return None
+    from rewardiff.rewards.fidelity import ssim
+
     verdict = judge_images(outputs, truth)
-    metrics = {**summary(verdict), "psnr": float(psnr(outputs, truth).mean())}
+    metrics = {**summary(verdict), "psnr": float(psnr(outputs, truth).mean()), "ssim": float(ssim(outputs, truth).mean()),
+               "sharpness": float(sharpness(outputs).mean() / sharpness(truth).mean())}
     return Evaluation(metrics, ["ok" if c == 0 else f"{c} halluc." for c in verdict["count"].tolist()])
