@@ -21,12 +21,12 @@ a sphere and a cube differ by a pixel or two of silhouette.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from rewardiff.worlds.shapes import judge as shapes_judge
 from rewardiff.worlds.shapes3d import data as world
 
 MIN_SATURATION = 0.4  # (max - min) / max of an object pixel; the ground and sky are near 0
@@ -48,15 +48,9 @@ def _hues(rgb: np.ndarray) -> np.ndarray:
 PALETTE_HUES = _hues(world.COLOR_RGB)
 
 
-@dataclass(frozen=True)
-class Reading:
-    """What the judge sees in one image: objects per colour (indices of ``world.COLORS``)."""
-
-    per_color: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return sum(self.per_color)
+# What the judge sees in one image: objects per colour (indices of ``world.COLORS``), the
+# shapes judge's reading (per_color, and its count).
+Reading = shapes_judge.Reading
 
 
 def color_map(image: np.ndarray, upsample: int = 1) -> np.ndarray:
