@@ -292,6 +292,8 @@ def distill(cfg: DistillConfig, out: Path, resume: bool = False, progress: bool 
             raise UserError(f"text_reward {cfg.text_reward!r} is not differentiable; distillation pushes its gradient into the scene")
     metric = consistency_metric(cfg.consistency) if cfg.consistency_weight != 0 else None
 
+    if cfg.visual_prompt not in (None, "generate") and not Path(cfg.visual_prompt).is_file() and not resume:
+        raise UserError(f"visual_prompt {cfg.visual_prompt!r}: no such image file (or 'generate')")  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     vp = load_visual_prompt(cfg, model, size, mode, out)
