@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
 # presets named after a variant rather than after their method
 VARIANTS = {"draft-plus": "draft-k", "grpo-fast": "grpo", "mixgrpo": "grpo",  # DRaFT+ is DRaFT-K with a penalty; the SDE windows are grpo options
-            "sr-draft-k": "draft-k"}  # DRaFT-K against hallucination on the super-resolution world
+            "sr-draft-k": "draft-k", "sr-alignprop": "alignprop"}  # DRaFT-K and AlignProp against hallucination on the super-resolution world
 
 
 def test_every_method_has_a_preset():
