@@ -25,7 +25,9 @@ EXPECTED = load_file(str(DATA / "expected.safetensors"))
 def test_a_shapes_lora_run_loads_and_draws_the_same_images():
     m = load_finetuned(DATA / "shapes-lora")
     x = m.generate(["two red circles", "one blue square"], [3, 4], num_inference_steps=3, guidance_scale=2.0)
-    torch.testing.assert_close(x, EXPECTED["shapes-lora"], atol=1e-5, rtol=0)
+    # 1e-4: float sums come out in another order with another thread count or CPU (1.7e-5 seen
+    # under CI's test workers); a lost or misplaced LoRA tensor moves pixels by 1e-2 or more
+    torch.testing.assert_close(x, EXPECTED["shapes-lora"], atol=1e-4, rtol=0)
 
 
 def test_a_masked_molecules_lora_run_loads_and_draws_the_same_molecules():
