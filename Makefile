@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rewardiff demo --out runs/demo
 
-# the suite runs in parallel processes (pytest-xdist), one a core up to four
+# the suite runs in parallel processes (pytest-xdist), one a core up to four; tests of one
+# xdist_group share a worker (and the fixtures they build)
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4 -m "not slow"
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

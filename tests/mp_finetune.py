@@ -1,11 +1,13 @@
 """A tiny LoRA fine-tuning of a random Stable Diffusion pipeline, run by every process of a
 multi-process launch (``torchrun`` or ``accelerate launch``); used by test_multiprocess.py.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/mp_finetune.py PIPE PROMPTS OUT STEPS [resume] [bf16] [grpo]
+    python -m torch.distributed.run --nproc_per_node 2 tests/mp_finetune.py PIPE PROMPTS OUT STEPS [resume] [bf16] [grpo|nft] [fsdp]
 
 Each rank writes ``OUT/rank{r}.pid`` when it starts, and ``OUT/rank{r}.safetensors`` (its trainable tensors after training) and
 ``OUT/rank{r}.json`` (the process count, and per step the prompts and seeds it trained on and
-the rewards of its own samples). With ``grpo`` the method is GRPO (DDIM with eta 1, groups of
+the rewards of its own samples). With ``fsdp`` the run is sharded (FSDP2), and the JSON holds the
+numbers of trainable elements this rank holds and in all. With ``nft`` the method is
+DiffusionNFT (groups of 2, its old weights decaying fast). With ``grpo`` the method is GRPO (DDIM with eta 1, groups of
 2, a black-box reward) and the JSON also holds each step's advantages of its own rows.
 """
 
@@ -22,7 +24,7 @@ import torch
 def main(argv: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from rewardiff.finetune import trainer
+    from rewardiff.finetune import sharding, trainer
     from rewardiff.finetune.config import FinetuneConfig
     from rewardiff.finetune.trainer import Run
     from rewardiff.finetune.weights import trainable_state
@@ -30,13 +32,15 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     pipe, prompts, out, steps = argv[0], argv[1], Path(argv[2]), int(argv[3])
     flags = set(argv[4:])
+    fsdp = "fsdp" in flags
     grpo = "grpo" in flags
     method_fields = dict(method="grpo", reward="jpeg-compressibility", eta=1.0, group_size=2, kl_weight=0.04) if grpo else \
+        dict(method="nft", reward="jpeg-compressibility", eta=0.0, group_size=2, kl_weight=1e-4, nft_decay_rate=0.1) if "nft" in flags else \
         dict(method="draft-k", reward="brightness", k=1)
     cfg = FinetuneConfig(model=f"diffusers:{pipe}", steps=steps, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=4.0,
                          num_inference_steps=3, guidance_scale=2.0, prompts=prompts, eval_prompts=prompts, eval_samples=2,
                          eval_every=0, checkpoint_every=2, seed=5, mixed_precision="bf16" if "bf16" in flags else "no",
-                         **method_fields)
+                         fsdp=fsdp, **method_fields)
     local: list[list[float]] = []  # this process's own rewards, step after step
     advantages: list[list[float]] = []  # grpo: this process's rows' advantages, step after step
 
@@ -54,7 +58,7 @@ def main(argv: list[str]) -> None:
             return adv, flat, zero
 
         grpo_module.gathered_advantages = recorded
-    else:
+    elif cfg.method == "draft-k":  # one loss a step: its rewards recorded
         def recording(*args):
             res = method(*args)
             local.append(res.reward.float().tolist())
@@ -67,9 +71,13 @@ def main(argv: list[str]) -> None:
     seen = {s: run.batch(s)[:2] for s in range(steps)}
     run.train(resume="resume" in flags)
     net = run.acc.unwrap_model(run.model.net)
-    save_file(trainable_state(net), str(out / f"rank{rank}.safetensors"))
+    whole = sharding.full_state(net) if run.units else trainable_state(net)
+    save_file(whole, str(out / f"rank{rank}.safetensors"))
+    slices = [p.to_local() if sharding.is_sharded(p) else p for _, p in sharding.trainable(net)]
     (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.acc.num_processes, "batches": seen, "rewards": local,
-                                                          "advantages": advantages, "mixed_precision": str(run.acc.mixed_precision)}))
+                                                          "advantages": advantages, "mixed_precision": str(run.acc.mixed_precision),
+                                                          "sharded_units": len(run.units), "local_numel": sum(t.numel() for t in slices),
+                                                          "full_numel": sum(t.numel() for t in whole.values())}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Data-parallel fine-tuning with two processes on the CPU (gloo): a tiny random Stable
-Diffusion pipeline, LoRA, DRaFT-K; launched by torchrun and by ``accelerate launch``.
+"""Data-parallel and fully sharded (FSDP) fine-tuning with two processes on the CPU (gloo): tiny
+random Stable Diffusion and SD3 pipelines, LoRA, DRaFT-K, GRPO, NFT; launched by torchrun and by
+``accelerate launch`` (its FSDP config included).
 
 Every rank ends with the same weights, ranks train on disjoint samples of one global batch,
 logged metrics are means over the global batch, checkpoints are written once without a rank
@@ -50,6 +51,9 @@ def _free_port() -> int:
 def _launch(launcher: str, args: list[str], timeout: int = 240) -> None:
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    elif launcher == "accelerate-fsdp":  # the shipped FSDP config, on the CPU
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port())]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
@@ -171,17 +175,27 @@ def test_bf16_mixed_precision_trains_a_step_on_cpu(setup, tmp_path):
     assert fp32.acc.mixed_precision == "no"
 
 
-@pytest.mark.slow
-def test_two_process_lora_fine_tuning_of_the_sd3_transformer(setup, tmp_path):
-    """The same data-parallel LoRA run on a tiny random Stable Diffusion 3 pipeline (the flow
-    path): ranks hold the same weights, the checkpoint is written once, and a run stopped at
-    step 2 and resumed (through accelerate) ends bit for bit as the uninterrupted one."""
+@pytest.fixture(scope="module")
+def sd3(setup, tmp_path_factory):
+    """A tiny random SD3 pipeline and an uninterrupted two-process (DDP) LoRA run of 4 steps on it."""
     from rewardiff.models.sd3 import tiny_sd3_pipeline
 
     _, prompts = setup
-    pipe = tiny_sd3_pipeline(tmp_path / "sd3")
-    full, part = tmp_path / "full", tmp_path / "part"
-    _launch("torchrun", [str(pipe), str(prompts), str(full), "4"])
+    d = tmp_path_factory.mktemp("sd3")
+    pipe = tiny_sd3_pipeline(d / "pipe")
+    _launch("torchrun", [str(pipe), str(prompts), str(d / "full"), "4"])
+    return pipe, d / "full"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd3")  # one worker builds the SD3 fixture once
+def test_two_process_lora_fine_tuning_of_the_sd3_transformer(setup, sd3, tmp_path):
+    """The same data-parallel LoRA run on a tiny random Stable Diffusion 3 pipeline (the flow
+    path): ranks hold the same weights, the checkpoint is written once, and a run stopped at
+    step 2 and resumed (through accelerate) ends bit for bit as the uninterrupted one."""
+    _, prompts = setup
+    pipe, full = sd3
+    part = tmp_path / "part"
     _launch("torchrun", [str(pipe), str(prompts), str(part), "2"])
     _launch("accelerate", [str(pipe), str(prompts), str(part), "4", "resume"])
     w0, w1 = _tensors(full / "rank0.safetensors"), _tensors(full / "rank1.safetensors")
@@ -192,3 +206,72 @@ def test_two_process_lora_fine_tuning_of_the_sd3_transformer(setup, tmp_path):
     r0, r1 = _tensors(part / "rank0.safetensors"), _tensors(part / "rank1.safetensors")
     assert _same(r0, r1) and _same(r0, w0)
     assert [r["loss"] for r in _rows(part)] == [r["loss"] for r in _rows(full)]
+
+
+def _close(a: dict, b: dict, atol: float = 1e-6) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd3")  # one worker builds the SD3 fixture once
+def test_two_process_fsdp_shards_the_sd3_transformer_and_trains_as_ddp_does(setup, sd3, tmp_path):
+    """Fully sharded (FSDP2 on gloo) LoRA fine-tuning of the tiny SD3 pipeline: each rank holds
+    about half of every trainable tensor, the run ends where the data-parallel one does (same
+    gradients, reduced by another route: within 1e-6), its checkpoints and ``final/`` hold whole
+    tensors (the diffusers LoRA file too), a run stopped at step 2 resumes through accelerate's
+    FSDP launch config bit for bit, and the sharded checkpoint also resumes unsharded."""
+    import shutil
+
+    _, prompts = setup
+    pipe, ddp = sd3
+    full, part, cross = tmp_path / "full", tmp_path / "part", tmp_path / "cross"
+    _launch("torchrun", [str(pipe), str(prompts), str(full), "4", "fsdp"])
+    _launch("torchrun", [str(pipe), str(prompts), str(part), "2", "fsdp"])
+    shutil.copytree(part, cross)
+    _launch("accelerate-fsdp", [str(pipe), str(prompts), str(part), "4", "resume"])  # no fsdp flag: the launcher asks for it
+    _launch("torchrun", [str(pipe), str(prompts), str(cross), "4", "resume"])  # data parallel from the sharded checkpoint
+
+    # 1. sharded: each rank holds about half of the trainable elements; the DDP run holds all
+    for run, sharded in ((full, True), (part, True), (ddp, False)):
+        info = json.loads((run / "rank0.json").read_text())
+        assert (info["sharded_units"] > 0) == sharded
+        if sharded:
+            assert info["local_numel"] <= 0.55 * info["full_numel"], info
+        else:
+            assert info["local_numel"] == info["full_numel"]
+
+    # 2. whole, equal weights on both ranks and on disk, and they moved
+    w0, w1 = _tensors(full / "rank0.safetensors"), _tensors(full / "rank1.safetensors")
+    assert _same(w0, w1) and _same(w0, _tensors(full / "final" / "trainable.safetensors"))
+    assert _same(w0, _tensors(full / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert any(float(v.abs().max()) > 1e-3 for k, v in w0.items() if "lora_B" in k)
+
+    # 3. the same training as data parallel
+    d0 = _tensors(ddp / "rank0.safetensors")
+    assert _close(w0, d0)
+    assert [r["loss"] for r in _rows(full)] == pytest.approx([r["loss"] for r in _rows(ddp)], rel=1e-5)
+    from rewardiff.finetune.weights import DIFFUSERS_LORA
+
+    assert _close(_tensors(full / "final" / DIFFUSERS_LORA), _tensors(ddp / "final" / DIFFUSERS_LORA))
+
+    # 4. resumed under accelerate's FSDP launch: bit for bit; resumed unsharded: the same training
+    assert _same(_tensors(part / "rank0.safetensors"), w0)
+    assert [r["loss"] for r in _rows(part)] == [r["loss"] for r in _rows(full)]
+    assert json.loads((cross / "rank0.json").read_text())["sharded_units"] == 0
+    assert _close(_tensors(cross / "rank0.safetensors"), w0)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd3")  # one worker builds the SD3 fixture once
+def test_two_process_fsdp_checkpoints_diffusion_nft_old_weights_whole(setup, sd3, tmp_path):
+    """DiffusionNFT's old weights are sharded like the trained ones; its checkpoint holds them
+    whole, equal to the data-parallel run's."""
+    _, prompts = setup
+    pipe, _ = sd3
+    sharded, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    _launch("torchrun", [str(pipe), str(prompts), str(sharded), "2", "nft", "fsdp"])
+    _launch("torchrun", [str(pipe), str(prompts), str(ddp), "2", "nft"])
+    a = _tensors(sharded / "checkpoints" / "step-000002" / "nft_old.safetensors")
+    b = _tensors(ddp / "checkpoints" / "step-000002" / "nft_old.safetensors")
+    assert a and _close(a, b)
+    assert _close(_tensors(sharded / "rank0.safetensors"), _tensors(ddp / "rank0.safetensors"))

@@ -69,6 +69,7 @@ class FinetuneConfig:
     seed: int = 0  # seeds weights, prompts, noise
     checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
     mixed_precision: str = "no"  # no | bf16 (accelerate)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (torch FSDP2; also on under accelerate's FSDP launch, configs/accelerate/fsdp.yaml)
     tracker: str = "none"  # none | tensorboard | wandb (through accelerate; metrics.jsonl is always written)
     reward_errors: str = "raise"  # raise | skip: a reward that fails (raises, NaN, wrong shape, timeout) stops the run, or its batch is skipped and counted
     reward_timeout: float = 0.0  # seconds a black-box reward call may take before it counts as failed (0: no limit)

@@ -46,6 +46,7 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.draft import PromptConditions
 from rewardiff.finetune.grpo import gathered_advantages, minibatch_passes
+from rewardiff.finetune.sharding import full, like
 from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import timestep_tensor
@@ -98,7 +99,8 @@ class NFT:
         """The old weights and the update counter (``nft_old.safetensors``, ``nft.json``)."""
         from safetensors.torch import save_file
 
-        state = {f"p{i}": t.contiguous() for i, t in enumerate(self.old)}
+        whole, self._whole = getattr(self, "_whole", None) or self.old, None
+        state = {f"p{i}": t.contiguous() for i, t in enumerate(whole)}
         atomic_write(directory / "nft_old.safetensors", lambda p: save_file(state, str(p)))
         atomic_write_text(directory / "nft.json", json.dumps({"updates": self.updates}))
 
@@ -106,8 +108,12 @@ class NFT:
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "nft_old.safetensors"))
-        self.old = [state[f"p{i}"].to(t.device) for i, t in enumerate(self.old)]
+        self.old = [like(t, state[f"p{i}"]) for i, t in enumerate(self.old)]  # a sharded run: this process's slice
         self.updates = int(json.loads((directory / "nft.json").read_text())["updates"])
+
+    def gather(self) -> None:
+        """A sharded run, before a checkpoint (collective): the old weights whole, for :meth:`save`."""
+        self._whole = [full(t).cpu() for t in self.old]
 
     @contextmanager
     def old_weights(self, net):

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from rewardiff.errors import NonFiniteError, Stopped, UserError
 from rewardiff.finetune.config import FinetuneConfig
+from rewardiff.finetune import sharding
 from rewardiff.finetune.diagnostics import kl_to_base
 from rewardiff.finetune.evaluate import evaluate
 from rewardiff.finetune.methods import check_method, check_model, make_method, needs_reward_gradient
@@ -94,9 +95,19 @@ class Run:
         trackers = _check_tracker(cfg.tracker)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                log_with=trackers, project_dir=str(self.out / "trackers") if trackers else None)
+        self.units: list = []  # the FSDP units when the run is sharded (finetune/sharding.py)
+        if sharding.requested(cfg) and self.acc.num_processes > 1:
+            sharding.check(cfg, self.model)
+            self.units = sharding.shard(self.model, self.acc.device, self.acc.num_processes, cfg.mixed_precision)
         params = [p for p in self.model.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.model.net, self.opt = self.acc.prepare(self.model.net, opt)
+        if self.units:  # sharded by FSDP: not wrapped again by accelerate
+            self.opt = opt
+        else:
+            self.model.net, self.opt = self.acc.prepare(self.model.net, opt)
+
+    def _trainable_names(self) -> list[str]:
+        return [n for n, _ in sharding.trainable(self.acc.unwrap_model(self.model.net))]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -123,24 +134,38 @@ class Run:
         """
         self.acc.wait_for_everyone()
         error = ""
+        gathered = self._gather()
         if self.acc.is_main_process:
             try:
-                self._write_checkpoint(step)
+                self._write_checkpoint(step, *gathered)
             except OSError as e:
                 error = (f"cannot write checkpoint step-{step:06d} in {self.out / 'checkpoints'}: {e.strerror or e}; "
                          f"{self._last_checkpoint_text()} (resume with --resume once it can be written)")
         if self._agree(bool(error)):
             raise UserError(error or "the main process could not write the checkpoint (see its message); the last complete one is intact")
 
-    def _write_checkpoint(self, step: int) -> None:
+    def _gather(self) -> tuple[dict | None, dict | None]:
+        """Sharded runs: the trainable tensors and the optimizer state whole, gathered from every
+        process (collective; the optimizer state on the main process only), and the method's
+        state readied for writing. (None, None) otherwise: they are whole already."""
+        if not self.units:
+            return None, None
+        net = self.acc.unwrap_model(self.model.net)
+        state = sharding.full_state(net)
+        opt_state = sharding.optimizer_state(net, self.opt)
+        if hasattr(self.method, "gather"):
+            self.method.gather()
+        return state, sharding.indexed(opt_state, self._trainable_names()) if self.acc.is_main_process else None
+
+    def _write_checkpoint(self, step: int, state: dict | None = None, opt_state: dict | None = None) -> None:
         import shutil
 
         root = self.out / "checkpoints"
         d, tmp = self._ckpt_dir(step), root / f".tmp-step-{step:06d}"
         _rmtree(tmp)
         try:
-            save_weights(tmp, self.acc.unwrap_model(self.model.net), self.cfg)
-            atomic_write(tmp / "optimizer.pt", lambda p: torch.save(self.opt.state_dict(), p))
+            save_weights(tmp, self.acc.unwrap_model(self.model.net), self.cfg, state=state)
+            atomic_write(tmp / "optimizer.pt", lambda p: torch.save(opt_state if opt_state is not None else self.opt.state_dict(), p))
             if hasattr(self.method, "save"):
                 self.method.save(tmp)
             atomic_write_text(tmp / "state.json", json.dumps({"step": step, "reward_skipped": self.skipped}))
@@ -198,7 +223,13 @@ class Run:
         except Exception as e:  # a truncated or corrupt safetensors file
             raise broken(f"trainable.safetensors is missing or unreadable ({str(e).splitlines()[0][:80]})") from None
         try:
-            self.opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+            opt_state = torch.load(d / "optimizer.pt", weights_only=True)
+            if self.units:  # every process its slice of the main process's copy
+                net = self.acc.unwrap_model(self.model.net)
+                sharding.load_optimizer_state(net, self.opt, sharding.named(opt_state, self._trainable_names())
+                                              if self.acc.is_main_process else {})
+            else:
+                self.opt.load_state_dict(opt_state)
         except Exception as e:
             raise broken(f"optimizer.pt is missing or unreadable ({type(e).__name__})") from None
         if hasattr(self.method, "load"):
@@ -267,11 +298,16 @@ class Run:
             self._check_finite(out, step)
             if out.step or self.acc.num_processes == 1:
                 self.acc.backward(out.loss)
-            else:
-                with self.acc.no_sync(self.model.net):  # gradients are averaged once, at the optimizer step
+            else:  # gradients are averaged once, at the optimizer step
+                with sharding.no_grad_sync(self.units) if self.units else self.acc.no_sync(self.model.net):
                     self.acc.backward(out.loss)
             if out.step:
-                norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+                if self.units:
+                    params = [p for p in self.model.net.parameters() if p.requires_grad]
+                    sharding.average_replicated_grads(params, self.acc.num_processes)
+                    norm = sharding.clip_grad_norm(params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+                else:
+                    norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
                 norms.append(float(norm))
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -416,8 +452,9 @@ class Run:
             bar.close()
         if saved < cfg.steps:
             self.save_checkpoint(cfg.steps)
+        state = sharding.full_state(self.acc.unwrap_model(self.model.net)) if self.units else None  # collective
         if main:
-            save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg)
+            save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg, state=state)
         summary = self._finish(before, self.evaluate("after"))
         self._track({f"after/{k}": v for k, v in summary["after"].items()}, cfg.steps, "samples_after")
         if cfg.tracker != "none":
@@ -477,8 +514,9 @@ class Run:
         return summary
 
 
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "tracker")
-"""Fields a resumed run may change: they decide how long it runs and what it writes, not what
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "tracker", "fsdp")
+"""Fields a resumed run may change: they decide how long it runs, what it writes and how the
+work is laid out over the processes (``fsdp``: checkpoints are whole either way), not what
 it computes, so the resumed run stays the one it continues."""
 
 

@@ -160,14 +160,17 @@ def trainable_state(net: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
 
 
-def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
-    """Write ``trainable.safetensors`` and ``finetune.json`` atomically into ``directory``."""
+def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig, state: dict[str, Tensor] | None = None) -> None:
+    """Write ``trainable.safetensors`` and ``finetune.json`` atomically into ``directory``.
+
+    ``state``: the trainable tensors whole, by name, when the net holds only slices of them
+    (a sharded run gathers them first); by default they are read from the net."""
     from safetensors.torch import save_file
 
-    state = trainable_state(net)
+    state = trainable_state(net) if state is None else state
     atomic_write(directory / "trainable.safetensors", lambda p: save_file(state, str(p)))
     if cfg.model.startswith("diffusers:") and cfg.lora_rank > 0:
-        save_diffusers_lora(directory, net)
+        save_diffusers_lora(directory, net, state)
     if cfg.model.startswith("hf:") and cfg.lora_rank > 0:
         save_peft_adapter(directory, net, cfg.model.removeprefix("hf:"))
     atomic_write_text(directory / "finetune.json", json.dumps(asdict(cfg), indent=2))
@@ -176,7 +179,7 @@ def save_weights(directory: Path, net: nn.Module, cfg: FinetuneConfig) -> None:
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
-def save_diffusers_lora(directory: Path, net: nn.Module) -> None:
+def save_diffusers_lora(directory: Path, net: nn.Module, state: dict[str, Tensor] | None = None) -> None:
     """The backbone's LoRA (a UNet's, SD3's transformer's) in the layout
     ``pipeline.load_lora_weights(directory)`` reads, written by its pipeline class's
     ``save_lora_weights`` with the adapter's rank and alpha recorded, so plain diffusers
@@ -187,7 +190,11 @@ def save_diffusers_lora(directory: Path, net: nn.Module) -> None:
     backbone = lora_backbone(net)
     assert backbone is not None
     module = backbone.module
-    layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+    own = None
+    if state is not None:  # whole tensors named from the net: the backbone's, named from it
+        prefix = backbone.name + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module, state_dict=own).items()}
     meta = module.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     save = getattr(diffusers, backbone.pipeline).save_lora_weights
@@ -236,9 +243,11 @@ def load_trainable(directory: Path, net: nn.Module) -> None:
     unknown = [n for n in state if n not in params]
     if missing or unknown:
         raise UserError(f"weights in {directory} do not fit the model ({len(missing)} missing, {len(unknown)} unknown tensors)")
+    from rewardiff.finetune.sharding import like
+
     with torch.no_grad():
         for n, v in state.items():
-            params[n].copy_(v)
+            params[n].copy_(like(params[n], v))  # a sharded run: this process's slice
 
 
 def weights_dir(directory: str | Path) -> Path:
