@@ -230,3 +230,24 @@ def test_every_draft_method_fine_tunes_the_upscaler_from_a_prompt_file(pipe_dir,
     assert math.isfinite(summary["after"]["eval_reward_mean"])
     weights = load_file(str(tmp_path / "run" / "final" / "trainable.safetensors"))
     assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # lora_B starts at zero
+
+
+def test_vard_fine_tunes_the_upscaler_its_value_reading_the_low_res_image(pipe_dir, images, tmp_path):
+    """VARD on the upscaler: its value model takes the image condition (pooled onto a 4 x 4 grid
+    beside the text), fits on a short warm-up and trains the LoRA through two steps."""
+    from safetensors.torch import load_file
+
+    from rewardiff.finetune.config import FinetuneConfig
+    from rewardiff.finetune.trainer import finetune
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_prompts(images)) + "\n")
+    cfg = FinetuneConfig(model=f"diffusers:{pipe_dir}", reward="tests.test_upscale_pipeline:low_res_fidelity", method="vard",
+                         steps=2, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=4.0, num_inference_steps=3, guidance_scale=2.0,
+                         prompts=str(prompts), eval_prompts=str(prompts), eval_samples=2, eval_every=0, checkpoint_every=0,
+                         seed=1, eta=1.0, vard_warmup=4, vard_warmup_steps=5, vard_value_steps=2)
+    finetune(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "loss" in r]) == 2 and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    weights = load_file(str(tmp_path / "run" / "final" / "trainable.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)

@@ -48,6 +48,19 @@ def test_dict_conditions_pool_each_part_in_key_order():
     torch.testing.assert_close(got, want)
 
 
+def test_an_image_condition_pools_onto_a_4x4_grid_by_hand():
+    """The x4 upscaler's low-res input [B, C, H, W]: each channel's mean over each of 4 x 4 cells,
+    channel-major, so that a value can tell where in the input things are."""
+    img = torch.arange(2 * 2 * 8 * 8, dtype=torch.float32).reshape(2, 2, 8, 8)
+    got = pool_cond(img)
+    assert got.shape == (2, 2 * 16)
+    cell = img[1, 1, 2:4, 4:6].mean()  # row 1, column 2 of channel 1 of sample 1
+    assert float(got[1, 16 + 4 * 1 + 2]) == pytest.approx(float(cell))
+    moved = img.clone()
+    moved[:, :, :4] = img[:, :, 4:]  # the same pixels elsewhere: a mean over the image would not see it
+    assert not torch.allclose(pool_cond(moved), got)
+
+
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, scrambled_value):
     net = scrambled_value(ValueNet((3, 32, 32), 16, widths=TINY_WIDTHS))
     card = save_value(net, {"reward": "brightness", "model": "tiny", "metrics": {}}, tmp_path / "v")

@@ -67,7 +67,7 @@ class VARD:
         else:
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(cfg.seed + 911)  # the value's initial weights: a function of the seed only
-            cond_dim = pool_cond(model.encode([""])).shape[-1]
+            cond_dim = pool_cond(model.encode([_probe_prompt(cfg, model)])).shape[-1]
             self.value = ValueNet(model.shape, cond_dim).to(model.device)
             torch.random.set_rng_state(gen_state)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.vard_value_lr)
@@ -187,3 +187,13 @@ class VARD:
                 ref_mean = model.process.step(ref_out, t, t_prev, x_t, cfg.eta, zeros).mean
             kl = step_kl(mean, ref_mean, var)
         return -v.mean() + cfg.kl_weight * kl.mean(), kl.detach(), v.detach()
+
+
+def _probe_prompt(cfg: FinetuneConfig, model: DiffusionModel) -> str:
+    """A prompt whose condition has the width of every other: a training prompt (one of an
+    image-conditioned model carries its image; "" names none), "" for unconditional models."""
+    if not getattr(model, "conditional", True):
+        return ""
+    from rewardiff.prompts import prompt_set
+
+    return prompt_set(cfg.prompts)[0]

@@ -33,6 +33,7 @@ VECTOR_WIDTHS = (128, 128, 128)  # MLP hidden widths for vector states
 TOKEN_WIDTHS = (64, 64)  # transformer width, one entry per layer (all equal)
 HEADS = 4  # attention heads per transformer layer
 EMB_DIM = 128  # width of the time + condition embedding
+IMAGE_GRID = 4  # an image condition is averaged onto IMAGE_GRID x IMAGE_GRID cells
 TIME_FREQS = 32  # sinusoid frequencies of the time embedding (64 features)
 KIND = "tokens"  # the ``kind`` field of value.json for a TokenValueNet (no ``kind``: a ValueNet)
 
@@ -45,24 +46,27 @@ def pool_cond(cond: Any) -> Tensor:
 
     Args:
         cond: token states [B, L, D] (averaged over the tokens), a vector [B, D] (as is),
-            one number per row [B] (read as [B, 1]), or a dict of these (each pooled, then
-            joined in key order).
+            one number per row [B] (read as [B, 1]), an image [B, C, H, W] (averaged onto a
+            4 x 4 grid, so where things are survives: [B, 16 C]; the x4 upscaler's low-res
+            input), or a dict of these (each pooled, then joined in key order).
 
     Raises:
-        TypeError: a condition that is not a tensor, or one with more than 3 dimensions.
+        TypeError: a condition that is not a tensor, or one with more than 4 dimensions.
     """
     if isinstance(cond, dict):  # e.g. SDXL: token states, pooled text embedding, micro-conditioning
         return torch.cat([pool_cond(cond[k]) for k in sorted(cond)], dim=1)
     if not isinstance(cond, Tensor):
         raise TypeError(f"a value model needs a tensor condition, got {type(cond).__name__}")
     c = cond if cond.is_floating_point() else cond.float()
+    if c.dim() == 4:
+        return torch.nn.functional.adaptive_avg_pool2d(c, IMAGE_GRID).flatten(1)
     if c.dim() == 3:
         return c.mean(dim=1)
     if c.dim() == 2:
         return c
     if c.dim() == 1:
         return c[:, None]
-    raise TypeError(f"cannot pool a condition of shape {tuple(cond.shape)}; expected [B, L, D], [B, D] or [B]")
+    raise TypeError(f"cannot pool a condition of shape {tuple(cond.shape)}; expected [B, L, D], [B, D], [B] or [B, C, H, W]")
 
 
 def time_embedding(t: Tensor, freqs: int = TIME_FREQS, max_period: float = 10_000.0) -> Tensor:
