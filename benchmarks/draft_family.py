@@ -115,8 +115,8 @@ def main() -> None:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.variants.split(",")
-    for name in names:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a stopped benchmark has whole seeds of every variant
+        for name in names:
             res = run_one(name, seed, args)
             print(f"{name} seed {seed}: judge count {res['before']['eval_judge_count']:.3f} -> {res['after']['eval_judge_count']:.3f}", flush=True)
     print(summarize(args, names, seeds))

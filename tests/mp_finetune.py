@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     seen = {s: run.batch(s)[:2] for s in range(steps)}
     run.train(resume="resume" in flags)
     net = run.acc.unwrap_model(run.model.net)
-    whole = sharding.full_state(net) if run.units else trainable_state(net)
+    whole = sharding.full_state(net, everywhere=True) if run.units else trainable_state(net)
     save_file(whole, str(out / f"rank{rank}.safetensors"))
     slices = [p.to_local() if sharding.is_sharded(p) else p for _, p in sharding.trainable(net)]
     (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.acc.num_processes, "batches": seen, "rewards": local,

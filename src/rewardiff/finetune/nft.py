@@ -46,7 +46,7 @@ from rewardiff.errors import UserError
 from rewardiff.finetune.config import FinetuneConfig
 from rewardiff.finetune.draft import PromptConditions
 from rewardiff.finetune.grpo import gathered_advantages, minibatch_passes
-from rewardiff.finetune.sharding import full, like
+from rewardiff.finetune.sharding import full, is_main, like
 from rewardiff.io import atomic_write, atomic_write_text
 from rewardiff.models.base import DiffusionModel
 from rewardiff.rollout import timestep_tensor
@@ -113,7 +113,12 @@ class NFT:
 
     def gather(self) -> None:
         """A sharded run, before a checkpoint (collective): the old weights whole, for :meth:`save`."""
-        self._whole = [full(t).cpu() for t in self.old]
+        main, whole = is_main(), []
+        for t in self.old:  # collective, one tensor at a time; only the main process keeps them
+            w = full(t)
+            if main:
+                whole.append(w.cpu())
+        self._whole = whole if main else None
 
     @contextmanager
     def old_weights(self, net):

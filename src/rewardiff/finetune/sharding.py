@@ -111,13 +111,24 @@ def trainable(net: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, p) for n, p in net.named_parameters() if p.requires_grad]
 
 
-def full_state(net: nn.Module) -> dict[str, Tensor]:
-    """The trainable tensors as whole CPU tensors, on every process (collective: every process
-    calls it, in the same order of parameters)."""
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def full_state(net: nn.Module, everywhere: bool = False) -> dict[str, Tensor]:
+    """The trainable tensors as whole CPU tensors on the main process, ``{}`` on the others
+    (on every process with ``everywhere``). Collective: every process calls it. One tensor is
+    gathered at a time, so a process holds at most one whole parameter beyond its slices on
+    its device, and only the main process fills CPU memory."""
+    keep = everywhere or is_main()
     out = {}
     for n, p in trainable(net):
-        t = p.detach()
-        out[n] = (t.full_tensor() if is_sharded(t) else t).cpu().contiguous().clone()
+        t = full(p.detach())
+        if keep:
+            out[n] = t.cpu().contiguous().clone()
+        del t
     return out
 
 
