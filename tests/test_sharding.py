@@ -71,3 +71,13 @@ def test_the_sharded_path_refuses_fp16_and_token_models(monkeypatch):
     assert not sharding.requested(FinetuneConfig()) and sharding.requested(FinetuneConfig(fsdp=True))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate's FSDP launch sets
     assert sharding.requested(FinetuneConfig())
+
+
+def test_fsdp_with_one_process_says_it_trains_unsharded(tiny_model_dir, tmp_path):
+    from rewardiff.finetune.trainer import Run
+
+    cfg = FinetuneConfig(model=str(tiny_model_dir), reward="brightness", method="draft-k", k=1, steps=1, batch_size=2,
+                         num_inference_steps=2, eval_samples=2, fsdp=True)
+    with pytest.warns(UserWarning, match="one process"):
+        run = Run(cfg, tmp_path / "run", progress=False)
+    assert run.units == []

@@ -99,6 +99,11 @@ class Run:
         if sharding.requested(cfg) and self.acc.num_processes > 1:
             sharding.check(cfg, self.model)
             self.units = sharding.shard(self.model, self.acc.device, self.acc.num_processes, cfg.mixed_precision)
+        elif cfg.fsdp:
+            import warnings
+
+            warnings.warn("fsdp: true with one process: nothing to shard, the run trains unsharded "
+                          "(launch several: accelerate launch --config_file configs/accelerate/fsdp.yaml ...)", stacklevel=2)
         params = [p for p in self.model.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.units:  # sharded by FSDP: not wrapped again by accelerate
