@@ -20,8 +20,11 @@ What makes the comparison fair, and what it measures:
 - Runs are resumable at every evaluation (progress JSON beside a checkpoint of the run).
 
 Methods that backpropagate through the reward (draft-k, alignprop, refl) need a differentiable
-reward; the rule reward is not one, and no differentiable proxy of it is trained yet: they are
-not in this table.
+reward; the rule reward is not one. They train on ``geneval-shapes-rm``, a CNN trained on
+judge-labelled images that reads counts, colours and positions (its card:
+``src/rewardiff/worlds/weights/shapes-geneval-rm/card.json``), with batches of 16 single
+samples (no groups); their queries are its calls, and the judge reads their evaluations as it
+reads everyone's.
 
     python benchmarks/geneval_methods.py --seeds 0,1,2                 # resumable
     python benchmarks/geneval_methods.py --seeds 0,1,2 --summary-only
@@ -58,6 +61,14 @@ METHODS = {
     "ddpo": dict(method="ddpo", eta=0.7, ppo_clip=1e-4, adv_clip=5.0, ppo_minibatches=2, stat_min_count=16),
     "vard": dict(method="vard", eta=0.7, kl_weight=1e-3, vard_warmup=128),
 }
+# the methods that backpropagate through the reward climb its learned, differentiable stand-in
+# (geneval-shapes-rm: a CNN trained on judge-labelled images); the judge still reads every evaluation
+_RM = dict(reward="geneval-shapes-rm", group_size=1)
+METHODS.update({
+    "draft-k": dict(method="draft-k", k=5, **_RM),  # the K the shapes benchmark found best (the demo's)
+    "alignprop": dict(method="alignprop", truncation="uniform", **_RM),
+    "refl": dict(method="refl", **_RM),
+})
 
 
 def _config(name: str, seed: int):

@@ -162,13 +162,13 @@ def eval_(
 
 @app.command("train-reward")
 def train_reward(
-    world: Annotated[str, typer.Argument(help="whose reward model: shapes (count and colour) or shapes3d (colour counts of 3D renders)")] = "shapes",
+    world: Annotated[str, typer.Argument(help="whose reward model: shapes (count and colour), shapes3d (colour counts of 3D renders) or shapes-geneval (the GenEval grammar)")] = "shapes",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/shapes-rm"),
     steps: Annotated[int, typer.Option(help="training steps")] = 600,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     base_samples: Annotated[int, typer.Option(help="base-model samples labelled by the judge to train on")] = 2048,
 ) -> None:
-    """Train a world's reward model: the shapes one (count and colour heads) or the 3D world's."""
+    """Train a world's reward model: the shapes one (count and colour heads), the 3D world's, or the GenEval grammar's."""
     from rewardiff import plugins
 
     card = plugins.resolve(plugins.REWARD_TRAINERS, world, "reward trainer")(out, steps, seed, base_samples)

@@ -131,6 +131,8 @@ REWARDS: dict[str, RewardEntry] = {
                                   "Shapes world: GenEval's rules read by the classical judge; flow_grpo's partial credit in [0, 1] (strict=True: 1/0)."),
     "geneval-shapes-strict": RewardEntry(f"{_GENEVAL}:geneval_shapes_strict", False,
                                          "Shapes world: 1 when GenEval's rules hold for the classical judge's reading, else 0."),
+    "geneval-shapes-rm": RewardEntry("rewardiff.worlds.shapes.geneval_rm:geneval_shapes_rm", True,
+                                     "Shapes world, GenEval grammar: the learned CNN's stand-in for the judge's partial credit, log(0.02 + 0.98 p) a requirement, averaged (differentiable)."),
     # the video world
     "video-judge": RewardEntry(f"{_VIDEO}:video_judge", False,
                                "Video world: the classical judge's partial credit (count, colour, direction, consistency) in [0, 1]."),
@@ -209,6 +211,7 @@ PRETRAIN: dict[str, str] = {
 REWARD_TRAINERS: dict[str, str] = {
     "shapes": "rewardiff.worlds.shapes.reward_training:train_with_base_samples",
     "shapes3d": "rewardiff.worlds.shapes3d.reward_model:train_command",
+    "shapes-geneval": "rewardiff.worlds.shapes.geneval_rm:train_command",
 }
 
 EVALUATION_SUITES: dict[str, str] = {
