@@ -37,7 +37,6 @@ optionally samples of the ``shapes-geneval`` base model (``rewardiff train-rewar
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
 from rewardiff.worlds.shapes import data as shapes
-from rewardiff.worlds.shapes.reward_model import _block, save_reward_model
+from rewardiff.worlds.shapes.reward_model import _block, load_saved, save_reward_model
 
 WEIGHTS_DIR = WEIGHTS / "shapes-geneval-rm"
 LOG_FLOOR = math.log(0.02)
@@ -289,25 +288,10 @@ def validate(net: GenEvalRM, n: int, seed: int) -> dict:
             "val_count_per_kind_right": float((pred == y).float().mean()), **agree}
 
 
-_CACHE: dict[str, GenEvalRM] = {}
-
-
 def load(path: str | Path | None = None) -> GenEvalRM:
-    from safetensors import safe_open
-
     d = Path(path) if path is not None else WEIGHTS_DIR
     file = d / "model.safetensors" if d.suffix != ".safetensors" else d
-    if not file.is_file():
-        raise UserError(f"GenEval reward model weights not found: {file}; train them with: rewardiff train-reward shapes-geneval")
-    key = f"{file.resolve()}:{file.stat().st_mtime_ns}"
-    if key not in _CACHE:
-        with safe_open(str(file), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        net = GenEvalRM(tuple(config.get("widths", (32, 64, 64))))
-        net.load_state_dict(state)
-        _CACHE[key] = net.eval().requires_grad_(False)
-    return _CACHE[key]
+    return load_saved(GenEvalRM, file, f"GenEval reward model weights not found: {file}; train them with: rewardiff train-reward shapes-geneval")
 
 
 def reward(net: GenEvalRM, x: Tensor, prompts: list[str]) -> Tensor:

@@ -136,7 +136,23 @@ def _check_exists(file: Path) -> None:
         raise UserError(f"shapes reward model weights not found: {file}; run `rewardiff train-reward` to train them")
 
 
-_CACHE: dict[tuple[str, int], ShapesRM] = {}
+_CACHE: dict[tuple[str, int, str], nn.Module] = {}
+
+
+def load_saved(cls: type[nn.Module], file: Path, missing: str) -> nn.Module:
+    """A CNN that :func:`save_reward_model` wrote: ``cls(widths)`` filled from ``file``, frozen,
+    in eval mode, loaded once per file version; a UserError saying ``missing`` without the file."""
+    if not file.is_file():
+        raise UserError(missing)
+    key = (str(file.resolve()), file.stat().st_mtime_ns, cls.__name__)
+    if key not in _CACHE:
+        with safe_open(str(file), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        net = cls(tuple(config.get("widths", (32, 64, 64))))
+        net.load_state_dict(state)
+        _CACHE[key] = net.eval().requires_grad_(False)
+    return _CACHE[key]
 
 
 def load_reward_model(path: str | Path | None = None) -> ShapesRM:
@@ -145,16 +161,7 @@ def load_reward_model(path: str | Path | None = None) -> ShapesRM:
     Loaded once per file version and cached; frozen (no parameter gradients) and in eval mode.
     """
     file = _weights_file(path)
-    _check_exists(file)
-    key = (str(file.resolve()), file.stat().st_mtime_ns)
-    if key not in _CACHE:
-        with safe_open(str(file), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        net = ShapesRM(tuple(config.get("widths", (32, 64, 64))))
-        net.load_state_dict(state)
-        _CACHE[key] = net.eval().requires_grad_(False)
-    return _CACHE[key]
+    return load_saved(ShapesRM, file, f"shapes reward model weights not found: {file}; run `rewardiff train-reward` to train them")
 
 
 # ----------------------------------------------------------------------------- rewards

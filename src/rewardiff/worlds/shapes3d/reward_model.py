@@ -20,7 +20,6 @@ judge's reading; and the empty ground.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
-from rewardiff.worlds.shapes.reward_model import _block, save_reward_model
+from rewardiff.worlds.shapes.reward_model import _block, load_saved, save_reward_model
 
 WEIGHTS_DIR = WEIGHTS / "shapes3d-rm"
 LOG_FLOOR = math.log(0.02)
@@ -145,25 +144,10 @@ def train_reward_model(out: str | Path, steps: int = 1500, seed: int = 0, n_trai
     return card
 
 
-_CACHE: dict[str, Shapes3DRM] = {}
-
-
 def load(path: str | Path | None = None) -> Shapes3DRM:
-    from safetensors import safe_open
-
     d = Path(path) if path is not None else WEIGHTS_DIR
     file = d / "model.safetensors" if d.suffix != ".safetensors" else d
-    if not file.is_file():
-        raise UserError(f"shapes3d reward model weights not found: {file}; train them with: rewardiff train-reward shapes3d")
-    key = f"{file.resolve()}:{file.stat().st_mtime_ns}"
-    if key not in _CACHE:
-        with safe_open(str(file), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        net = Shapes3DRM(tuple(config.get("widths", (32, 64, 64))))
-        net.load_state_dict(state)
-        _CACHE[key] = net.eval().requires_grad_(False)
-    return _CACHE[key]
+    return load_saved(Shapes3DRM, file, f"shapes3d reward model weights not found: {file}; train them with: rewardiff train-reward shapes3d")
 
 
 # ----------------------------------------------------------------------------- the reward
