@@ -49,7 +49,7 @@ from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
 from rewardiff.worlds.shapes import data as shapes
-from rewardiff.worlds.shapes.reward_model import _block, load_saved, save_reward_model
+from rewardiff.worlds.shapes.reward_model import backbone, load_saved, ordinal_counts, save_reward_model
 
 WEIGHTS_DIR = WEIGHTS / "shapes-geneval-rm"
 LOG_FLOOR = math.log(0.02)
@@ -66,13 +66,8 @@ class GenEvalRM(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 64)):
         super().__init__()
         self.widths = tuple(widths)
-        a, b, c = self.widths
-        self.features = nn.Sequential(
-            *_block(3, a), *_block(a, a), nn.AvgPool2d(2),
-            *_block(a, b), *_block(b, b), nn.AvgPool2d(2),
-            *_block(b, c), *_block(c, c),
-        )
-        self.density_head = nn.Conv2d(c, N_COLORS * N_SHAPES, 1)
+        self.features = backbone(self.widths)
+        self.density_head = nn.Conv2d(self.widths[2], N_COLORS * N_SHAPES, 1)
         nn.init.constant_(self.density_head.bias, -5.0)
         self.log_sharpness = nn.Parameter(torch.tensor(0.5))
 
@@ -106,11 +101,7 @@ def centre_of(density: Tensor) -> Tensor:
 
 def count_log_probs(n: Tensor, sharpness: Tensor) -> Tensor:
     """log P(count = k) for k = 0..MAX_COUNT - 1 and log P(count >= MAX_COUNT): [..., MAX_COUNT + 1]."""
-    k = torch.arange(1, MAX_COUNT + 1, device=n.device, dtype=n.dtype)
-    ge = F.logsigmoid(sharpness * (n[..., None] - k + 0.5))  # log P(n >= k), k = 1..MAX
-    lt0 = F.logsigmoid(-sharpness * (n - 0.5))  # log P(n < 1)
-    mids = [ge[..., j] + torch.log(-torch.expm1((ge[..., j + 1] - ge[..., j]).clamp(max=-1e-6))) for j in range(MAX_COUNT - 1)]
-    return torch.stack([lt0, *mids, ge[..., -1]], dim=-1)
+    return ordinal_counts(n, sharpness, MAX_COUNT)
 
 
 def prob_exactly(n: Tensor, k: int, sharpness: Tensor) -> Tensor:

@@ -47,6 +47,26 @@ def _block(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="replicate"), nn.BatchNorm2d(c_out), nn.SiLU()]
 
 
+def backbone(widths: tuple[int, int, int]) -> nn.Sequential:
+    """The shapes reward models' feature stack: two blocks at each of 32, 16 and 8 px."""
+    a, b, c = widths
+    return nn.Sequential(
+        *_block(3, a), *_block(a, a), nn.AvgPool2d(2),  # 32 -> 16
+        *_block(a, b), *_block(b, b), nn.AvgPool2d(2),  # 16 -> 8
+        *_block(b, c), *_block(c, c),
+    )
+
+
+def ordinal_counts(n: Tensor, s: Tensor, top: int) -> Tensor:
+    """log P(count = k) for k = 0 .. top - 1 and log P(count >= top): [..., top + 1], from real
+    counts ``n`` [...] by the cumulative-logit model P(count >= k) = sigmoid(s (n - k + 1/2))."""
+    k = torch.arange(1, top + 1, device=n.device, dtype=n.dtype)
+    ge = F.logsigmoid(s * (n[..., None] - k + 0.5))  # log P(n >= k), k = 1..top
+    lt0 = F.logsigmoid(-s * (n - 0.5))  # log P(n < 1)
+    mids = [ge[..., j] + torch.log(-torch.expm1((ge[..., j + 1] - ge[..., j]).clamp(max=-1e-6))) for j in range(top - 1)]
+    return torch.stack([lt0, *mids, ge[..., -1]], dim=-1)
+
+
 class ShapesRM(nn.Module):
     """CNN: image [B, 3, 32, 32] in [-1, 1] -> (count logits [B, 5], color logits [B, 4]).
 
@@ -69,11 +89,7 @@ class ShapesRM(nn.Module):
         super().__init__()
         self.widths = tuple(widths)
         a, b, c = self.widths
-        self.features = nn.Sequential(
-            *_block(3, a), *_block(a, a), nn.AvgPool2d(2),  # 32 -> 16
-            *_block(a, b), *_block(b, b), nn.AvgPool2d(2),  # 16 -> 8
-            *_block(b, c), *_block(c, c),
-        )
+        self.features = backbone(self.widths)
         self.density = nn.Conv2d(c, 1, 1)
         nn.init.constant_(self.density.bias, -4.0)  # starts near one object per image, not 44
         self.log_sharpness = nn.Parameter(torch.zeros(()))

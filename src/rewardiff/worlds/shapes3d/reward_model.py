@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from rewardiff.errors import UserError
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
-from rewardiff.worlds.shapes.reward_model import _block, load_saved, save_reward_model
+from rewardiff.worlds.shapes.reward_model import backbone, load_saved, ordinal_counts, save_reward_model
 
 WEIGHTS_DIR = WEIGHTS / "shapes3d-rm"
 LOG_FLOOR = math.log(0.02)
@@ -46,13 +46,8 @@ class Shapes3DRM(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 64)):
         super().__init__()
         self.widths = tuple(widths)
-        a, b, c = self.widths
-        self.features = nn.Sequential(
-            *_block(3, a), *_block(a, a), nn.AvgPool2d(2),
-            *_block(a, b), *_block(b, b), nn.AvgPool2d(2),
-            *_block(b, c), *_block(c, c),
-        )
-        self.density = nn.Conv2d(c, N_COLORS, 1)
+        self.features = backbone(self.widths)
+        self.density = nn.Conv2d(self.widths[2], N_COLORS, 1)
         nn.init.constant_(self.density.bias, -5.0)
         self.log_sharpness = nn.Parameter(torch.tensor(0.5))
 
@@ -61,15 +56,8 @@ class Shapes3DRM(nn.Module):
         return F.softplus(self.density(self.features(x))).sum(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
-        n = self.counts(x)
-        s = self.log_sharpness.exp() * 4.0
-        k = torch.arange(1, N_CLASSES, device=x.device, dtype=n.dtype)  # 1, 2, 3
-        ge = F.logsigmoid(s * (n[..., None] - k + 0.5))  # log P(count >= k) [B, 4, 3]
-        lt = F.logsigmoid(-s * (n[..., None] - k + 0.5))  # log P(count < k)
         # P(0) = P(< 1); P(k) = P(>= k) - P(>= k + 1) for k = 1, 2; P(3+) = P(>= 3)
-        p0 = lt[..., 0]
-        mids = [ge[..., j] + torch.log(-torch.expm1((ge[..., j + 1] - ge[..., j]).clamp(max=-1e-6))) for j in range(N_CLASSES - 2)]
-        return torch.stack([p0, *mids, ge[..., -1]], dim=-1)
+        return ordinal_counts(self.counts(x), self.log_sharpness.exp() * 4.0, N_CLASSES - 1)
 
 
 # ----------------------------------------------------------------------------- data
