@@ -82,3 +82,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from rewardiff.finetune.trainer import release_process_group
+
+    release_process_group()  # as the command line does after a run

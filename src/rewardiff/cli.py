@@ -82,12 +82,13 @@ def finetune(
     143); --resume continues bit for bit. A mistake in the config or the arguments is one line
     and exit status 2, with nothing written."""
     from rewardiff.finetune.config import load_config
-    from rewardiff.finetune.trainer import finetune as run
+    from rewardiff.finetune.trainer import finetune as run, release_process_group
 
     if config is None and not set_:
         raise UserError("give a CONFIG (a preset: configs/*.yaml) or fields with --set key=value; see rewardiff finetune --help")
     cfg = load_config(config, set_)
     summary = run(cfg, out, resume=resume)
+    release_process_group()
     from rewardiff.report.strict import strict_dumps
 
     typer.echo(strict_dumps({k: summary[k] for k in ("before", "after")}, indent=2))
