@@ -104,8 +104,8 @@ class Run:
 
             warnings.warn("fsdp: true with one process: nothing to shard, the run trains unsharded "
                           "(launch several: accelerate launch --config_file configs/accelerate/fsdp.yaml ...)", stacklevel=2)
-        params = [p for p in self.model.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in self.model.net.parameters() if p.requires_grad]  # what the optimizer steps
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.units:  # sharded by FSDP: not wrapped again by accelerate
             self.opt = opt
         else:
@@ -308,9 +308,8 @@ class Run:
                     self.acc.backward(out.loss)
             if out.step:
                 if self.units:
-                    params = [p for p in self.model.net.parameters() if p.requires_grad]
-                    sharding.average_replicated_grads(params, self.acc.num_processes)
-                    norm = sharding.clip_grad_norm(params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+                    sharding.average_replicated_grads(self.params, self.acc.num_processes)
+                    norm = sharding.clip_grad_norm(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
                 else:
                     norm = self.acc.clip_grad_norm_(self.model.net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
                 norms.append(float(norm))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.optim import warmup_cosine
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
 from rewardiff.worlds.shapes import data as shapes
@@ -138,6 +139,11 @@ def requirement_probs(density: Tensor, sharpness: Tensor, spec) -> list[Tensor]:
     return terms
 
 
+def verdicts(density: Tensor, sharpness: Tensor, specs) -> np.ndarray:
+    """Whether every requirement of each prompt holds with p > 1/2: the reward model's GenEval verdicts [B]."""
+    return np.array([all(float(p[0]) > 0.5 for p in requirement_probs(density[i : i + 1], sharpness, s)) for i, s in enumerate(specs)])
+
+
 def geneval_reward_of(density: Tensor, sharpness: Tensor, specs) -> Tensor:
     """Mean over each prompt's requirements of log(0.02 + 0.98 p) [B]."""
     floor = math.log1p(-math.exp(LOG_FLOOR))
@@ -220,8 +226,9 @@ def _loss(net: GenEvalRM, x: Tensor, counts: Tensor, centres: Tensor) -> Tensor:
 
 def train_reward_model(out: str | Path, steps: int = 2000, seed: int = 0, n_train: int = 6000, n_val: int = 600,
                        batch_size: int = 64, lr: float = 2e-3, extra: np.ndarray | None = None, notes: dict | None = None,
-                       progress: bool = True) -> dict:
-    """Train on freshly rendered, judge-labelled images; save the weights and the card to ``out``."""
+                       n_val_base: int = 0, progress: bool = True) -> dict:
+    """Train on freshly rendered, judge-labelled images; save the weights and the card to ``out``
+    (the card also read on ``n_val_base`` base-model samples: :func:`validate_on_samples`)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -238,13 +245,15 @@ def train_reward_model(out: str | Path, steps: int = 2000, seed: int = 0, n_trai
         cb[..., 0] = torch.where(flip[:, None, None] & (y[idx] > 0), 1 - cb[..., 0], cb[..., 0])
         loss = _loss(net, xb, y[idx], cb)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = warmup_cosine(step, steps, 100, lr=lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     net.eval()
     card = {"model": "shapes-geneval-rm", "steps": steps, "seed": seed, "train_images": len(x), **(notes or {}),
             **validate(net, n_val, seed + 10_000)}
+    if n_val_base > 0:
+        card.update(validate_on_samples(net, n_val_base, seed + 20_000))
     save_reward_model(net, out, card)
     return card
 
@@ -271,7 +280,7 @@ def validate(net: GenEvalRM, n: int, seed: int) -> dict:
     for name, imgs in (("own", own), ("shuffled", other)):
         with torch.no_grad():
             dens = net(shapes.to_tensor(imgs))
-            said = [bool(all(float(p[0]) > 0.5 for p in requirement_probs(dens[i : i + 1], net.sharpness, s))) for i, s in enumerate(specs)]
+            said = verdicts(dens, net.sharpness, specs)
         truth = [check(s, detections(im)) for s, im in zip(specs, imgs)]
         agree[f"val_verdict_agreement_held_out_{name}"] = float(np.mean(np.array(said) == np.array(truth)))
         agree[f"val_judge_yes_held_out_{name}"] = float(np.mean(truth))
@@ -345,7 +354,7 @@ def validate_on_samples(net: GenEvalRM, n: int, seed: int) -> dict:
     with torch.no_grad():
         dens = net(shapes.to_tensor(images))
         r = geneval_reward_of(dens, net.sharpness, specs).numpy()
-        said = np.array([all(float(p[0]) > 0.5 for p in requirement_probs(dens[i : i + 1], net.sharpness, s)) for i, s in enumerate(specs)])
+        said = verdicts(dens, net.sharpness, specs)
     dets = [detections(im) for im in images]
     partial = np.array([partial_credit(s, d) for s, d in zip(specs, dets)])
     truth = np.array([check(s, d) for s, d in zip(specs, dets)])
@@ -359,7 +368,4 @@ def train_command(out_dir: str | Path, steps: int, seed: int, n_samples: int, **
     if n_samples > 0:
         extra = base_model_samples(n_samples, seed)[0]
         notes = {"extra_images_source": f"{n_samples} shapes-geneval samples of training prompts (15 Euler steps, guidance 2), labelled by the judge"}
-    card = train_reward_model(out_dir, steps=steps, seed=seed, extra=extra, notes=notes, **options)
-    card.update(validate_on_samples(load(out_dir), 256, seed + 20_000))
-    save_reward_model(load(out_dir), out_dir, card)
-    return card
+    return train_reward_model(out_dir, steps=steps, seed=seed, extra=extra, notes=notes, n_val_base=256, **options)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewardiff.errors import UserError
+from rewardiff.optim import warmup_cosine
 from rewardiff.rewards.base import RewardFn
 from rewardiff.worlds import WEIGHTS
 from rewardiff.worlds.shapes.reward_model import backbone, load_saved, ordinal_counts, save_reward_model
@@ -118,7 +119,7 @@ def train_reward_model(out: str | Path, steps: int = 1500, seed: int = 0, n_trai
         logp = net(xb)
         loss = -logp.gather(-1, y[idx][..., None]).mean()
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = warmup_cosine(step, steps, 100, lr=lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
