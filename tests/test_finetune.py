@@ -106,6 +106,31 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_dropout_is_off_so_a_resumed_run_repeats_the_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    """A denoiser with dropout on its output: fine-tuning runs it in eval mode, so no step draws
+    dropout masks from the global generator and the resumed run ends on the same weights (in
+    train mode the resumed steps would reuse the first steps' masks and the weights differ)."""
+    from safetensors.torch import load_file
+
+    from rewardiff.worlds.shapes.denoiser import ShapesDenoiser
+
+    plain = ShapesDenoiser.forward
+    modes = []
+
+    def with_dropout(self, x_t, t, cond):
+        modes.append(self.training)
+        return torch.nn.functional.dropout(plain(self, x_t, t, cond), 0.3, self.training)
+
+    monkeypatch.setattr(ShapesDenoiser, "forward", with_dropout)
+    finetune(_cfg(tiny_model_dir, steps=4, method="draft-k", k=2), tmp_path / "a", progress=False)
+    finetune(_cfg(tiny_model_dir, steps=2, method="draft-k", k=2), tmp_path / "b", progress=False)
+    finetune(_cfg(tiny_model_dir, steps=4, method="draft-k", k=2), tmp_path / "b", resume=True, progress=False)
+    a = load_file(str(tmp_path / "a" / "final" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "trainable.safetensors"))
+    assert modes and not any(modes)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _nan_reward_module(tmp_path, monkeypatch):
     (tmp_path / "nanreward.py").write_text(
         "import torch\n"

@@ -249,6 +249,14 @@ def test_missing_hf_folder_is_a_one_line_user_error(tmp_path):
     assert "no Hugging Face model in" in res.stderr
 
 
+@pytest.mark.parametrize("method", ["ddpo", "vard"])
+def test_the_black_box_methods_refuse_token_diffusion_with_one_line(masked_dir, method):
+    """DDPO and VARD need Gaussian steps (their log-likelihoods, the SDE): a masked model is told
+    to use gumbel instead of failing inside the first step."""
+    with pytest.raises(UserError, match="use method 'gumbel'"):
+        Run(_cfg(str(masked_dir), method=method, reward="qed", eta=1.0), "unused", progress=False)
+
+
 def test_methods_and_models_must_fit(ar_dir, tiny_model_dir):
     with pytest.raises(UserError, match="samples tokens"):
         Run(FinetuneConfig(model=str(tiny_model_dir), method="gumbel", reward="brightness"), "unused", progress=False)

@@ -35,7 +35,7 @@ class FinetuneEntry(NamedTuple):
 
 
 _DRAFT = "rewardiff.finetune.draft"
-_GRAD_CHAIN = (CHAIN, GAUSSIAN)  # a continuous chain with Gaussian steps (backpropagation, GRPO, NFT)
+_GRAD_CHAIN = (CHAIN, GAUSSIAN)  # a continuous chain with Gaussian steps (backpropagation, DDPO, VARD, GRPO, NFT)
 
 METHODS: dict[str, FinetuneEntry] = {
     "draft": FinetuneEntry(f"{_DRAFT}:draft", _GRAD_CHAIN, True),
@@ -44,8 +44,8 @@ METHODS: dict[str, FinetuneEntry] = {
     "alignprop": FinetuneEntry(f"{_DRAFT}:alignprop", _GRAD_CHAIN, True),
     "refl": FinetuneEntry(f"{_DRAFT}:refl", _GRAD_CHAIN, True),
     "gumbel": FinetuneEntry("rewardiff.finetune.gumbel:gumbel", (TOKENS,), True),
-    "ddpo": FinetuneEntry("rewardiff.finetune.ddpo:DDPO", (CHAIN,), False, stateful=True),
-    "vard": FinetuneEntry("rewardiff.finetune.vard:VARD", (CHAIN,), False, stateful=True),
+    "ddpo": FinetuneEntry("rewardiff.finetune.ddpo:DDPO", _GRAD_CHAIN, False, stateful=True),
+    "vard": FinetuneEntry("rewardiff.finetune.vard:VARD", _GRAD_CHAIN, False, stateful=True),
     "grpo": FinetuneEntry("rewardiff.finetune.grpo:GRPO", _GRAD_CHAIN, False, stateful=True),
     "nft": FinetuneEntry("rewardiff.finetune.nft:NFT", _GRAD_CHAIN, False, stateful=True),
 }

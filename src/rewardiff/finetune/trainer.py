@@ -3,7 +3,9 @@
 Every random draw of step ``s`` (prompts, seeds, truncation points, re-noising) comes from
 a generator seeded by (seed, s), and checkpoints hold the trainable weights and the
 optimizer state, so a run resumed from its last checkpoint continues bit for bit as the
-uninterrupted run would have.
+uninterrupted run would have. Dropout stays off while a method samples and trains (the
+network is in eval mode): a draw of the global generator would break that, and the
+likelihood ratios of DDPO, GRPO and NFT would compare two different random sub-networks.
 
 Several processes (``accelerate launch --num_processes N``, or ``torchrun``) train data
 parallel: step ``s`` draws one global batch of ``N * batch_size`` (prompt, seed) pairs and
@@ -279,7 +281,7 @@ class Run:
         cfg = self.cfg
         prompts, seeds, gen = self.batch(step)
         t0 = time.perf_counter()
-        self.model.net.train()
+        self.model.net.eval()  # no dropout: see the module doc
         self.reward.context = describe_batch(step + 1, prompts, seeds)
         failure = None
         try:
