@@ -98,6 +98,7 @@ class Run:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                log_with=trackers, project_dir=str(self.out / "trackers") if trackers else None)
         self.units: list = []  # the FSDP units when the run is sharded (finetune/sharding.py)
+        self._gathered: tuple | None = None  # (step, whole trainable tensors) of the last checkpoint, sharded runs
         if sharding.requested(cfg) and self.acc.num_processes > 1:
             sharding.check(cfg, self.model)
             self.units = sharding.shard(self.model, self.acc.device, self.acc.num_processes, cfg.mixed_precision)
@@ -142,6 +143,7 @@ class Run:
         self.acc.wait_for_everyone()
         error = ""
         gathered = self._gather()
+        self._gathered = (step, gathered[0])  # the last step's whole tensors serve the final save too
         if self.acc.is_main_process:
             try:
                 self._write_checkpoint(step, *gathered)
@@ -458,7 +460,10 @@ class Run:
             bar.close()
         if saved < cfg.steps:
             self.save_checkpoint(cfg.steps)
-        state = sharding.full_state(self.acc.unwrap_model(self.model.net)) if self.units else None  # collective
+        step, state = self._gathered or (None, None)
+        if self.units and step != cfg.steps:  # else the checkpoint of this step gathered them already
+            state = sharding.full_state(self.acc.unwrap_model(self.model.net))  # collective
+        self._gathered = None
         if main:
             save_weights(self.out / "final", self.acc.unwrap_model(self.model.net), cfg, state=state)
         summary = self._finish(before, self.evaluate("after"))
