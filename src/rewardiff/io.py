@@ -109,19 +109,33 @@ def load_module(directory: str | os.PathLike, fmt: str, build, missing: str):
         UserError: ``missing`` when the folder holds no such module; one line when the
             config or the tensors do not fit ``build``.
     """
-    import json
-
-    from safetensors.torch import load_file
-
     from rewardiff.errors import UserError
 
     d = Path(directory)
     if not is_module_dir(d, fmt):
         raise UserError(missing)
-    cfg = {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "format"}
     try:
-        net = build(**cfg)
-        net.load_state_dict(load_file(str(d / "model.safetensors")))
+        net = read_module(d, build, drop=("format",))
     except (TypeError, RuntimeError) as e:
         raise UserError(f"cannot load the model in {d}: {str(e).splitlines()[0]}") from None
     return net.eval()
+
+
+def read_module(directory: str | os.PathLike, build, drop: tuple[str, ...] = (), tuples: tuple[str, ...] = ()):
+    """``build(**config)`` with the tensors :func:`save_module` wrote in ``directory``; the
+    config's keys in ``drop`` left out and those in ``tuples`` made tuples again (JSON has lists).
+
+    Raises:
+        FileNotFoundError: no ``model.safetensors`` in ``directory``.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not (d / "model.safetensors").exists():
+        raise FileNotFoundError(f"no model.safetensors in {d}")
+    cfg = {k: tuple(v) if k in tuples else v for k, v in json.loads((d / "config.json").read_text()).items() if k not in drop}
+    net = build(**cfg)
+    net.load_state_dict(load_file(str(d / "model.safetensors")))
+    return net

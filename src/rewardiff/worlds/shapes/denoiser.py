@@ -7,7 +7,6 @@ network is the same class as Stable Diffusion's UNet, LoRA targets and adapters 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,16 +129,9 @@ class ShapesDenoiser(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> ShapesDenoiser:
-        from safetensors.torch import load_file
+        from rewardiff.io import read_module
 
-        d = Path(directory)
-        if not (d / "model.safetensors").exists():
-            raise FileNotFoundError(f"no model.safetensors in {d}")
-        cfg = json.loads((d / "config.json").read_text())
-        cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-        model = cls(ShapesModelConfig(**cfg))
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return model
+        return read_module(directory, lambda **c: cls(ShapesModelConfig(**c)), tuples=("block_out_channels",))
 
 
 def shapes_model(directory: str | Path | None = None):

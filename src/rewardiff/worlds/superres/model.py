@@ -101,14 +101,9 @@ class SRDenoiser(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> SRDenoiser:
-        from safetensors.torch import load_file
+        from rewardiff.io import read_module
 
-        d = Path(directory)
-        cfg = json.loads((d / "config.json").read_text())
-        cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-        model = cls(SRModelConfig(**cfg))
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return model
+        return read_module(directory, lambda **c: cls(SRModelConfig(**c)), tuples=("block_out_channels",))
 
 
 def is_sr_dir(directory: str | Path) -> bool:

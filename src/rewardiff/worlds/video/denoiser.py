@@ -101,17 +101,9 @@ class VideoDenoiser(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> VideoDenoiser:
-        from safetensors.torch import load_file
+        from rewardiff.io import read_module
 
-        d = Path(directory)
-        if not (d / "model.safetensors").exists():
-            raise FileNotFoundError(f"no model.safetensors in {d}")
-        cfg = json.loads((d / "config.json").read_text())
-        cfg.pop("kind", None)
-        cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-        model = cls(VideoModelConfig(**cfg))
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return model
+        return read_module(directory, lambda **c: cls(VideoModelConfig(**c)), drop=("kind",), tuples=("block_out_channels",))
 
 
 def as_model(net: VideoDenoiser):
