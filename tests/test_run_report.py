@@ -110,3 +110,16 @@ def test_a_molecules_grid_says_how_many_samples_it_draws(ar_dir, tmp_path):
     html = write_run_report(tmp_path, FinetuneConfig(method="gumbel"), before, before).read_text()
     assert f"{TEXT_GRID} of the evaluation&#x27;s 30 samples. The first samples of the fixed seeds" in html
     assert "<th>column</th>" not in html
+
+
+def test_training_tail_counts_a_re_logged_step_once(tmp_path):
+    """A resumed pretraining run logs step 3 again: the card's means take its last row once."""
+    from rewardiff.report import training_tail
+
+    rows = [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}, {"step": 3, "loss": 9.0}, {"step": 3, "loss": 2.0},
+            {"step": 4, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training_tail(tmp_path, last=3) == {"steps_done": 4, "final_loss_mean_last_3": 2.0}
+    assert training_tail(tmp_path) == {"steps_done": 4, "final_loss_mean_last_200": 2.5}
+    empty = training_tail(tmp_path / "none")
+    assert empty["steps_done"] == 0 and math.isnan(empty["final_loss_mean_last_200"])

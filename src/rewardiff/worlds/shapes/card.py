@@ -39,20 +39,16 @@ def measure(model_dir: Path, n_per_prompt: int = 16) -> dict:
 def write_card(model_dir: Path, train_dir: Path) -> dict:
     """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
     cfg = json.loads((train_dir / "config.json").read_text())
-    from rewardiff.report import read_metrics
+    from rewardiff.report import training_tail
 
     flow = cfg.get("process", "gaussian") == "flow"
     name = "shapes-flow" if flow else "shapes"
     geneval = cfg.get("prompts", "count") == "geneval"
-    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
-    rows = [by_step[k] for k in sorted(by_step)]
-    last = rows[-200:]
     card = {
         "data": _geneval_data() if geneval else "procedural shapes world: 1-4 shapes of one kind and color, 32x32, "
         f"{len(shapes.train_prompts())} training prompts, held out: {', '.join(shapes.held_out_prompts())}",
         "training": cfg,
-        "steps_done": rows[-1]["step"] if rows else 0,
-        "final_loss_mean_last_200": sum(r["loss"] for r in last) / max(len(last), 1),
+        **training_tail(train_dir),
         "sampler": f"{'Euler ODE' if flow else 'DDIM eta 0'}, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
         **measure(model_dir),
     }

@@ -44,19 +44,15 @@ def measure(model_dir: Path) -> dict:
 
 def write_card(model_dir: Path, train_dir: Path) -> dict:
     """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
-    from rewardiff.report import read_metrics
+    from rewardiff.report import training_tail
 
     cfg = json.loads((train_dir / "config.json").read_text())
-    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
-    rows = [by_step[k] for k in sorted(by_step)]
-    last = rows[-200:]
     card = {
         "data": f"super-resolution world: {sr.OBJECTS[0]}-{sr.OBJECTS[1]} shapes of any kind and colour, some small "
         f"and some near-touching, 32x32; inputs blurred (sigma {sr.BLUR_SIGMA} px), 4x downsampled to 8x8, noise std {sr.NOISE}; "
         f"training scenes train/0..{sr.TRAIN_KEYS - 1}, judged on held-out/0..{sr.HELD_OUT_SIZE - 1}",
         "training": cfg,
-        "steps_done": rows[-1]["step"] if rows else 0,
-        "final_loss_mean_last_200": sum(r["loss"] for r in last) / max(len(last), 1),
+        **training_tail(train_dir),
         "sampler": f"DDIM eta 0, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
         **measure(model_dir),
     }

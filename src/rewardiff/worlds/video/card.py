@@ -53,21 +53,19 @@ def measure(model_dir: Path) -> dict:
 
 def write_card(model_dir: Path, train_dir: Path) -> dict:
     """Measure the model in ``model_dir`` and write ``card.json`` and ``card.md`` there."""
-    from rewardiff.report import read_metrics
+    from rewardiff.report import training_tail
     from rewardiff.worlds.video.denoiser import NAME
 
     cfg = json.loads((train_dir / "config.json").read_text())
-    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
-    rows = [by_step[k] for k in sorted(by_step)]
-    last = rows[-200:]
+    tail = training_tail(train_dir, ("loss", "seconds"))
     card = {
         "data": f"procedural moving-shapes video world: 1-4 shapes of one kind and colour moving together left, right, "
         f"up or down and bouncing at the border, {cfg.get('frames', video.FRAMES)} frames of 32x32, "
         f"{len(video.train_prompts())} training prompts, held out: {', '.join(video.held_out_prompts())}",
         "training": cfg,
-        "steps_done": rows[-1]["step"] if rows else 0,
-        "final_loss_mean_last_200": sum(r["loss"] for r in last) / max(len(last), 1),
-        "seconds_per_step": sum(r["seconds"] for r in last) / max(len(last), 1),
+        "steps_done": tail["steps_done"],
+        "final_loss_mean_last_200": tail["final_loss_mean_last_200"],
+        "seconds_per_step": tail["final_seconds_mean_last_200"],
         "sampler": f"DDIM eta 0, {CARD_STEPS} steps, guidance {CARD_GUIDANCE}",
         "chance": {"count": 0.25, "color": 0.25, "direction": 0.25},
         **measure(model_dir),
