@@ -98,7 +98,7 @@ class Run:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                log_with=trackers, project_dir=str(self.out / "trackers") if trackers else None)
         self.units: list = []  # the FSDP units when the run is sharded (finetune/sharding.py)
-        self._gathered: tuple | None = None  # (step, whole trainable tensors) of the last checkpoint, sharded runs
+        self._gathered: tuple | None = None  # (step, whole trainable tensors) of the last step's checkpoint, sharded runs
         if sharding.requested(cfg) and self.acc.num_processes > 1:
             sharding.check(cfg, self.model)
             self.units = sharding.shard(self.model, self.acc.device, self.acc.num_processes, cfg.mixed_precision)
@@ -143,7 +143,8 @@ class Run:
         self.acc.wait_for_everyone()
         error = ""
         gathered = self._gather()
-        self._gathered = (step, gathered[0])  # the last step's whole tensors serve the final save too
+        # the last step's whole tensors serve the final save too; an earlier step's are not held on to
+        self._gathered = (step, gathered[0]) if step == self.cfg.steps else None
         if self.acc.is_main_process:
             try:
                 self._write_checkpoint(step, *gathered)

@@ -2,7 +2,7 @@
 
 from rewardiff.report.diversity import diversity_by_prompt, pairwise_diversity
 from rewardiff.report.grid import GUTTER, grid_image, label_height, save_grid
-from rewardiff.report.html import Section, read_metrics, training_tail, write_report
+from rewardiff.report.html import Section, read_metrics, step_rows, training_tail, write_report
 from rewardiff.report.plots import plot_bands, plot_curves, plot_reward_curve
 from rewardiff.report.strict import strict_dumps, strict_json, write_json
 
@@ -17,6 +17,7 @@ __all__ = [
     "plot_curves",
     "plot_reward_curve",
     "read_metrics",
+    "step_rows",
     "training_tail",
     "save_grid",
     "strict_dumps",

@@ -183,13 +183,19 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def training_tail(run_dir: str | os.PathLike, means: tuple[str, ...] = ("loss",), last: int = 200) -> dict:
+def step_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """A run's metrics, one row a step in step order: the last row of a step wins, as a resumed
+    run logs again the steps after its checkpoint."""
+    by_step = {row["step"]: row for row in read_metrics(run_dir) if "step" in row}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def training_tail(run_dir: str | os.PathLike, means: tuple[str, ...] = ("loss",), last: int = 200,
+                  rows: list[dict] | None = None) -> dict:
     """What a pretraining card says of its run: ``steps_done`` (the last step logged), and the
     mean of each metric in ``means`` over the last ``last`` steps as ``final_{key}_mean_last_{last}``
-    (one row a step, the last row of a step winning, as a resumed run re-logs a step; nan when
-    the run logged nothing)."""
-    by_step = {row["step"]: row for row in read_metrics(run_dir) if "step" in row}
-    rows = [by_step[k] for k in sorted(by_step)]
+    (nan when the run logged nothing). ``rows``: the run's :func:`step_rows`, when read already."""
+    rows = step_rows(run_dir) if rows is None else rows
     tail = rows[-last:]
     return {"steps_done": rows[-1]["step"] if rows else 0,
             **{f"final_{k}_mean_last_{last}": sum(r[k] for r in tail) / len(tail) if tail else float("nan") for k in means}}

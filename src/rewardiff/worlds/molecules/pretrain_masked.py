@@ -215,13 +215,13 @@ def card_head(train_dir: str | Path, net: torch.nn.Module, means: tuple[str, ...
     """What every molecules model card starts with: (the training config, the card's first
     fields: the data, the config, the parameters of ``net``, steps done, training seconds, and
     the mean of each metric in ``means`` over the last 200 steps)."""
-    from rewardiff.report import read_metrics, training_tail
+    from rewardiff.report import step_rows, training_tail
     from rewardiff.worlds.molecules import data as molecules
 
     train_dir = Path(train_dir)
     cfg = json.loads((train_dir / "config.json").read_text())
-    tail = training_tail(train_dir, means)
-    by_step = {row["step"]: row for row in read_metrics(train_dir)}  # the last row of a step wins
+    rows = step_rows(train_dir)
+    tail = training_tail(train_dir, means, rows=rows)
     n_train, n_held = len(molecules.data("train")[1]), len(molecules.data("held-out")[1])
     tok = molecules.tokenizer()
     head = {
@@ -230,7 +230,7 @@ def card_head(train_dir: str | Path, net: torch.nn.Module, means: tuple[str, ...
         "training": cfg,
         "parameters": sum(p.numel() for p in net.parameters()),
         "steps_done": tail.pop("steps_done"),
-        "train_seconds": sum(r.get("seconds", 0.0) for r in by_step.values()),
+        "train_seconds": sum(r.get("seconds", 0.0) for r in rows),
         **tail,
     }
     return cfg, head
