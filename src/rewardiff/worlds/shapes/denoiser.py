@@ -66,7 +66,33 @@ class TextEncoder(nn.Module):
         return self.norm(self.layer(h))
 
 
-class ShapesDenoiser(nn.Module):
+class PromptedDenoiser(nn.Module):
+    """A diffusers UNet conditioned on the token states of a small text encoder: subclasses set
+    ``text`` (a :class:`TextEncoder`), ``unet`` and ``tokenize`` (prompts -> ids [B, L], raising
+    ValueError on an unknown word). The shapes and video worlds' denoisers."""
+
+    text: TextEncoder
+    unet: nn.Module
+    tokenize: Callable[[list[str]], Tensor]
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Prompts -> token states; "" is the unconditional prompt used by guidance."""
+        device = next(self.parameters()).device
+        return self.text(self.tokenize(prompts).to(device))
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A UserError naming the first word its text encoder does not know."""
+        try:
+            self.tokenize(prompts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+
+
+class ShapesDenoiser(PromptedDenoiser):
     """``forward(x_t [B,3,32,32], t [B], cond [B,L,D]) -> prediction [B,3,32,32]``."""
 
     def __init__(self, config: ShapesModelConfig | None = None):
@@ -90,22 +116,6 @@ class ShapesDenoiser(nn.Module):
             attention_head_dim=c.attention_head_dim,
             norm_num_groups=8,
         )
-
-    def encode(self, prompts: list[str]) -> Tensor:
-        """Prompts -> token states; "" is the unconditional prompt used by guidance."""
-        device = next(self.parameters()).device
-        return self.text(self.tokenize(prompts).to(device))
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        """A UserError naming the first word its text encoder does not know."""
-        try:
-            self.tokenize(prompts)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
     def process(self):
         """The model's process: DDPM/DDIM, or rectified flow (``config.process``)."""

@@ -13,12 +13,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
 from rewardiff.errors import UserError
 from rewardiff.worlds import WEIGHTS
-from rewardiff.worlds.shapes.denoiser import TextEncoder
+from rewardiff.worlds.shapes.denoiser import PromptedDenoiser, TextEncoder
 from rewardiff.worlds.video import data as video
 
 NAME = "shapes-video"
@@ -38,7 +35,7 @@ class VideoModelConfig:
     extra: dict = field(default_factory=dict)  # free-form notes carried into the card
 
 
-class VideoDenoiser(nn.Module):
+class VideoDenoiser(PromptedDenoiser):
     """``forward(x_t [B,3,F,32,32], t [B], cond [B,L,D]) -> prediction [B,3,F,32,32]``."""
 
     def __init__(self, config: VideoModelConfig | None = None):
@@ -48,6 +45,7 @@ class VideoDenoiser(nn.Module):
         self.config = config or VideoModelConfig()
         c = self.config
         n = len(c.block_out_channels)
+        self.tokenize = video.tokenize
         self.text = TextEncoder(c.cross_attention_dim, len(video.VOCAB), video.MAX_TOKENS)
         # diffusers names the number of heads ``attention_head_dim`` here (its input temporal
         # transformer takes 8 heads of that width); both stay small
@@ -68,22 +66,6 @@ class VideoDenoiser(nn.Module):
         # LoRA adapts the UNet3D layers the text-to-video adapter adapts (spatial and temporal
         # attention, the ResNets, the temporal convolutions): the same class, the same targets
         self.lora_layers, self.lora_pipeline = video_lora_targets(self.unet), VIDEO_PIPELINE
-
-    def encode(self, prompts: list[str]) -> Tensor:
-        """Prompts -> token states; "" is the unconditional prompt used by guidance."""
-        device = next(self.parameters()).device
-        return self.text(video.tokenize(prompts).to(device))
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        """A UserError naming the first word its text encoder does not know."""
-        try:
-            video.tokenize(prompts)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
     def process(self):
         """The model's Gaussian process (DDPM/DDIM)."""
