@@ -123,3 +123,29 @@ def test_training_tail_counts_a_re_logged_step_once(tmp_path):
     assert training_tail(tmp_path) == {"steps_done": 4, "final_loss_mean_last_200": 2.5}
     empty = training_tail(tmp_path / "none")
     assert empty["steps_done"] == 0 and math.isnan(empty["final_loss_mean_last_200"])
+
+
+def test_a_worlds_own_judge_measures_reach_the_report_and_its_curve(tmp_path):
+    """A super-resolution run reports no count judge or diversity but hallucination rates, PSNR
+    and SSIM: the table shows each under its label (an unknown measure under its own name), the
+    held-out curve plots the 0-1 measures that move, and leaves PSNR (dB), the reward's spread and
+    a measure stuck at zero to the table; the report names the hallucination judge."""
+    from rewardiff.finetune.run_report import eval_series
+
+    before = {"eval_reward_mean": -0.08, "eval_reward_std": 0.04, "eval_diversity": None, "eval_hallucination_rate": 0.38,
+              "eval_psnr": 25.8, "eval_ssim": 0.85, "eval_hallucination_split": 0.0, "eval_new_measure": 0.5,
+              "eval_kl_to_base": 0.0}
+    mid = {**before, "step": 50, "eval_hallucination_rate": 0.30, "eval_psnr": 27.0, "eval_kl_to_base": 30.0}
+    after = {**before, "eval_hallucination_rate": 0.20, "eval_psnr": 29.0, "eval_kl_to_base": 160.0}
+    metrics = [{"step": 10, "loss": 1.0}, mid, {"step": 100, "loss": 0.5}]
+    rows = {r[0]: r[1:] for r in comparison_table(before, after)[1:]}
+    assert rows["judge: share of images with a hallucination"] == ["0.380", "0.200"]
+    assert rows["PSNR to the ground truth (dB)"] == ["25.800", "29.000"] and rows["new measure"] == ["0.500", "0.500"]
+    assert list(rows)[-1].startswith("KL to the base model")
+    series = eval_series(metrics, before, after)
+    assert series["judge: share of images with a hallucination"] == [(0, 0.38), (50, 0.30), (100, 0.20)]
+    assert set(series) == {"judge: share of images with a hallucination", "SSIM to the ground truth", "new measure"}
+    html = write_run_report(tmp_path, FinetuneConfig(), before, after).read_text()
+    assert "The judge counts the objects of each super-resolved image" in html and "connected components" not in html
+    shapes = write_run_report(tmp_path, FinetuneConfig(), {"eval_judge_count": 0.5}, {"eval_judge_count": 0.6}).read_text()
+    assert "connected components" in shapes

@@ -19,7 +19,7 @@ _ROWS = [
     ("eval_kl_to_base", "KL to the base model (nats per sample, eta = 1 paths)"),
 ]
 # not on the judge/diversity axes (other scales)
-_OWN_AXES = ("eval_reward_mean", "eval_kl_to_base", "eval_true_reward_mean", "eval_fcd", "eval_fcd_n", "eval_heavy_atoms_mean")
+_OWN_AXES = ("eval_reward_mean", "eval_reward_std", "eval_kl_to_base", "eval_true_reward_mean", "eval_fcd", "eval_fcd_n", "eval_heavy_atoms_mean")
 _TOKEN_ROWS = [
     ("eval_reward_mean", "training reward (fixed seeds)"),
     ("eval_true_reward_mean", "true reward: RDKit's value of what the reward model predicts"),
@@ -38,9 +38,37 @@ _TOKEN_ROWS = [
 ]
 
 
+# labels of the measures other worlds' judges give (any other eval_* measure is shown under its own name)
+_LABELS = {
+    "eval_judge_geneval_overall": "judge: GenEval overall accuracy (mean over the tasks)",
+    "eval_judge_geneval_partial": "judge: GenEval partial credit",
+    "eval_hallucination_rate": "judge: share of images with a hallucination",
+    "eval_hallucination_count": "judge: hallucinations an image",
+    "eval_psnr": "PSNR to the ground truth (dB)",
+    "eval_ssim": "SSIM to the ground truth",
+    "eval_sharpness": "sharpness (gradient magnitude over the truth's; below 1 is blurrier)",
+}
+# what the judge of a run is, by a measure only its world reports
+_JUDGES = {
+    "eval_hallucination_rate": "The judge counts the objects of each super-resolved image that the ground truth does not hold "
+                               "(extra, missing, merged, split, recoloured, of the wrong kind); no reward uses it. A reward "
+                               "that rises while the count does not fall is reward hacking; a falling sharpness is blur.",
+    "eval_judge_geneval_overall": "The judge is the GenEval rule set (object counts, colours and positions read by classical "
+                                  "segmentation), which no learned reward sees. A reward that rises while the judge's "
+                                  "accuracy does not is reward hacking.",
+}
+_JUDGE = ("The judge is a classical counter (color segmentation and connected components) that no reward uses. "
+          "A reward that rises while the judge's accuracy does not is reward hacking.")
+
+
 def _rows(before: dict) -> list[tuple[str, str]]:
-    """The measures of the run: a token model's when its evaluation has a validity."""
-    return _TOKEN_ROWS if "eval_validity" in before else _ROWS
+    """The measures of the run: a token model's when its evaluation has a validity; then every
+    other measure ``before`` holds (a world's judge), labelled where known; the KL last."""
+    rows = _TOKEN_ROWS if "eval_validity" in before else _ROWS
+    known = {k for k, _ in rows}
+    extra = [(k, _LABELS.get(k, k.removeprefix("eval_").replace("_", " "))) for k in before
+             if k.startswith("eval_") and k not in known]
+    return [*rows[:-1], *[r for r in extra if r[0] in _LABELS], *[r for r in extra if r[0] not in _LABELS], rows[-1]]
 
 
 def _finite(v: Any) -> bool:
@@ -61,15 +89,22 @@ def comparison_table(before: dict, after: dict) -> list[list[str]]:
     return rows
 
 
+def eval_series(metrics: list[dict], before: dict, after: dict) -> dict[str, list[tuple[int, float]]]:
+    """The held-out measures that share one 0-1 axis (judge accuracies and rates, diversity), as
+    (step, value) at step 0, at each periodic evaluation and at the end, by label; measures of
+    other scales (PSNR, KL, counts above one) and those that stay at zero are left to the table."""
+    last = metrics[-1]["step"] if metrics else 0
+    points = [(0, before)] + [(r["step"], r) for r in metrics if any(k.startswith("eval_") for k in r)] + [(last, after)]
+    series = {label: [(s, e[key]) for s, e in points if _finite(e.get(key))] for key, label in _rows(before) if key not in _OWN_AXES}
+    return {k: v for k, v in series.items() if v and all(0.0 <= y <= 1.0 for _, y in v) and any(y for _, y in v)}
+
+
 def eval_curve(out: Path, metrics: list[dict], before: dict, after: dict) -> Path:
-    """Plot judge accuracy and diversity at step 0, at each periodic evaluation, and at the end."""
+    """Plot :func:`eval_series` to ``eval_curve.png``."""
     from rewardiff.report import plot_curves
 
-    last = metrics[-1]["step"] if metrics else 0
-    points = [(0, before)] + [(r["step"], r) for r in metrics if "eval_diversity" in r or "eval_validity" in r] + [(last, after)]
-    series = {label: [(s, e[key]) for s, e in points if _finite(e.get(key))] for key, label in _rows(before) if key not in _OWN_AXES}
     path = out / "eval_curve.png"
-    plot_curves({k: v for k, v in series.items() if v}, path, "step", "held-out value", "held-out evaluations")
+    plot_curves(eval_series(metrics, before, after), path, "step", "held-out value", "held-out evaluations")
     return path
 
 
@@ -134,10 +169,7 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
     kl = kl_curve(out, metrics, before, after)
     if "eval_validity" in before:
         return _write_token_report(out, cfg, before, after, [curve, evals], kl)
-    text = (
-        "The judge is a classical counter (color segmentation and connected components) that no reward uses. "
-        "A reward that rises while the judge's accuracy does not is reward hacking."
-    )
+    text = next((t for k, t in _JUDGES.items() if k in before), _JUDGE)
     sections = [
         Section("Before and after, on fixed held-out prompts and seeds", text, table=comparison_table(before, after)),
         Section("Training reward", "Mean reward of each training batch, with held-out evaluations where run.", images=[curve]),
@@ -146,7 +178,7 @@ def write_run_report(out: Path, cfg: FinetuneConfig, before: dict, after: dict) 
         *([Section("Distance from the base model", "KL divergence of the fine-tuned sampler's paths (eta = 1) to the base "
                     "model's, on the held-out set: a KL that climbs while the held-out reward stalls is drift bought "
                     "for nothing.", images=[kl])] if kl else []),
-        _samples_section(out, "before", "Samples before fine-tuning", "'ok' where the judge reads the asked count."),
+        _samples_section(out, "before", "Samples before fine-tuning", "'ok' where the judge finds the sample right."),
         _samples_section(out, "after", "Samples after fine-tuning", "Same prompts and seeds as above."),
     ]
     return write_report(out, f"rewardiff fine-tuning: {cfg.method} on {cfg.reward}", sections, meta=_head(cfg))
