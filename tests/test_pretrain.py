@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from tests.helpers import assert_pretraining_resumes_bit_identically
+
 
 def test_shapes_pretraining_resumes_bit_identically(tmp_path):
-    from safetensors.torch import load_file
-
     from rewardiff.worlds.shapes.pretrain import PretrainConfig, pretrain_shapes
 
     def cfg(steps: int) -> PretrainConfig:
         return PretrainConfig(steps=steps, batch_size=4, warmup=2, checkpoint_every=2, block_out_channels=(8, 16, 16))
 
-    pretrain_shapes(cfg(4), tmp_path / "a", progress=False)
-    pretrain_shapes(cfg(2), tmp_path / "b", progress=False)
-    pretrain_shapes(cfg(4), tmp_path / "b", progress=False)
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "a" / "checkpoint" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "b" / "checkpoint" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert_pretraining_resumes_bit_identically(pretrain_shapes, cfg, tmp_path)
 
 
 def test_molecules_pretraining_resumes_bit_identically(tmp_path):

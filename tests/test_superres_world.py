@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from rewardiff.errors import UserError
 from rewardiff.worlds.shapes import data as shapes
 from rewardiff.worlds.superres import data as sr, judge as J
+from tests.helpers import assert_pretraining_resumes_bit_identically
 
 HELD = [f"held-out/{i}" for i in range(sr.HELD_OUT_SIZE)]
 
@@ -270,22 +270,12 @@ def test_model_reads_the_upsampled_input_as_extra_channels_and_samples_by_seed(t
 
 
 def test_pretraining_resumes_bit_identically(tmp_path):
-    from safetensors.torch import load_file
-
     from rewardiff.worlds.superres.pretrain import SRPretrainConfig, pretrain_sr
 
     def cfg(steps: int) -> SRPretrainConfig:
         return SRPretrainConfig(steps=steps, batch_size=4, warmup=2, checkpoint_every=2, block_out_channels=(8, 16, 16))
 
-    pretrain_sr(cfg(4), tmp_path / "a", progress=False)
-    pretrain_sr(cfg(2), tmp_path / "b", progress=False)
-    pretrain_sr(cfg(4), tmp_path / "b", progress=False)
-    for name in ("model", "ema"):
-        a = load_file(str(tmp_path / "a" / "checkpoint" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "b" / "checkpoint" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert_pretraining_resumes_bit_identically(pretrain_sr, cfg, tmp_path)
 
 
 def test_shipped_model_super_resolves_better_than_bicubic_upsampling():
