@@ -28,6 +28,8 @@ reads everyone's.
 
     python benchmarks/geneval_methods.py --seeds 0,1,2                 # resumable
     python benchmarks/geneval_methods.py --seeds 0,1,2 --summary-only
+    # a longer budget (the grid goes on every 1,600 queries), in a folder of its own
+    python benchmarks/geneval_methods.py --seeds 0 --methods refl --budget 16000 --out benchmarks/results/geneval_long
 """
 
 from __future__ import annotations
@@ -69,6 +71,15 @@ METHODS.update({
     "alignprop": dict(method="alignprop", truncation="uniform", **_RM),
     "refl": dict(method="refl", **_RM),
 })
+
+
+def set_budget(budget: int) -> None:
+    """Runs of ``budget`` reward queries, evaluated on ``GRID`` and, past its end, every 1,600."""
+    global BUDGET, GRID
+    if budget < 160:
+        raise SystemExit(f"--budget {budget}: at least 160 reward queries (one point of the grid)")
+    base = [g for g in GRID if g <= 1600]
+    BUDGET, GRID = budget, [g for g in base if g < budget] + list(range(3200, budget, 1600)) + [budget]
 
 
 def _config(name: str, seed: int):
@@ -263,7 +274,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "geneval_methods")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--budget", type=int, default=BUDGET, help="reward queries a run; past 1,600 the grid goes on every 1,600")
     args = ap.parse_args()
+    set_budget(args.budget)
     import torch
 
     torch.set_num_threads(args.threads)
