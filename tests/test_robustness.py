@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rewardiff.errors import Stopped, UserError
 from rewardiff.finetune.config import build_config, load_config
@@ -179,6 +180,9 @@ def test_resume_needs_a_run_and_the_same_config(tiny_model_dir, tmp_path):
     finetune(_cfg(tiny_model_dir, steps=4), tmp_path / "run", resume=True, progress=False)
     finetune(_cfg(tiny_model_dir, steps=4), tmp_path / "straight", progress=False)
     assert _same(_weights(tmp_path / "run"), _weights(tmp_path / "straight"))
+    # and the run's config.yaml says what ran: 4 steps, as the uninterrupted run's does
+    assert (tmp_path / "run" / "config.yaml").read_text() == (tmp_path / "straight" / "config.yaml").read_text()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["steps"] == 4
 
 
 def test_out_that_is_a_file_or_unwritable(tiny_model_dir, tmp_path, monkeypatch):

@@ -401,8 +401,9 @@ class Run:
                 self.out.mkdir(parents=True, exist_ok=True)
                 lock = RunLock(self.out)
                 check_out(self.out, cfg, resume)  # again, now that no other process can start here
-                if not resume:
-                    atomic_write_text(self.out / "config.yaml", _yaml(asdict(cfg)))
+                # a resumed run may have changed the fields of RESUMABLE_CHANGES (a longer run): the
+                # folder's config is the one that runs now
+                atomic_write_text(self.out / "config.yaml", _yaml(asdict(cfg)))
             except UserError as e:
                 error = str(e)
             except OSError as e:
