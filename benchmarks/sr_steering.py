@@ -8,10 +8,13 @@ M = 2 (29), each with three run seeds (a run seed draws fresh initial noises for
 alike, and seeds the method's own draws); the judge reads every output.
 
     python benchmarks/sr_steering.py
+    # the same on a fine-tuned model (a run's final/ or checkpoint folder)
+    python benchmarks/sr_steering.py --checkpoint runs/sr-draftk-1000/final --out sr_steering_draftk_seed0.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -35,8 +38,12 @@ def main() -> None:
     from rewardiff.worlds.superres.judge import judge, psnr
     from rewardiff import conditions
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a fine-tuned shapes-sr model (a run's final/ folder)")
+    ap.add_argument("--out", default="sr_steering.json", help="file name under benchmarks/results/")
+    args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model = load_model("shapes-sr")
+    model = load_model("shapes-sr", args.checkpoint)
     prompts = plugins.load(plugins.PROMPT_SETS["sr-held-out"])()
     truth = torch.stack([conditions.ground_truth(p) for p in prompts])
     reward = get_reward("sr-hallucination-lr")
@@ -58,8 +65,9 @@ def main() -> None:
         table[name] = {k: statistics.mean(r[k] for r in rs) for k in ("nfe_per_sample", "hallucination_rate", "count", "reward", "psnr")}
         table[name]["rate_sd"] = statistics.stdev(r["hallucination_rate"] for r in rs)
         table[name]["rate_per_seed"] = [r["hallucination_rate"] for r in rs]
-    out = {"configs": table, "runs": rows, "command": "python benchmarks/sr_steering.py", **stamp()}
-    (HERE / "results" / "sr_steering.json").write_text(json.dumps(out, indent=2))
+    command = "python benchmarks/sr_steering.py" + (f" --checkpoint {args.checkpoint} --out {args.out}" if args.checkpoint else "")
+    out = {"configs": table, "runs": rows, "model": str(args.checkpoint or "shapes-sr"), "command": command, **stamp()}
+    (HERE / "results" / args.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
