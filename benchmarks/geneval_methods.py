@@ -76,8 +76,6 @@ METHODS.update({
 def set_budget(budget: int) -> None:
     """Runs of ``budget`` reward queries, evaluated on ``GRID`` and, past its end, every 1,600."""
     global BUDGET, GRID
-    if budget < 160:
-        raise SystemExit(f"--budget {budget}: at least 160 reward queries (one point of the grid)")
     base = [g for g in GRID if g <= 1600]
     BUDGET, GRID = budget, [g for g in base if g < budget] + list(range(3200, budget, 1600)) + [budget]
 
@@ -276,6 +274,8 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--budget", type=int, default=BUDGET, help="reward queries a run; past 1,600 the grid goes on every 1,600")
     args = ap.parse_args()
+    if args.budget < 160:
+        ap.error(f"--budget {args.budget}: at least 160 reward queries (one point of the grid)")
     set_budget(args.budget)
     import torch
 

@@ -31,6 +31,7 @@ CONFIGS = {"base": ("base", None), "best-of-n": ("best-of-n", 2), "svdd-pm": ("s
 
 def main() -> None:
     from rewardiff import plugins
+    from rewardiff.errors import UserError
     from rewardiff.guidance.sample import guided_sample, make_method
     from rewardiff.provenance import stamp
     from rewardiff.rewards.registry import get_reward
@@ -43,7 +44,10 @@ def main() -> None:
     ap.add_argument("--out", default="sr_steering.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model = load_model("shapes-sr", args.checkpoint)
+    try:
+        model = load_model("shapes-sr", args.checkpoint)
+    except UserError as e:
+        ap.error(str(e))
     prompts = plugins.load(plugins.PROMPT_SETS["sr-held-out"])()
     truth = torch.stack([conditions.ground_truth(p) for p in prompts])
     reward = get_reward("sr-hallucination-lr")
